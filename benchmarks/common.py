@@ -1,0 +1,68 @@
+"""What every suite shares: discovering the domains of a data folder, and the cached tiny base + experts.
+
+The base and the expert library are cached under `.expertkit-cache/bench/` (git-ignored), keyed by
+the data folder and the recipes, so later suites (merge, route, ...) reuse them instead of retraining.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from expertkit.config import ProjectConfig, config_from_dict
+from expertkit.errors import ExpertkitError
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = ROOT.parent / "shared" / "corpora"
+CACHE = ROOT / ".expertkit-cache" / "bench"
+GENERAL = "general"
+
+# The benchmark base: a tiny Llama pretrained mostly on the general corpus.
+BASE_BUILD = {
+    "vocab_size": 4096, "hidden_size": 192, "intermediate_size": 512, "num_layers": 4, "num_heads": 4,
+    "context_length": 256, "steps": 1200, "batch_size": 32, "learning_rate": 3e-3, "warmup_steps": 60,
+}
+GENERAL_SHARE = 0.9  # the rest is split evenly over the other domains
+EXPERT_RECIPE = {
+    "rank": 16, "alpha": 32, "learning_rate": 2e-3, "steps": 300, "batch_size": 16, "block_size": 128,
+    "replay": 0.25, "checkpoint_every": 100, "warmup_steps": 20,
+}
+EVALUATION = {"block_size": 128, "batch_size": 16, "max_blocks": 96}
+
+
+def discover_domains(data: Path) -> list[str]:
+    """Every sub-folder with a train split; 'general' must be one of them."""
+    if not data.is_dir():
+        raise ExpertkitError(f"--data {data} is not a folder")
+    names = sorted(d.name for d in data.iterdir() if d.is_dir() and any(d.glob("train.*")))
+    if GENERAL not in names:
+        raise ExpertkitError(f"--data {data} has no '{GENERAL}' folder with a train split")
+    if len(names) < 2:
+        raise ExpertkitError(f"--data {data} needs at least one domain folder besides '{GENERAL}'")
+    return [GENERAL] + [n for n in names if n != GENERAL]
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def bench_config(data: Path, build: dict | None = None, recipe: dict | None = None,
+                 exclude: tuple[str, ...] = ()) -> ProjectConfig:
+    """The project config of a suite: cached base dir, library dir keyed by recipe (and excluded domains)."""
+    domains = discover_domains(data)
+    others = [d for d in domains if d != GENERAL]
+    build = {**BASE_BUILD, **(build or {})}
+    build.setdefault("corpus", {GENERAL: GENERAL_SHARE, **{d: (1 - GENERAL_SHARE) / len(others) for d in others}})
+    recipe = {**EXPERT_RECIPE, **(recipe or {})}
+    base_dir = CACHE / f"base-{_key(str(data), domains, build)}"
+    library_dir = base_dir.parent / f"{base_dir.name}-library-{_key(recipe, exclude)}"
+    raw = {
+        "base": {"path": str(base_dir), "build": build},
+        "general": {"name": GENERAL, "source": {"path": str(data / GENERAL)}},
+        "domains": [{"name": d, "source": {"path": str(data / d)}} for d in others if d not in exclude],
+        "training": recipe,
+        "evaluation": EVALUATION,
+        "library": str(library_dir),
+    }
+    return config_from_dict(raw, origin="benchmark config")

@@ -1,0 +1,51 @@
+"""One entry point for every benchmark suite: `python benchmarks/run.py SUITE --out FILE.json [--data DIR]`.
+
+A suite is a function registered in benchmarks/suites.py's SUITES by name; it prints its
+table and returns the JSON-able result, which is written to --out with the exact versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import DEFAULT_DATA  # noqa: E402
+from suites import SUITES  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("suite", choices=sorted(SUITES))
+    parser.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                        help="folder with a 'general' folder and any number of domain folders (train/valid/test.txt)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    args = parser.parse_args(argv)
+
+    from expertkit.errors import ExpertkitError
+    from expertkit.evaluate import environment
+    from expertkit.quiet import quiet_libraries
+
+    quiet_libraries()
+    started = time.time()
+    try:
+        result = SUITES[args.suite](args.data.resolve(), args.device)
+    except ExpertkitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    result["wall_seconds"] = round(time.time() - started, 1)
+    result["environment"] = environment()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"\nwall time {result['wall_seconds']:.0f}s; results in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,18 @@
+"""The registry of benchmark suites. Add a suite with `@suite("name")` on a function (data, device) -> dict."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+SUITES: dict[str, Callable] = {}
+
+
+def suite(name: str):
+    def wrap(fn):
+        SUITES[name] = fn
+        return fn
+
+    return wrap
+
+
+import specialize  # noqa: E402,F401  (each suite module registers itself)

@@ -1,0 +1,98 @@
+"""Load a base model + tokenizer, fingerprint them, and build/pretrain a tiny Llama base.
+
+The identity hashes are what the library uses to refuse an expert on the wrong
+base: the config hash catches a different architecture, the weights hash
+catches the same architecture with other weights (it samples every tensor, so
+it is fast even for large models).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from expertkit.errors import ExpertkitError
+
+VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache",
+                        "_attn_implementation_autoset", "_commit_hash"}
+
+
+@dataclass
+class Base:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    device: torch.device
+    _identity: dict | None = None
+
+    def identity(self) -> dict:
+        """Computed once, before adapters are attached (they live inside the same modules)."""
+        if self._identity is None:
+            self._identity = {"name": self.name, **model_hashes(self.model),
+                              "tokenizer_hash": tokenizer_hash(self.tokenizer)}
+        return self._identity
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def model_hashes(model: torch.nn.Module) -> dict:
+    config = {k: v for k, v in model.config.to_dict().items() if k not in VOLATILE_CONFIG_KEYS}
+    config_hash = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if "lora_" in name:
+            continue
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)][:4096].to("cpu", torch.float32)
+        h.update(f"{name}:{tuple(tensor.shape)}".encode())
+        h.update(sample.numpy().tobytes())
+    return {"config_hash": config_hash, "weights_hash": h.hexdigest()[:16]}
+
+
+def tokenizer_hash(tokenizer) -> str:
+    payload = {"vocab": sorted(tokenizer.get_vocab().items()), "special": tokenizer.all_special_tokens}
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
+
+
+def load_base(path: str, device: str | None = None) -> Base:
+    """Any HF causal LM from a local dir (or a hub id when online); safetensors weights only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(path)
+    if not local.exists() and (path.startswith((".", "/")) or os.sep in path and path.count("/") > 1):
+        raise ExpertkitError(f"base model not found: {path} (build one with `expertkit base build` or fix base.path)")
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise ExpertkitError(f"{path} is not a Hugging Face model dir (no config.json); fix base.path")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=torch.float32)
+    except OSError as e:
+        raise ExpertkitError(
+            f"cannot load base model '{path}': {str(e).splitlines()[0]} "
+            "(use a local model dir with safetensors weights, or a hub id while online)"
+        ) from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dev = pick_device(device)
+    model.to(dev).eval()
+    base = Base(model=model, tokenizer=tokenizer, name=str(path), device=dev)
+    base.identity()
+    return base
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))

@@ -1,0 +1,137 @@
+"""The `expertkit` command: thin wrappers over the library functions.
+
+A user error (ExpertkitError) prints one line and exits 1; no traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from expertkit.errors import ExpertkitError
+from expertkit.progress import console
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Turn one causal LM into a library of LoRA domain experts; compose, measure and serve them.")
+base_app = typer.Typer(no_args_is_help=True, help="Build or inspect the base model.")
+library_app = typer.Typer(no_args_is_help=True, help="Inspect an expert library.")
+app.add_typer(base_app, name="base")
+app.add_typer(library_app, name="library")
+
+ConfigArg = typer.Argument(..., help="project YAML (base, domains, training, library)")
+
+
+def _setup():
+    from expertkit.quiet import quiet_libraries
+
+    quiet_libraries()
+
+
+@base_app.command("build")
+def base_build(config: Path = ConfigArg, force: bool = typer.Option(False, help="rebuild even if it exists"),
+               device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ...")):
+    """Train a byte-level BPE tokenizer and pretrain the tiny Llama base described in base.build."""
+    _setup()
+    from expertkit.build import build_base
+    from expertkit.config import load_config
+
+    out = build_base(load_config(config), device=device, force=force)
+    console.print(f"base model: {out}")
+
+
+@app.command()
+def train(config: Path = ConfigArg,
+          only: Optional[list[str]] = typer.Option(None, help="train just these domains (repeatable)"),
+          force: bool = typer.Option(False, help="retrain experts that are already in the library"),
+          device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ...")):
+    """Train one LoRA expert per domain (skipping finished ones; resuming interrupted ones)."""
+    _setup()
+    from expertkit.workflow import load_project_base
+    from expertkit.train import train_all
+
+    cfg, base = load_project_base(config, device)
+    for entry in train_all(cfg, base, only=only, force=force):
+        console.print(f"expert '{entry.name}' -> {entry.path}")
+
+
+@app.command("eval")
+def evaluate(config: Path = ConfigArg,
+             out: Optional[Path] = typer.Option(None, help="report folder (default: beside the library)"),
+             device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ...")):
+    """Perplexity of the base and every library entry on every domain's test split."""
+    _setup()
+    from expertkit.workflow import load_project_base, run_scorecard
+
+    cfg, base = load_project_base(config, device, build_missing=False)
+    run_scorecard(cfg, base, out)
+
+
+@app.command()
+def generate(config: Path = ConfigArg, prompt: str = typer.Argument(..., help="text to continue"),
+             model: str = typer.Option("base", help="'base' or a library entry name"),
+             max_tokens: int = typer.Option(48, min=0), temperature: float = typer.Option(0.0, min=0.0),
+             top_p: float = typer.Option(1.0), seed: int = typer.Option(0),
+             stop: Optional[list[str]] = typer.Option(None, help="stop string (repeatable)"),
+             device: Optional[str] = typer.Option(None)):
+    """Continue a prompt with one composition."""
+    _setup()
+    from expertkit.compose import ExpertPool, build_compositions
+    from expertkit.decoding import SamplingParams, generate as run_generate
+    from expertkit.library import Library
+    from expertkit.workflow import load_project_base
+
+    cfg, base = load_project_base(config, device, build_missing=False)
+    pool = ExpertPool(base, Library(cfg.library), names=None if model == "base" else [model])
+    (composition,) = build_compositions(pool, [model])
+    params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                            stop=tuple(stop or ()))
+    text = run_generate(composition, base.tokenizer, [prompt], params,
+                        context_length=getattr(base.model.config, "max_position_embeddings", None))[0]
+    typer.echo(prompt + text)
+
+
+@library_app.command("list")
+def library_list(library: Path = typer.Argument(..., help="library folder")):
+    """Show the base the library belongs to and every entry with its metrics."""
+    from rich.table import Table
+
+    from expertkit.library import Library
+
+    lib = Library(library)
+    ident = lib.base_identity()
+    console.print(f"library {lib.root}  base '{ident['name']}' (weights {ident['weights_hash']}, "
+                  f"tokenizer {ident['tokenizer_hash']})")
+    table = Table("name", "kind", "domain", "steps", "valid ppl", "path")
+    for e in lib.entries():
+        valid = e.manifest.get("metrics", {}).get("valid_ppl")
+        table.add_row(e.name, e.kind, e.domain or "-", str(e.manifest.get("steps", "-")),
+                      f"{valid:.2f}" if valid else "-", str(e.path))
+    console.print(table)
+
+
+@app.command()
+def demo(workdir: Path = typer.Option(Path("expertkit-demo"), help="where data, base, library and report go"),
+         device: Optional[str] = typer.Option(None)):
+    """Offline end-to-end run on text that ships with Python: base -> 3 experts -> scorecard -> samples."""
+    _setup()
+    from expertkit.demo import run_demo
+
+    run_demo(workdir, device)
+
+
+def main() -> None:
+    try:
+        app()
+    except ExpertkitError as e:
+        console.print(f"[red]error:[/red] {e}", soft_wrap=True, highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/red] (finished experts and the last checkpoint are kept)")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""The composition interface and its registry."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from expertkit.errors import ExpertkitError
+
+
+@dataclass
+class DecodeState:
+    """What a composition carries between steps: its KV cache(s), the mask, the next position per row."""
+
+    past: object
+    attention_mask: torch.Tensor
+    next_position: torch.Tensor
+    extra: dict = field(default_factory=dict)
+
+
+class Composition(ABC):
+    """Given token ids, return next-token logits. Rows are left-padded; `attention_mask` marks real tokens."""
+
+    name: str
+
+    @abstractmethod
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, DecodeState]:
+        """Logits for every position [B, T, V] (perplexity needs all of them), plus the state to continue."""
+
+    @abstractmethod
+    def step(self, state: DecodeState, next_ids: torch.Tensor) -> tuple[torch.Tensor, DecodeState]:
+        """Logits [B, V] for one new token per row, reusing the caches."""
+
+
+# entry kind -> factory(pool, entry) -> Composition
+_FACTORIES: dict[str, Callable] = {}
+
+
+def register(kind: str):
+    """Decorator: `@register("expert")` makes library entries of that kind into compositions."""
+
+    def wrap(factory):
+        if kind in _FACTORIES:
+            raise ValueError(f"composition kind '{kind}' is registered twice")
+        _FACTORIES[kind] = factory
+        return factory
+
+    return wrap
+
+
+def registered_kinds() -> list[str]:
+    return sorted(_FACTORIES)
+
+
+def build_compositions(pool, names: list[str] | None = None) -> list[Composition]:
+    """The base plus one composition per library entry (or just `names`, in that order)."""
+    by_name = {"base": _FACTORIES["base"](pool, None)}
+    for entry in pool.entries:
+        if entry.kind not in _FACTORIES:
+            raise ExpertkitError(f"library entry '{entry.name}' has kind '{entry.kind}' that no composition handles; "
+                                 f"known kinds: {registered_kinds()}")
+        by_name[entry.name] = _FACTORIES[entry.kind](pool, entry)
+    if names is None:
+        return list(by_name.values())
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise ExpertkitError(f"unknown composition(s) {missing}; available: {sorted(by_name)}")
+    return [by_name[n] for n in names]

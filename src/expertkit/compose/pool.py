@@ -1,0 +1,82 @@
+"""One base model in memory with every library adapter attached by name.
+
+Rows of one batch may use different adapters (PEFT's per-sample
+`adapter_names`), which is what makes many experts cheap: the base weights are
+held once and one forward serves a mixed batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from expertkit.base import Base
+from expertkit.compose.base import DecodeState
+from expertkit.errors import ExpertkitError
+from expertkit.library import Entry, Library
+
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter on this row"
+
+
+class ExpertPool:
+    def __init__(self, base: Base, library: Library | None = None, names: list[str] | None = None):
+        self.base = base
+        self.library = library
+        self.entries: list[Entry] = []
+        self.model = base.model
+        if library is None:
+            return
+        identity = base.identity()
+        library.check_base(identity, what=f"library {library.root}")
+        wanted = library.entries() if names is None else [library.get(n) for n in names]
+        for entry in wanted:
+            library.check_entry(entry, identity)
+        self._attach(wanted)
+
+    def _attach(self, entries: list[Entry]) -> None:
+        from peft import PeftModel
+
+        for entry in entries:
+            if not isinstance(self.model, PeftModel):
+                self.model = PeftModel.from_pretrained(self.base.model, str(entry.path), adapter_name=entry.name)
+            else:
+                self.model.load_adapter(str(entry.path), adapter_name=entry.name)
+            self.entries.append(entry)
+        self.model.eval()
+
+    @property
+    def tokenizer(self):
+        return self.base.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return [e.name for e in self.entries]
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: list[str],
+                past=None, position_ids: torch.Tensor | None = None):
+        """One forward where row i uses adapter `adapters[i]` (BASE_ADAPTER for the bare base)."""
+        unknown = sorted(set(adapters) - set(self.adapter_names) - {BASE_ADAPTER})
+        if unknown:
+            raise ExpertkitError(f"adapter(s) {unknown} are not loaded; loaded: {self.adapter_names}")
+        # With adapters attached, PEFT routes each row (BASE_ADAPTER rows skip every adapter);
+        # without any, the pool is just the base model.
+        kwargs = {"adapter_names": list(adapters)} if self.entries else {}
+        return self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                     position_ids=position_ids.to(self.device) if position_ids is not None else None,
+                     past_key_values=past, use_cache=True, **kwargs)
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: list[str]):
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = self.forward(input_ids, attention_mask, adapters, position_ids=positions)
+        state = DecodeState(out.past_key_values, attention_mask.to(self.device), positions[:, -1].to(self.device) + 1)
+        return out.logits, state
+
+    def step(self, state: DecodeState, next_ids: torch.Tensor, adapters: list[str]):
+        mask = torch.cat([state.attention_mask, torch.ones_like(state.attention_mask[:, :1])], dim=1)
+        out = self.forward(next_ids.view(-1, 1), mask, adapters, past=state.past,
+                           position_ids=state.next_position.view(-1, 1))
+        return out.logits[:, -1], DecodeState(out.past_key_values, mask, state.next_position + 1, state.extra)

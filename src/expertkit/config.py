@@ -1,0 +1,212 @@
+"""Pydantic models of the project YAML: the only place where defaults live.
+
+Every model forbids unknown keys, so a typo is reported with its location
+instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from expertkit.errors import ExpertkitError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SplitConfig(Strict):
+    """Fractions of documents held out when a source has no ready-made splits."""
+
+    valid: float = Field(0.1, ge=0.0, lt=0.5)
+    test: float = Field(0.1, gt=0.0, lt=0.5)
+
+
+class SourceConfig(Strict):
+    """Where a domain's text comes from: a file, a folder, or a `datasets` dataset."""
+
+    path: str | None = None
+    hf_dataset: str | None = None
+    hf_config: str | None = None
+    hf_data_files: list[str] | None = None
+    format: Literal["auto", "text", "jsonl"] = "auto"
+    documents: Literal["auto", "line", "blank_line"] = "auto"
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    split: SplitConfig = SplitConfig()
+    max_documents: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> "SourceConfig":
+        if (self.path is None) == (self.hf_dataset is None):
+            raise ValueError("give exactly one of 'path' (file or folder) or 'hf_dataset'")
+        return self
+
+
+class DomainConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    source: SourceConfig
+    task: Literal["cpt", "sft"] = "cpt"
+
+
+class BuildConfig(Strict):
+    """A tiny Llama-architecture base built and pretrained by `expertkit base build`."""
+
+    vocab_size: int = Field(2048, ge=300)
+    hidden_size: int = Field(128, ge=16)
+    intermediate_size: int = Field(344, ge=16)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    context_length: int = Field(256, ge=16)
+    corpus: dict[str, float] = Field(
+        default_factory=lambda: {"general": 1.0},
+        description="domain name -> share of pretraining blocks",
+    )
+    steps: int = Field(600, ge=1)
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(3e-3, gt=0)
+    warmup_steps: int = Field(30, ge=0)
+    tokenizer_documents: int = Field(20000, ge=10, description="documents per domain used to train the tokenizer")
+
+    @field_validator("corpus")
+    @classmethod
+    def _positive_shares(cls, corpus: dict[str, float]) -> dict[str, float]:
+        if not corpus or any(share <= 0 for share in corpus.values()):
+            raise ValueError("corpus needs at least one domain, every share > 0")
+        return corpus
+
+
+class BaseConfig(Strict):
+    path: str = Field(description="local model dir, or a Hugging Face hub id when online")
+    build: BuildConfig | None = None
+
+
+class TrainConfig(Strict):
+    """One recipe shared by every expert (a domain may not override it yet)."""
+
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    use_rslora: bool = False
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    learning_rate: float = Field(1e-3, gt=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(10, ge=0)
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(8, ge=1)
+    block_size: int = Field(128, ge=8)
+    replay: float = Field(0.25, ge=0, lt=1, description="share of each batch drawn from the general corpus")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(50, ge=1)
+    seed: int = 0
+
+
+class EvalConfig(Strict):
+    block_size: int = Field(128, ge=8)
+    batch_size: int = Field(16, ge=1)
+    max_blocks: int | None = Field(64, gt=0, description="test blocks per domain; null = all")
+
+
+class ProjectConfig(Strict):
+    base: BaseConfig
+    general: DomainConfig | None = Field(None, description="general corpus: replay data and forgetting check")
+    domains: list[DomainConfig] = Field(min_length=1)
+    training: TrainConfig = TrainConfig()
+    evaluation: EvalConfig = EvalConfig()
+    library: str = "library"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "ProjectConfig":
+        names = [d.name for d in self.all_domains()]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"domain names must be unique, repeated: {', '.join(dupes)}")
+        if self.training.replay > 0 and self.general is None:
+            raise ValueError("training.replay > 0 needs a 'general' corpus; add one or set replay: 0")
+        if self.base.build is not None:
+            unknown = sorted(set(self.base.build.corpus) - set(names))
+            if unknown:
+                raise ValueError(f"base.build.corpus names unknown domains {unknown}; known: {names}")
+        return self
+
+    def all_domains(self) -> list[DomainConfig]:
+        """The general corpus first (when given), then the expert domains."""
+        return ([self.general] if self.general else []) + list(self.domains)
+
+    def domain(self, name: str) -> DomainConfig:
+        for d in self.all_domains():
+            if d.name == name:
+                return d
+        raise ExpertkitError(f"no domain named '{name}' in the config; known: {[d.name for d in self.all_domains()]}")
+
+
+def format_validation_error(err: ValidationError, origin: str) -> str:
+    """One line per problem: the dotted key, what is wrong, and allowed values."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{loc}'")
+        elif e["type"] == "literal_error":
+            parts.append(f"bad value for '{loc}': {e['msg'].replace('Input should be', 'allowed values are')}")
+        else:
+            parts.append(f"bad value for '{loc}': {e['msg']}")
+    return f"{origin}: " + "; ".join(parts)
+
+
+def load_config(path: str | Path) -> ProjectConfig:
+    """Read and validate a project YAML; relative data paths resolve against its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExpertkitError(f"config file not found: {path} (pass the path of a project YAML)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where else ""
+        raise ExpertkitError(f"{path}: invalid YAML{at}: fix the syntax ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ExpertkitError(f"{path}: the top level must be a mapping with keys base, domains, ...")
+    config = config_from_dict(raw, origin=str(path))
+    return resolve_paths(config, path.parent)
+
+
+def config_from_dict(raw: dict, origin: str = "config") -> ProjectConfig:
+    try:
+        return ProjectConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ExpertkitError(format_validation_error(e, origin)) from None
+
+
+def resolve_paths(config: ProjectConfig, root: Path) -> ProjectConfig:
+    """Make relative paths relative to the config file, not to the current directory."""
+
+    def local(p: str) -> str:
+        return p if Path(p).is_absolute() else str(root / p)
+
+    def fix_domain(d: DomainConfig | None) -> DomainConfig | None:
+        if d is None or d.source.path is None:
+            return d
+        return d.model_copy(update={"source": d.source.model_copy(update={"path": local(d.source.path)})})
+
+    # A base that we build, or that exists next to the config, is a local dir; anything else may be a hub id.
+    base_path = config.base.path
+    if config.base.build is not None or (root / base_path).exists():
+        base_path = local(base_path)
+    return config.model_copy(
+        update={
+            "base": config.base.model_copy(update={"path": base_path}),
+            "general": fix_domain(config.general),
+            "domains": [fix_domain(d) for d in config.domains],
+            "library": local(config.library),
+        }
+    )

@@ -1,0 +1,90 @@
+"""The one generation loop: prefill, then step with KV caches until max tokens, EOS or a stop string."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from expertkit.compose import Composition
+from expertkit.errors import ExpertkitError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.max_new_tokens < 0:
+            raise ExpertkitError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ExpertkitError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ExpertkitError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def choose_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+    """Greedy at temperature 0, else nucleus sampling from a seeded generator."""
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if params.top_p < 1:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > params.top_p
+        sorted_p = sorted_p.masked_fill(drop, 0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).view(-1).to(logits.device)
+
+
+def left_pad(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id] for p in prompts]
+    width = max(len(x) for x in ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, width - len(x):] = torch.tensor(x)
+        mask[i, width - len(x):] = 1
+    return input_ids, mask
+
+
+def _cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    hits = [text.index(s) for s in stops if s and s in text]
+    return (text[: min(hits)], True) if hits else (text, False)
+
+
+@torch.no_grad()
+def generate(composition: Composition, tokenizer, prompts: list[str], params: SamplingParams = SamplingParams(),
+             context_length: int | None = None) -> list[str]:
+    """Continue each prompt; returns only the new text of each row."""
+    input_ids, mask = left_pad(tokenizer, prompts)
+    if context_length and input_ids.shape[1] + params.max_new_tokens > context_length:
+        raise ExpertkitError(f"prompt of {input_ids.shape[1]} tokens + max_new_tokens {params.max_new_tokens} "
+                             f"exceeds the model's context of {context_length}; shorten one of them")
+    generator = torch.Generator().manual_seed(params.seed)
+    rows = len(prompts)
+    new_tokens: list[list[int]] = [[] for _ in range(rows)]
+    done = [False] * rows
+    if params.max_new_tokens == 0:
+        return [""] * rows
+    logits, state = composition.prefill(input_ids, mask)
+    logits = logits[:, -1]
+    for _ in range(params.max_new_tokens):
+        next_ids = choose_next(logits, params, generator)
+        for i, t in enumerate(next_ids.tolist()):
+            if done[i]:
+                continue
+            if t == tokenizer.eos_token_id:
+                done[i] = True
+                continue
+            new_tokens[i].append(t)
+            if params.stop and _cut_at_stop(tokenizer.decode(new_tokens[i]), params.stop)[1]:
+                done[i] = True
+        if all(done):
+            break
+        logits, state = composition.step(state, next_ids)
+    return [_cut_at_stop(tokenizer.decode(t), params.stop)[0] for t in new_tokens]

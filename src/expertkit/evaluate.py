@@ -1,0 +1,130 @@
+"""The scorecard: perplexity of every composition on every domain's test split.
+
+Written only against the Composition interface (prefill -> logits), so a new
+strategy adds a row, never a code path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from pathlib import Path
+
+import torch
+
+from expertkit.compose import Composition
+from expertkit.config import ProjectConfig
+from expertkit.data import Blocks, load_corpus, make_blocks
+from expertkit.fsutil import atomic_write_text, ensure_writable_dir
+from expertkit.progress import progress_bar
+
+
+@torch.no_grad()
+def nll_sum(composition: Composition, blocks: Blocks) -> tuple[float, int]:
+    """Summed next-token NLL and token count over one batch of blocks."""
+    logits, _ = composition.prefill(blocks.input_ids, blocks.attention_mask)
+    labels = blocks.labels[:, 1:].to(logits.device)
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                            ignore_index=-100, reduction="sum")
+    return float(nll), int((labels != -100).sum())
+
+
+def test_blocks(config: ProjectConfig, tokenizer) -> dict[str, Blocks]:
+    """Each domain's test split (the general one first), capped at evaluation.max_blocks."""
+    ev = config.evaluation
+    out = {}
+    for domain in config.all_domains():
+        blocks = make_blocks(tokenizer, load_corpus(domain), "test", ev.block_size, domain.task)
+        out[domain.name] = blocks.take(slice(0, ev.max_blocks)) if ev.max_blocks else blocks
+    return out
+
+
+def score(compositions: list[Composition], blocks_by_domain: dict[str, Blocks], batch_size: int) -> dict:
+    """{"ppl": {composition: {domain: ppl}}, "tokens": {domain: n}}."""
+    ppl: dict[str, dict[str, float]] = {c.name: {} for c in compositions}
+    tokens = {}
+    n_batches = sum(math.ceil(len(b) / batch_size) for b in blocks_by_domain.values()) * len(compositions)
+    with progress_bar("scorecard", n_batches) as advance:
+        for domain, blocks in blocks_by_domain.items():
+            for comp in compositions:
+                total, count = 0.0, 0
+                for i in range(0, len(blocks), batch_size):
+                    t, c = nll_sum(comp, blocks.take(slice(i, i + batch_size)))
+                    total, count = total + t, count + c
+                    advance(info=f"{comp.name} on {domain}")
+                ppl[comp.name][domain] = math.exp(total / max(count, 1))
+                tokens[domain] = count
+    return {"ppl": ppl, "tokens": tokens}
+
+
+def verdicts(card: dict, expert_domains: dict[str, str], general: str | None) -> list[str]:
+    """One line per expert: own-domain gain and general-domain change vs the base."""
+    ppl = card["ppl"]
+    lines = []
+    for expert, domain in expert_domains.items():
+        if expert not in ppl or domain not in ppl["base"]:
+            continue
+        gain = 1 - ppl[expert][domain] / ppl["base"][domain]
+        line = f"{domain}: expert '{expert}' perplexity {ppl[expert][domain]:.2f} vs base {ppl['base'][domain]:.2f} " \
+               f"({gain:+.1%} better)"
+        if general and general in ppl[expert]:
+            drift = ppl[expert][general] / ppl["base"][general] - 1
+            line += f"; on {general} {drift:+.1%} vs base ({'kept' if drift <= 0.03 else 'FORGOT'})"
+        lines.append(("OK   " if gain > 0 else "WORSE ") + line)
+    return lines
+
+
+def markdown_table(card: dict) -> str:
+    ppl = card["ppl"]
+    domains = list(next(iter(ppl.values())).keys())
+    head = "| composition | " + " | ".join(domains) + " |\n|---|" + "---:|" * len(domains) + "\n"
+    rows = "".join(f"| {name} | " + " | ".join(f"{row[d]:.2f}" for d in domains) + " |\n" for name, row in ppl.items())
+    return head + rows
+
+
+def plot_heatmap(card: dict, path: Path) -> None:
+    """Perplexity relative to the base per domain (green = better than base)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ppl = card["ppl"]
+    names, domains = list(ppl), list(ppl["base"])
+    rel = [[ppl[n][d] / ppl["base"][d] for d in domains] for n in names]
+    fig, ax = plt.subplots(figsize=(1.4 * len(domains) + 2.5, 0.55 * len(names) + 1.5))
+    im = ax.imshow(rel, cmap="RdYlGn_r", vmin=0.5, vmax=1.5, aspect="auto")
+    ax.set_xticks(range(len(domains)), domains, rotation=30, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    for i, n in enumerate(names):
+        for j, d in enumerate(domains):
+            ax.text(j, i, f"{ppl[n][d]:.1f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(im, ax=ax, label="perplexity / base perplexity")
+    ax.set_title("test perplexity (colour: relative to base)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(card: dict, out_dir: str | Path) -> dict[str, Path]:
+    out = Path(out_dir)
+    ensure_writable_dir(out, "scorecard folder")
+    card = {**card, "environment": environment()}
+    paths = {"json": out / "scorecard.json", "md": out / "scorecard.md", "png": out / "scorecard.png"}
+    atomic_write_text(paths["json"], json.dumps(card, indent=2) + "\n")
+    md = "# expertkit scorecard\n\nToken-level test perplexity (lower is better).\n\n" + markdown_table(card)
+    if card.get("verdicts"):
+        md += "\n" + "\n".join(f"- {v}" for v in card["verdicts"]) + "\n"
+    atomic_write_text(paths["md"], md)
+    plot_heatmap(card, paths["png"])
+    return paths
+
+
+def environment() -> dict:
+    """Exact versions the numbers were produced with."""
+    import peft
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "machine": platform.machine(), "threads": torch.get_num_threads()}

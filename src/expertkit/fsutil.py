@@ -1,0 +1,62 @@
+"""Atomic directory writes: build in a temp dir beside the target, then rename into place.
+
+A crash (or SIGKILL) leaves either the old directory or the new one, never half
+of one; leftovers are hidden `.tmp-*` dirs that the next write cleans up.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from expertkit.errors import ExpertkitError
+
+
+def ensure_writable_dir(path: Path, what: str) -> None:
+    """Create `path` if needed and prove we can write there, before any long work starts."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ExpertkitError(f"{what} {path} is not writable ({e.strerror}); choose a folder you can write to") from None
+
+
+@contextmanager
+def atomic_dir(target: Path, overwrite: bool = False):
+    """Yield a temp dir; on success it replaces `target` in one rename."""
+    target = Path(target)
+    ensure_writable_dir(target.parent, "output folder")
+    for stale in target.parent.glob(f".tmp-{target.name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            if not overwrite:
+                raise ExpertkitError(f"{target} already exists; remove it or pass --force")
+            old = target.parent / f".tmp-{target.name}-old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(target, old)
+            os.rename(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,168 @@
+"""The expert library on disk: PEFT adapter dirs + manifests, atomic writes, base compatibility.
+
+    library/
+      library.json            base identity, tokenizer hash, list of entries
+      experts/<name>/         adapter_config.json, adapter_model.safetensors, expert.json
+      merges/<name>/          same form (written by merge strategies)
+      .checkpoints/<name>/    training checkpoints (resume after a crash)
+
+Each entry dir is a standard PEFT adapter, so `PeftModel.from_pretrained(base, dir)` and
+`vllm serve --lora-modules name=dir` load it unchanged. Only safetensors are ever loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from expertkit.errors import ExpertkitError
+from expertkit.fsutil import atomic_dir, atomic_write_text, ensure_writable_dir
+
+LIBRARY_FORMAT = 1
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PICKLE_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
+MANIFEST = "expert.json"
+KIND_DIRS = {"expert": "experts", "merge": "merges"}
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    kind: str
+    path: Path
+    manifest: dict
+
+    @property
+    def domain(self) -> str | None:
+        return self.manifest.get("domain")
+
+
+def validate_adapter_dir(path: Path) -> None:
+    """Refuse pickle-only adapters and corrupted safetensors with a message that says what to do."""
+    from safetensors import SafetensorError, safe_open
+
+    weights = path / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        pickles = [p for p in PICKLE_WEIGHTS if (path / p).exists()]
+        if pickles:
+            raise ExpertkitError(
+                f"{path}: only pickle weights ({pickles[0]}); expertkit loads safetensors only because pickle can "
+                "run code. Convert it with safetensors.torch.save_file and retry"
+            )
+        raise ExpertkitError(f"{path}: no {ADAPTER_WEIGHTS}; this is not a PEFT adapter dir")
+    if not (path / "adapter_config.json").is_file():
+        raise ExpertkitError(f"{path}: no adapter_config.json; this is not a PEFT adapter dir")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            for key in f.keys():
+                f.get_slice(key).get_shape()
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ExpertkitError(f"{weights}: corrupted safetensors file ({e}); retrain or restore this adapter") from None
+
+
+class Library:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    # ------------------------------------------------------------ the index
+
+    @property
+    def index_path(self) -> Path:
+        return self.root / "library.json"
+
+    def exists(self) -> bool:
+        return self.index_path.is_file()
+
+    def index(self) -> dict:
+        if not self.exists():
+            raise ExpertkitError(f"no expert library at {self.root} (train one with `expertkit train CONFIG`)")
+        try:
+            return json.loads(self.index_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ExpertkitError(f"{self.index_path} is corrupted ({e}); delete it to rebuild the index") from None
+
+    def base_identity(self) -> dict:
+        return self.index()["base"]
+
+    def create_or_check(self, identity: dict) -> None:
+        """Create the library for this base, or check that an existing one belongs to it."""
+        ensure_writable_dir(self.root, "library folder")
+        if self.exists():
+            self.check_base(identity, what=f"library {self.root}")
+            return
+        self._write_index(identity)
+
+    def check_base(self, identity: dict, what: str, expected: dict | None = None) -> None:
+        expected = expected or self.base_identity()
+        for key in ("config_hash", "weights_hash", "tokenizer_hash"):
+            if expected.get(key) != identity.get(key):
+                raise ExpertkitError(
+                    f"{what} belongs to base '{expected.get('name')}' ({key[:-5]} {expected.get(key)}), but the "
+                    f"loaded base is '{identity.get('name')}' ({key[:-5]} {identity.get(key)}); load the matching "
+                    "base or retrain the experts on this one"
+                )
+
+    def _write_index(self, identity: dict | None = None) -> None:
+        identity = identity or self.base_identity()
+        entries = [{"name": e.name, "kind": e.kind, "path": str(e.path.relative_to(self.root)),
+                    "domain": e.domain} for e in self.entries()]
+        index = {"format": LIBRARY_FORMAT, "base": identity, "entries": entries}
+        atomic_write_text(self.index_path, json.dumps(index, indent=2) + "\n")
+
+    # ------------------------------------------------------------ entries
+
+    def entry_dir(self, kind: str, name: str) -> Path:
+        if kind not in KIND_DIRS:
+            raise ExpertkitError(f"unknown library entry kind '{kind}'; allowed: {sorted(KIND_DIRS)}")
+        return self.root / KIND_DIRS[kind] / name
+
+    def checkpoint_dir(self, name: str) -> Path:
+        return self.root / ".checkpoints" / name
+
+    def entries(self) -> list[Entry]:
+        """Every finished entry on disk (a dir with a manifest), sorted by kind then name."""
+        found = []
+        for kind, sub in KIND_DIRS.items():
+            folder = self.root / sub
+            if not folder.is_dir():
+                continue
+            for d in sorted(folder.iterdir()):
+                if d.is_dir() and not d.name.startswith(".") and (d / MANIFEST).is_file():
+                    found.append(Entry(d.name, kind, d, self._read_manifest(d)))
+        return found
+
+    def get(self, name: str) -> Entry:
+        for e in self.entries():
+            if e.name == name:
+                return e
+        known = [e.name for e in self.entries()]
+        raise ExpertkitError(f"no entry named '{name}' in library {self.root}; known: {known}")
+
+    def has(self, kind: str, name: str) -> bool:
+        return (self.entry_dir(kind, name) / MANIFEST).is_file()
+
+    @staticmethod
+    def _read_manifest(d: Path) -> dict:
+        try:
+            return json.loads((d / MANIFEST).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ExpertkitError(f"{d / MANIFEST} is corrupted ({e}); delete {d} and retrain it") from None
+
+    def add_adapter(self, kind: str, name: str, save_adapter, manifest: dict, overwrite: bool = False) -> Entry:
+        """Write an adapter atomically: `save_adapter(tmp_dir)` writes the PEFT files, we add the manifest."""
+        target = self.entry_dir(kind, name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        manifest = {"name": name, "kind": kind, "base": self.base_identity(), "created": time.time(), **manifest}
+        with atomic_dir(target, overwrite=overwrite) as tmp:
+            save_adapter(tmp)
+            validate_adapter_dir(tmp)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
+        self._write_index()
+        return Entry(name, kind, target, manifest)
+
+    def check_entry(self, entry: Entry, identity: dict) -> None:
+        """An entry may only be loaded onto the base it was trained on, from safetensors."""
+        validate_adapter_dir(entry.path)
+        self.check_base(identity, what=f"{entry.kind} '{entry.name}'", expected=entry.manifest.get("base", {}))

@@ -1,0 +1,95 @@
+"""Shared fixtures: synthetic domain corpora, a micro base built in seconds, a project YAML writer."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+
+from expertkit.quiet import quiet_libraries
+
+quiet_libraries()
+
+WORDS = {
+    "general": "the a of and to in is was for on that with as by at from it his an were are which this be".split(),
+    "alpha": "patient dose trial cohort tumor clinical therapy risk blood cells serum renal cardiac mg".split(),
+    "beta": "def return self import for in if else print list dict range len class none true".split(),
+}
+
+
+def synthetic_documents(domain: str, n: int, seed: int = 0) -> list[str]:
+    """Deterministic sentences from a domain's own word list (plus a few common words)."""
+    rng = random.Random(f"{domain}-{seed}")
+    words = WORDS[domain] + WORDS["general"][:5]
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(12, 30))) + "." for _ in range(n)]
+
+
+def write_corpus(folder: Path, domain: str, n: int = 120) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{domain}.txt"
+    path.write_text("\n".join(synthetic_documents(domain, n)) + "\n", encoding="utf-8")
+    return path
+
+
+MICRO_BUILD = {"vocab_size": 300, "hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2,
+               "context_length": 64, "steps": 8, "batch_size": 4, "corpus": {"general": 1.0}}
+MICRO_TRAIN = {"rank": 4, "alpha": 8, "steps": 6, "batch_size": 4, "block_size": 32, "checkpoint_every": 3,
+               "learning_rate": 5e-3, "replay": 0.25}
+
+
+def project_dict(root: Path, base_path: str, domains=("alpha", "beta"), **overrides) -> dict:
+    data = root / "data"
+    raw = {
+        "base": {"path": base_path, "build": dict(MICRO_BUILD)},
+        "general": {"name": "general", "source": {"path": str(write_corpus(data, "general"))}},
+        "domains": [{"name": d, "source": {"path": str(write_corpus(data, d))}} for d in domains],
+        "training": dict(MICRO_TRAIN),
+        "evaluation": {"block_size": 32, "batch_size": 8, "max_blocks": 4},
+        "library": str(root / "library"),
+    }
+    for key, value in overrides.items():
+        raw[key] = {**raw[key], **value} if isinstance(value, dict) and isinstance(raw.get(key), dict) else value
+    return raw
+
+
+def write_project(root: Path, base_path: str, **overrides) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "project.yaml"
+    path.write_text(yaml.safe_dump(project_dict(root, base_path, **overrides)), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def micro_base_dir(tmp_path_factory) -> Path:
+    """A micro Llama base (about 40k parameters) built once per test session."""
+    from expertkit.build import build_base
+    from expertkit.config import load_config
+
+    root = tmp_path_factory.mktemp("micro")
+    cfg = load_config(write_project(root, str(root / "base")))
+    return build_base(cfg)
+
+
+@pytest.fixture
+def project(tmp_path, micro_base_dir) -> Path:
+    """A project YAML over synthetic corpora that uses the shared micro base."""
+    return write_project(tmp_path, str(micro_base_dir))
+
+
+@pytest.fixture
+def trained(project):
+    """(config, base, library) with both experts trained."""
+    from expertkit.library import Library
+    from expertkit.train import train_all
+    from expertkit.workflow import load_project_base
+
+    cfg, base = load_project_base(project)
+    train_all(cfg, base)
+    return cfg, base, Library(cfg.library)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,24 @@
+import torch
+
+from expertkit.base import load_base, model_hashes
+
+
+def test_built_base_loads_with_plain_transformers(micro_base_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(micro_base_dir)
+    tok = AutoTokenizer.from_pretrained(micro_base_dir)
+    assert model.config.model_type == "llama"
+    assert (micro_base_dir / "model.safetensors").is_file()
+    text = "naïve café → def f(x):\n    return x"
+    assert tok.decode(tok(text)["input_ids"]) == text  # byte-level BPE: lossless on any UTF-8
+    out = model(input_ids=torch.tensor([tok(text)["input_ids"]]))
+    assert out.logits.shape[-1] == len(tok)
+
+
+def test_identity_is_stable_and_sensitive_to_weights(micro_base_dir):
+    a, b = load_base(str(micro_base_dir)), load_base(str(micro_base_dir))
+    assert a.identity() == b.identity()
+    with torch.no_grad():
+        b.model.model.layers[0].mlp.down_proj.weight.add_(0.01)
+    assert model_hashes(b.model)["weights_hash"] != a.identity()["weights_hash"]

@@ -1,0 +1,86 @@
+"""The CLI end to end, in process: exit codes, one-line errors, files written."""
+
+import sys
+
+import pytest
+
+from expertkit import cli
+
+from conftest import read_json, write_project
+
+
+def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["expertkit", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    out = capsys.readouterr()
+    return exit_info.value.code or 0, out.out, out.err
+
+
+def assert_one_line_error(code, err, pattern):
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code == 1, err
+    assert len(lines) == 1 and pattern in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_train_eval_list_generate(monkeypatch, capsys, project, tmp_path):
+    code, _, err = run_cli(monkeypatch, capsys, "train", project)
+    assert code == 0, err
+    code, _, err = run_cli(monkeypatch, capsys, "eval", project, "--out", tmp_path / "report")
+    assert code == 0, err
+    card = read_json(tmp_path / "report" / "scorecard.json")
+    assert set(card["ppl"]) == {"base", "alpha", "beta"}
+    assert set(card["ppl"]["alpha"]) == {"general", "alpha", "beta"}
+    assert (tmp_path / "report" / "scorecard.png").stat().st_size > 1000
+    assert "| composition |" in (tmp_path / "report" / "scorecard.md").read_text()
+    code, _, err = run_cli(monkeypatch, capsys, "library", "list", tmp_path / "library")
+    assert code == 0 and "alpha" in err and "beta" in err
+    code, out, err = run_cli(monkeypatch, capsys, "generate", project, "patient dose", "--model", "alpha",
+                             "--max-tokens", "5")
+    assert code == 0 and out.startswith("patient dose"), err
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda p: p.write_text("base: [unclosed\n"), "invalid YAML at line"),
+    (lambda p: p.write_text(p.read_text() + "epochs: 3\n"), "unknown key 'epochs'"),
+    (lambda p: (p.parent / "data" / "alpha.txt").unlink(), "data path not found"),
+    (lambda p: (p.parent / "data" / "alpha.txt").write_text("\n\n"), "corpus is empty"),
+    (lambda p: (p.parent / "data" / "alpha.txt").write_bytes(b"ok\n\xc3\x28\n"), "not UTF-8"),
+])
+def test_bad_inputs_exit_1_with_one_line(monkeypatch, capsys, project, mutate, message):
+    mutate(project)
+    code, _, err = run_cli(monkeypatch, capsys, "train", project)
+    assert_one_line_error(code, err, message)
+    assert not (project.parent / "library" / "experts").exists()
+
+
+def test_missing_config_file(monkeypatch, capsys, tmp_path):
+    code, _, err = run_cli(monkeypatch, capsys, "train", tmp_path / "nope.yaml")
+    assert_one_line_error(code, err, "config file not found")
+
+
+def test_eval_with_a_library_of_another_base(monkeypatch, capsys, trained, tmp_path):
+    cfg, _, _ = trained
+    import shutil
+
+    import torch
+
+    from expertkit.base import load_base
+
+    other = tmp_path / "other"
+    shutil.copytree(cfg.base.path, other)
+    b = load_base(str(other))
+    with torch.no_grad():
+        b.model.model.embed_tokens.weight.mul_(2)
+    b.model.save_pretrained(other)
+    project = write_project(tmp_path / "p2", str(other), library=cfg.library)
+    code, _, err = run_cli(monkeypatch, capsys, "eval", project)
+    assert_one_line_error(code, err, "belongs to base")
+
+
+def test_corrupted_adapter_via_cli(monkeypatch, capsys, trained, project):
+    cfg, _, library = trained
+    (library.get("alpha").path / "adapter_model.safetensors").write_bytes(b"garbage")
+    code, _, err = run_cli(monkeypatch, capsys, "eval", project)
+    assert_one_line_error(code, err, "corrupted safetensors")

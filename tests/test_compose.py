@@ -1,0 +1,96 @@
+import math
+
+import pytest
+import torch
+
+from expertkit.compose import BASE_ADAPTER, ExpertPool, build_compositions, register
+from expertkit.decoding import SamplingParams, generate, left_pad
+from expertkit.errors import ExpertkitError
+from expertkit.evaluate import score
+
+
+@pytest.fixture
+def pool(trained):
+    cfg, base, library = trained
+    return ExpertPool(base, library)
+
+
+def test_every_library_entry_is_a_composition(pool):
+    assert [c.name for c in build_compositions(pool)] == ["base", "alpha", "beta"]
+    with pytest.raises(ExpertkitError, match=r"unknown composition\(s\) \['gamma'\]"):
+        build_compositions(pool, ["gamma"])
+
+
+def test_mixed_batch_equals_one_at_a_time(pool):
+    ids = torch.randint(3, 200, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    adapters = ["alpha", "beta", BASE_ADAPTER]
+    mixed, _ = pool.prefill(ids, mask, adapters)
+    for i, a in enumerate(adapters):
+        alone, _ = pool.prefill(ids[i:i + 1], mask[i:i + 1], [a])
+        torch.testing.assert_close(mixed[i], alone[0], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(mixed[0], pool.prefill(ids[:1], mask[:1], [BASE_ADAPTER])[0][0])
+
+
+def test_cached_steps_equal_recomputing_the_sequence(pool):
+    alpha = build_compositions(pool, ["alpha"])[0]
+    ids = torch.randint(3, 200, (2, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    logits, state = alpha.prefill(ids[:, :6], mask[:, :6])
+    for t in range(6, 10):
+        logits, state = alpha.step(state, ids[:, t])
+    full, _ = alpha.prefill(ids, mask)
+    torch.testing.assert_close(logits, full[:, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_left_padding_does_not_change_a_row(pool, trained):
+    _, base, _ = trained
+    alpha = build_compositions(pool, ["alpha"])[0]
+    prompts = ["patient dose trial", "the a of and to in is was for on that"]
+    ids, mask = left_pad(base.tokenizer, prompts)
+    batched, _ = alpha.prefill(ids, mask)
+    short_ids, short_mask = left_pad(base.tokenizer, prompts[:1])
+    alone, _ = alpha.prefill(short_ids, short_mask)
+    torch.testing.assert_close(batched[0, -1], alone[0, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_generation_is_deterministic_and_honours_stop(pool, trained):
+    _, base, _ = trained
+    alpha = build_compositions(pool, ["alpha"])[0]
+    greedy = SamplingParams(max_new_tokens=12)
+    assert generate(alpha, base.tokenizer, ["patient"], greedy) == generate(alpha, base.tokenizer, ["patient"], greedy)
+    sampled = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=7)
+    a = generate(alpha, base.tokenizer, ["patient", "the"], sampled)
+    assert a == generate(alpha, base.tokenizer, ["patient", "the"], sampled)
+    full = generate(alpha, base.tokenizer, ["patient"], SamplingParams(max_new_tokens=12, temperature=1.0, seed=3))[0]
+    if len(full) > 2:
+        stop = full[1:3]
+        cut = generate(alpha, base.tokenizer, ["patient"],
+                       SamplingParams(max_new_tokens=12, temperature=1.0, seed=3, stop=(stop,)))[0]
+        assert cut == full[: full.index(stop)]
+
+
+def test_context_overflow_is_a_clear_error(pool, trained):
+    _, base, _ = trained
+    alpha = build_compositions(pool, ["alpha"])[0]
+    with pytest.raises(ExpertkitError, match="exceeds the model's context of 64"):
+        generate(alpha, base.tokenizer, ["patient " * 60], SamplingParams(max_new_tokens=8), context_length=64)
+
+
+def test_scorecard_perplexity_matches_transformers_loss(pool, trained):
+    cfg, base, _ = trained
+    ids = torch.randint(3, 200, (4, 16), generator=torch.Generator().manual_seed(2))
+    from expertkit.data import Blocks
+
+    blocks = Blocks(ids, ids.clone(), torch.ones_like(ids))
+    card = score(build_compositions(pool, ["base"]), {"x": blocks}, batch_size=3)
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        loss = AutoModelForCausalLM.from_pretrained(cfg.base.path)(input_ids=ids, labels=ids).loss
+    assert math.isclose(card["ppl"]["base"]["x"], math.exp(float(loss)), rel_tol=1e-4)
+
+
+def test_registering_a_kind_twice_is_refused():
+    with pytest.raises(ValueError, match="registered twice"):
+        register("expert")(lambda pool, entry: None)

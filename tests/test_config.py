@@ -1,0 +1,63 @@
+import pytest
+import yaml
+
+from expertkit.config import config_from_dict, load_config
+from expertkit.errors import ExpertkitError
+
+from conftest import project_dict
+
+
+def test_defaults_live_in_the_models(tmp_path):
+    cfg = config_from_dict(project_dict(tmp_path, "base"))
+    assert cfg.training.schedule == "cosine"
+    assert cfg.evaluation.max_blocks == 4
+
+
+def test_unknown_key_is_named(tmp_path):
+    raw = project_dict(tmp_path, "base", training={"stepz": 3})
+    with pytest.raises(ExpertkitError, match=r"unknown key 'training.stepz'"):
+        config_from_dict(raw)
+
+
+def test_bad_literal_lists_allowed_values(tmp_path):
+    raw = project_dict(tmp_path, "base", training={"schedule": "sawtooth"})
+    with pytest.raises(ExpertkitError, match=r"training.schedule.*'cosine', 'linear' or 'constant'"):
+        config_from_dict(raw)
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("base:\n  path: x\n domains: [\n")
+    with pytest.raises(ExpertkitError, match=r"invalid YAML at line \d+"):
+        load_config(path)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ExpertkitError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_replay_needs_a_general_corpus(tmp_path):
+    raw = project_dict(tmp_path, "base")
+    del raw["general"]
+    raw["base"]["build"]["corpus"] = {"alpha": 1.0}
+    with pytest.raises(ExpertkitError, match="replay > 0 needs a 'general' corpus"):
+        config_from_dict(raw)
+
+
+def test_duplicate_domain_names(tmp_path):
+    raw = project_dict(tmp_path, "base")
+    raw["domains"][1]["name"] = "alpha"
+    with pytest.raises(ExpertkitError, match="repeated: alpha"):
+        config_from_dict(raw)
+
+
+def test_relative_paths_resolve_against_the_config(tmp_path):
+    raw = project_dict(tmp_path, "base")
+    raw["library"] = "lib"
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "p.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(path)
+    assert cfg.library == str(tmp_path / "sub" / "lib")
+    assert cfg.base.path == str(tmp_path / "sub" / "base")

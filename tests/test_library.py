@@ -1,0 +1,101 @@
+import os
+import shutil
+
+import pytest
+import torch
+
+from expertkit.base import load_base
+from expertkit.compose import ExpertPool
+from expertkit.errors import ExpertkitError
+from expertkit.library import Library
+from expertkit.train import train_all
+from expertkit.workflow import load_project_base
+
+from conftest import write_project
+
+
+def _other_base(micro_base_dir, tmp_path):
+    other = tmp_path / "other-base"
+    shutil.copytree(micro_base_dir, other)
+    base = load_base(str(other))
+    with torch.no_grad():
+        base.model.model.layers[0].mlp.up_proj.weight.mul_(1.5)
+    base.model.save_pretrained(other)
+    return other
+
+
+def test_expert_on_another_base_names_both(trained, micro_base_dir, tmp_path):
+    cfg, _, library = trained
+    other = load_base(str(_other_base(micro_base_dir, tmp_path)))
+    with pytest.raises(ExpertkitError) as err:
+        ExpertPool(other, library)
+    msg = str(err.value)
+    assert str(micro_base_dir) in msg and str(tmp_path / "other-base") in msg and "weights" in msg
+
+
+def test_single_entry_checked_against_its_own_manifest(trained, micro_base_dir, tmp_path):
+    cfg, base, library = trained
+    other = load_base(str(_other_base(micro_base_dir, tmp_path)))
+    with pytest.raises(ExpertkitError, match=r"expert 'alpha' belongs to base"):
+        library.check_entry(library.get("alpha"), other.identity())
+
+
+def test_corrupted_safetensors_is_refused(trained):
+    cfg, base, library = trained
+    weights = library.get("beta").path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])
+    with pytest.raises(ExpertkitError, match=r"corrupted safetensors file"):
+        ExpertPool(base, library)
+
+
+def test_pickle_only_adapter_is_refused(trained):
+    cfg, base, library = trained
+    folder = library.get("beta").path
+    torch.save({"w": torch.zeros(2)}, folder / "adapter_model.bin")
+    (folder / "adapter_model.safetensors").unlink()
+    with pytest.raises(ExpertkitError, match=r"only pickle weights \(adapter_model.bin\).*safetensors only"):
+        ExpertPool(base, library)
+
+
+def test_unwritable_output_fails_before_training(tmp_path, micro_base_dir):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    project = write_project(tmp_path, str(micro_base_dir), library=str(blocker / "library"))
+    cfg, base = load_project_base(project)
+    with pytest.raises(ExpertkitError, match=r"library folder .* is not writable"):
+        train_all(cfg, base)
+    assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_library_folder(tmp_path, micro_base_dir):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    project = write_project(tmp_path, str(micro_base_dir), library=str(ro / "library"))
+    cfg, base = load_project_base(project)
+    with pytest.raises(ExpertkitError, match="not writable"):
+        train_all(cfg, base)
+
+
+def test_failed_write_leaves_nothing_half_written(trained):
+    cfg, base, library = trained
+
+    def crash_midway(folder):
+        (folder / "adapter_config.json").write_text("{}")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        library.add_adapter("expert", "gamma", crash_midway, {"domain": "gamma"})
+    assert not library.entry_dir("expert", "gamma").exists()
+    assert not list(library.entry_dir("expert", "gamma").parent.glob(".tmp-*"))
+    assert [e.name for e in library.entries()] == ["alpha", "beta"]
+
+
+def test_bad_data_in_one_domain_writes_nothing(tmp_path, micro_base_dir):
+    project = write_project(tmp_path, str(micro_base_dir))
+    (tmp_path / "data" / "beta.txt").write_bytes(b"\xff\xfe broken")
+    cfg, base = load_project_base(project)
+    with pytest.raises(ExpertkitError, match="not UTF-8"):
+        train_all(cfg, base)
+    assert not Library(cfg.library).root.exists()
