@@ -23,7 +23,9 @@ def run(data: Path, device: str | None) -> dict:
     cfg = bench_config(data)
     cfg, base = load_project_base(cfg, device)
     train_all(cfg, base)
-    card = run_scorecard(cfg, base, out=Path(cfg.library).parent / (Path(cfg.library).name + "-scorecard"))
+    experts = [d.name for d in cfg.domains]
+    card = run_scorecard(cfg, base, out=Path(cfg.library).parent / (Path(cfg.library).name + "-scorecard"),
+                         names=["base", *experts])
     ppl = card["ppl"]
     result = {"general_base_ppl": ppl["base"][GENERAL], "domains": {}, "checks": {}}
     print(f"\n{'domain':<12} {'base ppl':>9} {'expert ppl':>10} {'gain':>7} {'expert on general':>18} {'drift':>7}")

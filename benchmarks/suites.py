@@ -15,4 +15,5 @@ def suite(name: str):
     return wrap
 
 
-import specialize  # noqa: E402,F401  (each suite module registers itself)
+import merge  # noqa: E402,F401  (each suite module registers itself)
+import specialize  # noqa: E402,F401

@@ -86,7 +86,7 @@ def test_failed_write_leaves_nothing_half_written(trained):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        library.add_adapter("expert", "gamma", crash_midway, {"domain": "gamma"})
+        library.add_entry("expert", "gamma", crash_midway, {"domain": "gamma"})
     assert not library.entry_dir("expert", "gamma").exists()
     assert not list(library.entry_dir("expert", "gamma").parent.glob(".tmp-*"))
     assert [e.name for e in library.entries()] == ["alpha", "beta"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ class Base:
     name: str
     device: torch.device
     _identity: dict | None = None
+    peft_model: object | None = None  # set once library adapters are attached (see compose.pool)
 
     def identity(self) -> dict:
         """Computed once, before adapters are attached (they live inside the same modules)."""
@@ -69,7 +69,7 @@ def load_base(path: str, device: str | None = None) -> Base:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local = Path(path)
-    if not local.exists() and (path.startswith((".", "/")) or os.sep in path and path.count("/") > 1):
+    if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):  # a path, not a hub id
         raise ExpertkitError(f"base model not found: {path} (build one with `expertkit base build` or fix base.path)")
     if local.is_dir() and not (local / "config.json").is_file():
         raise ExpertkitError(f"{path} is not a Hugging Face model dir (no config.json); fix base.path")

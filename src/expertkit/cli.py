@@ -93,6 +93,45 @@ def generate(config: Path = ConfigArg, prompt: str = typer.Argument(..., help="t
     typer.echo(prompt + text)
 
 
+@app.command()
+def merge(config: Path = ConfigArg,
+          expert: Optional[list[str]] = typer.Option(None, help="expert to merge (repeatable; default: all experts)"),
+          method: str = typer.Option("linear", help="linear, task_arithmetic, ties, dare_linear, dare_ties, "
+                                                     "magnitude_prune, breadcrumbs"),
+          weight: Optional[list[float]] = typer.Option(None, help="one per --expert, in order (default: equal)"),
+          lam: float = typer.Option(1.0, "--lambda", help="scale of the merged task vector"),
+          density: float = typer.Option(1.0, help="share of each ΔW kept (TIES, DARE, pruning, breadcrumbs)"),
+          gamma: float = typer.Option(0.01, help="breadcrumbs: share of the largest entries removed"),
+          seed: int = typer.Option(0, help="DARE's random drop"),
+          rank: Optional[int] = typer.Option(None, help="rank of the merged adapter (default: sum of input ranks)"),
+          output: str = typer.Option("adapter", help="adapter (LoRA) or model (full HF model)"),
+          name: Optional[str] = typer.Option(None, help="library entry name (default: merge-<method>)"),
+          search: bool = typer.Option(False, "--search", help="choose method and parameters on validation data"),
+          budget: float = typer.Option(300.0, help="--search time budget in seconds"),
+          force: bool = typer.Option(False, help="overwrite an entry of the same name"),
+          device: Optional[str] = typer.Option(None)):
+    """Merge experts into one LoRA adapter or one full model (exact ΔW-space merges)."""
+    _setup()
+    from expertkit.compose import ExpertPool
+    from expertkit.library import Library
+    from expertkit.merging import make_recipe, merge_experts
+    from expertkit.workflow import expert_names, load_project_base, run_merge_search
+
+    cfg, base = load_project_base(config, device, build_missing=False)
+    if search:
+        run_merge_search(cfg, base, expert, name or "merge-searched", budget, output, seed, force)
+        return
+    library = Library(cfg.library)
+    pool = ExpertPool(base, library)
+    recipe = make_recipe(method=method, experts=expert_names(pool, expert), weights=weight or None,
+                         **{"lambda": lam}, density=density, gamma=gamma, seed=seed, rank=rank, output=output)
+    entry, report = merge_experts(pool, library, recipe, name or f"merge-{method}", overwrite=force)
+    if "rank" in report:
+        console.print(f"rank {report['rank']}: relative reconstruction error max {report['max_relative_error']:.2e}, "
+                      f"mean {report['mean_relative_error']:.2e} over {report['modules']} modules")
+    console.print(f"{entry.kind} '{entry.name}' -> {entry.path}")
+
+
 @library_app.command("list")
 def library_list(library: Path = typer.Argument(..., help="library folder")):
     """Show the base the library belongs to and every entry with its metrics."""

@@ -24,7 +24,8 @@ LIBRARY_FORMAT = 1
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PICKLE_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
 MANIFEST = "expert.json"
-KIND_DIRS = {"expert": "experts", "merge": "merges"}
+KIND_DIRS = {"expert": "experts", "merge": "merges", "merged_model": "merges"}
+MODEL_WEIGHTS = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,11 @@ class Entry:
     @property
     def domain(self) -> str | None:
         return self.manifest.get("domain")
+
+    @property
+    def is_adapter(self) -> bool:
+        """Experts and LoRA merges are PEFT adapters; a merged full model is not."""
+        return ENTRY_VALIDATORS.get(self.kind) is validate_adapter_dir
 
 
 def validate_adapter_dir(path: Path) -> None:
@@ -60,6 +66,20 @@ def validate_adapter_dir(path: Path) -> None:
                 f.get_slice(key).get_shape()
     except (SafetensorError, OSError, ValueError) as e:
         raise ExpertkitError(f"{weights}: corrupted safetensors file ({e}); retrain or restore this adapter") from None
+
+
+def validate_model_dir(path: Path) -> None:
+    """A full model entry (a merged model): HF config + safetensors weights (single file or shards)."""
+    if not (path / "config.json").is_file():
+        raise ExpertkitError(f"{path}: no config.json; this is not a Hugging Face model dir")
+    shards = list(path.glob("model*.safetensors"))
+    if not shards:
+        if list(path.glob("pytorch_model*.bin")):
+            raise ExpertkitError(f"{path}: only pickle weights; expertkit loads safetensors only")
+        raise ExpertkitError(f"{path}: no model*.safetensors weights")
+
+
+ENTRY_VALIDATORS = {"expert": validate_adapter_dir, "merge": validate_adapter_dir, "merged_model": validate_model_dir}
 
 
 class Library:
@@ -122,15 +142,16 @@ class Library:
         return self.root / ".checkpoints" / name
 
     def entries(self) -> list[Entry]:
-        """Every finished entry on disk (a dir with a manifest), sorted by kind then name."""
+        """Every finished entry on disk (a dir with a manifest), experts first, then merges, by name."""
         found = []
-        for kind, sub in KIND_DIRS.items():
+        for sub in dict.fromkeys(KIND_DIRS.values()):
             folder = self.root / sub
             if not folder.is_dir():
                 continue
             for d in sorted(folder.iterdir()):
                 if d.is_dir() and not d.name.startswith(".") and (d / MANIFEST).is_file():
-                    found.append(Entry(d.name, kind, d, self._read_manifest(d)))
+                    manifest = self._read_manifest(d)
+                    found.append(Entry(d.name, manifest.get("kind", "expert"), d, manifest))
         return found
 
     def get(self, name: str) -> Entry:
@@ -143,6 +164,9 @@ class Library:
     def has(self, kind: str, name: str) -> bool:
         return (self.entry_dir(kind, name) / MANIFEST).is_file()
 
+    def has_name(self, name: str) -> bool:
+        return any(e.name == name for e in self.entries())
+
     @staticmethod
     def _read_manifest(d: Path) -> dict:
         try:
@@ -150,19 +174,24 @@ class Library:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ExpertkitError(f"{d / MANIFEST} is corrupted ({e}); delete {d} and retrain it") from None
 
-    def add_adapter(self, kind: str, name: str, save_adapter, manifest: dict, overwrite: bool = False) -> Entry:
-        """Write an adapter atomically: `save_adapter(tmp_dir)` writes the PEFT files, we add the manifest."""
+    def add_entry(self, kind: str, name: str, write, manifest: dict, overwrite: bool = False) -> Entry:
+        """Write an entry atomically: `write(tmp_dir)` writes the files, we validate them and add the manifest."""
         target = self.entry_dir(kind, name)
+        clash = next((e for e in self.entries() if e.name == name and e.path != target), None)
+        if clash is not None:
+            raise ExpertkitError(f"the library already has a {clash.kind} named '{name}'; choose another name")
         target.parent.mkdir(parents=True, exist_ok=True)
         manifest = {"name": name, "kind": kind, "base": self.base_identity(), "created": time.time(), **manifest}
         with atomic_dir(target, overwrite=overwrite) as tmp:
-            save_adapter(tmp)
-            validate_adapter_dir(tmp)
+            write(tmp)
+            ENTRY_VALIDATORS[kind](tmp)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
         self._write_index()
         return Entry(name, kind, target, manifest)
 
     def check_entry(self, entry: Entry, identity: dict) -> None:
         """An entry may only be loaded onto the base it was trained on, from safetensors."""
-        validate_adapter_dir(entry.path)
+        if entry.kind not in ENTRY_VALIDATORS:
+            raise ExpertkitError(f"entry '{entry.name}' has unknown kind '{entry.kind}'; known: {sorted(ENTRY_VALIDATORS)}")
+        ENTRY_VALIDATORS[entry.kind](entry.path)
         self.check_base(identity, what=f"{entry.kind} '{entry.name}'", expected=entry.manifest.get("base", {}))

@@ -150,7 +150,7 @@ def train_expert(base: Base, library: Library, domain: DomainConfig, corpus: Cor
             "recipe_hash": rhash, "steps": recipe.steps, "train_blocks": len(blocks), "metrics": metrics,
             "train_seconds": round(time.time() - started, 1), "expertkit_version": __version__,
         }
-        entry = library.add_adapter("expert", domain.name, peft_model.save_pretrained, manifest, overwrite=overwrite)
+        entry = library.add_entry("expert", domain.name, peft_model.save_pretrained, manifest, overwrite=overwrite)
     finally:
         peft_model.unload()  # take the LoRA layers out so the next expert starts from the clean base
     shutil.rmtree(library.checkpoint_dir(domain.name), ignore_errors=True)
@@ -159,6 +159,8 @@ def train_expert(base: Base, library: Library, domain: DomainConfig, corpus: Cor
 
 def train_all(config: ProjectConfig, base: Base, only: list[str] | None = None, force: bool = False) -> list[Entry]:
     """Train every domain's expert that is not yet in the library (all of `only` with --force)."""
+    if base.peft_model is not None:
+        raise ExpertkitError("this base already has library adapters attached; train on a freshly loaded base")
     library = Library(config.library)
     if library.exists():
         library.check_base(base.identity(), what=f"library {library.root}")

@@ -43,3 +43,54 @@ def run_scorecard(cfg: ProjectConfig, base: Base, out: Path | None = None, names
     console.print(f"scorecard written to {paths['json']}, {paths['md']}, {paths['png']}")
     card["paths"] = {k: str(v) for k, v in paths.items()}
     return card
+
+
+def expert_names(pool, requested: list[str] | None) -> list[str]:
+    """The experts to merge: the requested ones, or every expert (not merges) in the library."""
+    names = list(requested) if requested else [e.name for e in pool.entries if e.kind == "expert"]
+    if not names:
+        raise ExpertkitError("no experts to merge: the library has none and --expert named none")
+    return names
+
+
+def validation_blocks(cfg: ProjectConfig, tokenizer, domains: list[str], max_blocks: int = 16) -> dict:
+    """Validation blocks of the given domains (and the general one) for recipe search."""
+    from expertkit.data import load_corpus, make_blocks
+
+    names = ([cfg.general.name] if cfg.general else []) + [d for d in domains if not cfg.general or d != cfg.general.name]
+    out = {}
+    for name in names:
+        domain = cfg.domain(name)
+        corpus = load_corpus(domain)
+        if not corpus.splits["valid"]:
+            raise ExpertkitError(f"domain '{name}' has no validation split; merge --search scores recipes on it")
+        out[name] = make_blocks(tokenizer, corpus, "valid", cfg.evaluation.block_size, domain.task).take(
+            slice(0, max_blocks))
+    return out
+
+
+def run_merge_search(cfg: ProjectConfig, base: Base, experts: list[str] | None, name: str, budget_seconds: float,
+                     output: str = "adapter", seed: int = 0, overwrite: bool = False) -> dict:
+    """Search a recipe on validation data, write the best one into the library, print the trials."""
+    from expertkit.compose import ExpertPool
+    from expertkit.library import Library
+    from expertkit.merging import merge_experts
+    from expertkit.merging.search import search
+
+    library = Library(cfg.library)
+    pool = ExpertPool(base, library)
+    names = expert_names(pool, experts)
+    domains = [pool_entry.domain for pool_entry in pool.entries if pool_entry.name in names and pool_entry.domain]
+    valid = validation_blocks(cfg, base.tokenizer, domains)
+    console.print(f"searching merge recipes for {names} on validation data ({budget_seconds:.0f}s budget)")
+    result = search(pool, names, valid, budget_seconds, cfg.evaluation.batch_size, seed)
+    best = result.best.recipe.model_copy(update={"output": output})
+    info = {"search": {"validation_ppl": result.best.ppl, "score": result.best.score, "trials": len(result.trials),
+                       "seconds": round(result.seconds, 1)}}
+    entry, report = merge_experts(pool, library, best, name, overwrite=overwrite, extra_manifest=info)
+    console.print(f"best recipe: {best.describe()}\nvalidation perplexity: "
+                  + ", ".join(f"{d} {p:.2f}" for d, p in result.best.ppl.items()), highlight=False)
+    console.print(f"written to {entry.path}")
+    return {"recipe": best.describe(), "validation_ppl": result.best.ppl, "trials": len(result.trials),
+            "seconds": result.seconds, "entry": entry.name, "report": {k: v for k, v in report.items()
+                                                                       if k != "relative_error"}}

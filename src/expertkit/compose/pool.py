@@ -33,15 +33,21 @@ class ExpertPool:
         self._attach(wanted)
 
     def _attach(self, entries: list[Entry]) -> None:
+        """Load adapter entries into the base's one PeftModel (created on first use, shared by every pool)."""
         from peft import PeftModel
 
+        model = self.base.peft_model
         for entry in entries:
-            if not isinstance(self.model, PeftModel):
-                self.model = PeftModel.from_pretrained(self.base.model, str(entry.path), adapter_name=entry.name)
-            else:
-                self.model.load_adapter(str(entry.path), adapter_name=entry.name)
             self.entries.append(entry)
-        self.model.eval()
+            if not entry.is_adapter:
+                continue  # a full model (merged_model) brings its own weights; its composition loads them
+            if model is None:
+                model = PeftModel.from_pretrained(self.base.model, str(entry.path), adapter_name=entry.name)
+                self.base.peft_model = model
+            elif entry.name not in model.peft_config:
+                model.load_adapter(str(entry.path), adapter_name=entry.name)
+        if model is not None:
+            self.model = model.eval()
 
     @property
     def tokenizer(self):
@@ -53,7 +59,7 @@ class ExpertPool:
 
     @property
     def adapter_names(self) -> list[str]:
-        return [e.name for e in self.entries]
+        return [e.name for e in self.entries if e.is_adapter]
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: list[str],
@@ -64,7 +70,7 @@ class ExpertPool:
             raise ExpertkitError(f"adapter(s) {unknown} are not loaded; loaded: {self.adapter_names}")
         # With adapters attached, PEFT routes each row (BASE_ADAPTER rows skip every adapter);
         # without any, the pool is just the base model.
-        kwargs = {"adapter_names": list(adapters)} if self.entries else {}
+        kwargs = {"adapter_names": list(adapters)} if self.model is not self.base.model else {}
         return self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
                      position_ids=position_ids.to(self.device) if position_ids is not None else None,
                      past_key_values=past, use_cache=True, **kwargs)

@@ -1,0 +1,72 @@
+"""Suite `merge`: every merge method over all domain experts, plus a searched recipe, on the test splits.
+
+Reuses the cached base and experts of `specialize`. Acceptance: the best merge beats the base on every
+domain; its gap to each domain's own expert is reported.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from common import GENERAL, bench_config
+from suites import suite
+
+# One setting per method, from the ranges the papers recommend (fixed, so runs compare).
+RECIPES = {
+    "linear": {},
+    "task_arithmetic": {"lambda": 0.5},
+    "ties": {"density": 0.5, "lambda": 1.0},
+    "dare_linear": {"density": 0.5, "lambda": 0.5},
+    "dare_ties": {"density": 0.5, "lambda": 1.0},
+    "magnitude_prune": {"density": 0.5, "lambda": 0.5},
+    "breadcrumbs": {"density": 0.8, "gamma": 0.01, "lambda": 0.5},
+}
+SEARCH_BUDGET_SECONDS = 240
+
+
+@suite("merge")
+def run(data: Path, device: str | None) -> dict:
+    from expertkit.compose import ExpertPool
+    from expertkit.library import Library
+    from expertkit.merging import make_recipe, merge_experts
+    from expertkit.train import train_all
+    from expertkit.workflow import load_project_base, run_merge_search, run_scorecard
+
+    cfg, base = load_project_base(bench_config(data), device)
+    train_all(cfg, base)
+    library = Library(cfg.library)
+    experts = [e.name for e in library.entries() if e.kind == "expert"]
+    pool = ExpertPool(base, library)
+    reconstruction = {}
+    for method, params in RECIPES.items():
+        recipe = make_recipe(method=method, experts=experts, **params)
+        _, report = merge_experts(pool, library, recipe, f"merge-{method}", overwrite=True)
+        reconstruction[method] = {k: report[k] for k in ("rank", "max_relative_error", "mean_relative_error")}
+    searched = run_merge_search(cfg, base, experts, "merge-searched", SEARCH_BUDGET_SECONDS, overwrite=True)
+    names = ["base", *experts, *(f"merge-{m}" for m in RECIPES), "merge-searched"]
+    card = run_scorecard(cfg, base, out=Path(cfg.library).parent / (Path(cfg.library).name + "-merge-scorecard"),
+                         names=names)
+    ppl = card["ppl"]
+    domains = list(ppl["base"])
+    merges = {m: ppl[f"merge-{m}"] for m in RECIPES}
+    merges["searched"] = ppl["merge-searched"]
+    best = min(merges, key=lambda m: sum(ppl_d for ppl_d in merges[m].values()))
+    oracle = {d: ppl[d][d] if d in ppl else ppl["base"][d] for d in domains}
+    result = {
+        "base": ppl["base"], "experts": {e: ppl[e] for e in experts},
+        "merges": {m: merges[m] for m in RECIPES},
+        "search": {"recipe": searched["recipe"], **ppl["merge-searched"], "validation_ppl": searched["validation_ppl"],
+                   "trials": searched["trials"], "seconds": round(searched["seconds"], 1)},
+        "reconstruction": reconstruction, "best_merge": best,
+        "best_beats_base_everywhere": all(merges[best][d] < ppl["base"][d] for d in domains),
+        "best_gap_to_expert": {d: merges[best][d] / oracle[d] - 1 for d in domains if d != GENERAL},
+    }
+    print(f"\n{'composition':<24}" + "".join(f"{d:>11}" for d in domains))
+    for name, row in [("base", ppl["base"]), *((f"expert (own domain)", oracle),),
+                      *((f"merge {m}", merges[m]) for m in merges)]:
+        print(f"{name:<24}" + "".join(f"{row[d]:>11.2f}" for d in domains))
+    print(f"\nsearched recipe: {searched['recipe']}")
+    print(f"best merge: {best}; beats base on every domain: {result['best_beats_base_everywhere']}")
+    print("gap of the best merge to each domain's own expert: "
+          + ", ".join(f"{d} {g:+.1%}" for d, g in result["best_gap_to_expert"].items()))
+    return result

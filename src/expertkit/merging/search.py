@@ -1,0 +1,138 @@
+"""`merge --search`: choose method and parameters on validation data under a time budget.
+
+First a small grid over every registered method (the settings the merging papers
+recommend), then an evolutionary refinement of the best recipe (mutate λ, density and
+the per-expert weights; keep a child when it scores better), as mergekit-evolve does
+with CMA-ES, until the budget is spent. A trial applies the merged ΔW to the base
+weights in place, scores it, and restores the weights, so no files are written.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from expertkit.compose.adapters import AdapterComposition
+from expertkit.compose.pool import BASE_ADAPTER
+from expertkit.evaluate import nll_sum
+from expertkit.merging.deltas import expert_deltas
+from expertkit.merging.methods import METHODS
+from expertkit.merging.recipe import MergeRecipe
+from expertkit.progress import console
+
+GRID = {
+    "linear": [{}],
+    "task_arithmetic": [{"lam": 0.5}, {"lam": 1.0}],
+    "ties": [{"density": 0.3, "lam": 1.0}, {"density": 0.6, "lam": 1.0}],
+    "dare_linear": [{"density": 0.5, "lam": 0.5}],
+    "dare_ties": [{"density": 0.5, "lam": 1.0}],
+    "magnitude_prune": [{"density": 0.5, "lam": 0.5}],
+    "breadcrumbs": [{"density": 0.8, "gamma": 0.01, "lam": 0.5}],
+}
+
+
+@dataclass
+class Trial:
+    recipe: MergeRecipe
+    ppl: dict[str, float]
+
+    @property
+    def score(self) -> float:
+        """Mean log-perplexity over the validation domains (lower is better)."""
+        return sum(math.log(p) for p in self.ppl.values()) / len(self.ppl)
+
+
+@dataclass
+class SearchResult:
+    best: Trial
+    trials: list[Trial] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _module_weight(model, module: str) -> torch.Tensor:
+    layer = model.get_submodule(module)
+    return getattr(layer, "base_layer", layer).weight
+
+
+@contextmanager
+def applied(pool, merged: dict[str, torch.Tensor]):
+    """The base weights with the merged ΔW added, restored exactly afterwards."""
+    saved = {}
+    with torch.no_grad():
+        for module, delta in merged.items():
+            weight = _module_weight(pool.base.model, module)
+            saved[module] = weight.detach().clone()
+            weight.add_(delta.to(weight.device, weight.dtype))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, original in saved.items():
+                _module_weight(pool.base.model, module).copy_(original)
+
+
+def validation_ppl(pool, blocks_by_domain, batch_size: int) -> dict[str, float]:
+    base = AdapterComposition(pool, BASE_ADAPTER, "trial")
+    out = {}
+    for domain, blocks in blocks_by_domain.items():
+        total, count = 0.0, 0
+        for i in range(0, len(blocks), batch_size):
+            t, c = nll_sum(base, blocks.take(slice(i, i + batch_size)))
+            total, count = total + t, count + c
+        out[domain] = math.exp(total / max(count, 1))
+    return out
+
+
+def _grid(experts: list[str], seed: int):
+    for method in METHODS:
+        for params in GRID.get(method, [{}]):
+            yield MergeRecipe(method=method, experts=experts, seed=seed, **params)
+
+
+def _mutate(recipe: MergeRecipe, rng: random.Random) -> MergeRecipe:
+    uses = METHODS[recipe.method].uses
+    changes: dict = {"weights": [w * math.exp(rng.gauss(0, 0.25)) for w in recipe.expert_weights()]}
+    if "lam" in uses:
+        changes["lam"] = min(3.0, recipe.lam * math.exp(rng.gauss(0, 0.25)))
+    if "density" in uses:
+        changes["density"] = min(1.0, max(0.05, recipe.density + rng.gauss(0, 0.1)))
+    return recipe.model_copy(update=changes)
+
+
+def search(pool, experts: list[str], valid_blocks: dict, budget_seconds: float, batch_size: int = 16,
+           seed: int = 0) -> SearchResult:
+    """Grid then (1+1) evolution until `budget_seconds`; returns the best trial and the history."""
+    started = time.time()
+    deltas = expert_deltas(pool, experts)
+    rng = random.Random(seed)
+    result: SearchResult | None = None
+
+    def run(recipe: MergeRecipe) -> Trial:
+        nonlocal result
+        from expertkit.merging import merge_deltas
+
+        with applied(pool, merge_deltas(deltas, recipe)):
+            trial = Trial(recipe, validation_ppl(pool, valid_blocks, batch_size))
+        if result is None:
+            result = SearchResult(trial)
+        result.trials.append(trial)
+        if trial.score < result.best.score:
+            result.best = trial
+        console.print(f"  trial {len(result.trials):>3} {recipe.method:<16} score {trial.score:.4f} "
+                      f"(best {result.best.recipe.method} {result.best.score:.4f}) {time.time() - started:.0f}s",
+                      highlight=False)
+        return trial
+
+    for recipe in _grid(experts, seed):
+        if result is not None and time.time() - started > budget_seconds:
+            break
+        run(recipe)
+    while time.time() - started < budget_seconds:
+        run(_mutate(result.best.recipe, rng))
+    result.seconds = time.time() - started
+    return result
