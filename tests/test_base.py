@@ -22,3 +22,15 @@ def test_identity_is_stable_and_sensitive_to_weights(micro_base_dir):
     with torch.no_grad():
         b.model.model.layers[0].mlp.down_proj.weight.add_(0.01)
     assert model_hashes(b.model)["weights_hash"] != a.identity()["weights_hash"]
+
+
+def test_base_load_errors_are_clear(tmp_path):
+    import pytest
+
+    from expertkit.errors import ExpertkitError
+
+    with pytest.raises(ExpertkitError, match="base model not found"):
+        load_base(str(tmp_path / "missing" / "model"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ExpertkitError, match="not a Hugging Face model dir"):
+        load_base(str(tmp_path / "empty"))

@@ -73,17 +73,19 @@ def load_base(path: str, device: str | None = None) -> Base:
         raise ExpertkitError(f"base model not found: {path} (build one with `expertkit base build` or fix base.path)")
     if local.is_dir() and not (local / "config.json").is_file():
         raise ExpertkitError(f"{path} is not a Hugging Face model dir (no config.json); fix base.path")
+    dev = pick_device(device)
+    # float32 on CPU (half-precision matmuls are slow there); the checkpoint's own dtype on an accelerator
+    dtype = torch.float32 if dev.type == "cpu" else "auto"
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=torch.float32)
-    except OSError as e:
+        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=dtype)
+    except (OSError, ValueError) as e:  # missing files, no network, unknown architecture
         raise ExpertkitError(
             f"cannot load base model '{path}': {str(e).splitlines()[0]} "
             "(use a local model dir with safetensors weights, or a hub id while online)"
         ) from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    dev = pick_device(device)
     model.to(dev).eval()
     base = Base(model=model, tokenizer=tokenizer, name=str(path), device=dev)
     base.identity()

@@ -115,12 +115,36 @@ class EvalConfig(Strict):
     max_blocks: int | None = Field(64, gt=0, description="test blocks per domain; null = all")
 
 
+class RoutingConfig(Strict):
+    """How routers are trained and calibrated (`expertkit router train`)."""
+
+    abstain_rate: float = Field(0.02, ge=0, lt=1, description="share of in-library validation prompts sent to "
+                                "the base for low confidence; the threshold is calibrated to hit it")
+    train_documents: int = Field(2000, ge=2, description="training documents per label (lexical router)")
+    model_documents: int = Field(96, ge=2, description="training documents per label (routers that run the model)")
+    calibration_documents: int = Field(96, ge=2, description="validation documents per label for the threshold")
+    calibration_prefix_tokens: int = Field(32, ge=1, description="each validation document is also calibrated on "
+                                           "its first N tokens, so the threshold holds for short prompts")
+    max_tokens: int = Field(128, ge=8, description="routers that run the model read at most this many (last) "
+                            "tokens of a prompt")
+    batch_size: int = Field(32, ge=1, description="prompts per forward when a router runs the model")
+
+
+class MixtureConfig(Strict):
+    """A token-level BTM/DEMix mixture (`expertkit mixture add`): posterior-weighted experts."""
+
+    experts: list[str] | None = Field(None, description="experts to mix; null = every expert in the library")
+    include_base: bool = Field(True, description="the base is a component too (answers text no expert fits)")
+    top_k: int | None = Field(None, ge=1, description="components mixed per step, by posterior; null = all")
+
+
 class ProjectConfig(Strict):
     base: BaseConfig
     general: DomainConfig | None = Field(None, description="general corpus: replay data and forgetting check")
     domains: list[DomainConfig] = Field(min_length=1)
     training: TrainConfig = TrainConfig()
     evaluation: EvalConfig = EvalConfig()
+    routing: RoutingConfig = RoutingConfig()
     library: str = "library"
     seed: int = 0
 

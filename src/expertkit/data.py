@@ -309,5 +309,6 @@ class TrainingStream:
         rows = []
         for source_index in picks.tolist():
             blocks = self.sources[source_index]
-            rows.append(blocks.take(slice(i := int(torch.randint(len(blocks), (1,), generator=g)), i + 1)))
+            row = int(torch.randint(len(blocks), (1,), generator=g))
+            rows.append(blocks.take(slice(row, row + 1)))
         return Blocks.cat(rows)

@@ -4,6 +4,8 @@
       library.json            base identity, tokenizer hash, list of entries
       experts/<name>/         adapter_config.json, adapter_model.safetensors, expert.json
       merges/<name>/          same form (written by merge strategies)
+      routers/<name>/         router.json + router.safetensors + expert.json (experts, calibrated threshold)
+      mixtures/<name>/        mixture.json (experts, top-k) + expert.json
       .checkpoints/<name>/    training checkpoints (resume after a crash)
 
 Each entry dir is a standard PEFT adapter, so `PeftModel.from_pretrained(base, dir)` and
@@ -24,7 +26,10 @@ LIBRARY_FORMAT = 1
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PICKLE_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
 MANIFEST = "expert.json"
-KIND_DIRS = {"expert": "experts", "merge": "merges", "merged_model": "merges"}
+KIND_DIRS = {"expert": "experts", "merge": "merges", "merged_model": "merges", "router": "routers",
+             "mixture": "mixtures"}
+ROUTER_STATE = ("router.json", "router.safetensors")
+MIXTURE_SPEC = "mixture.json"
 MODEL_WEIGHTS = "model.safetensors"
 
 
@@ -79,7 +84,35 @@ def validate_model_dir(path: Path) -> None:
         raise ExpertkitError(f"{path}: no model*.safetensors weights")
 
 
-ENTRY_VALIDATORS = {"expert": validate_adapter_dir, "merge": validate_adapter_dir, "merged_model": validate_model_dir}
+def validate_router_dir(path: Path) -> None:
+    """A router: its parameters as JSON + safetensors (never pickle), both readable."""
+    from safetensors import SafetensorError, safe_open
+
+    missing = [f for f in ROUTER_STATE if not (path / f).is_file()]
+    if missing:
+        raise ExpertkitError(f"{path}: no {missing[0]}; this router is incomplete, retrain it with `expertkit router train`")
+    try:
+        json.loads((path / ROUTER_STATE[0]).read_text(encoding="utf-8"))
+        with safe_open(str(path / ROUTER_STATE[1]), framework="pt") as f:
+            list(f.keys())
+    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError, ValueError) as e:
+        raise ExpertkitError(f"{path}: corrupted router state ({e}); retrain it with `expertkit router train`") from None
+
+
+def validate_mixture_dir(path: Path) -> None:
+    """A mixture is only its spec (which experts, top-k); the experts themselves stay in experts/."""
+    try:
+        spec = json.loads((path / MIXTURE_SPEC).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ExpertkitError(f"{path}: no {MIXTURE_SPEC}; recreate it with `expertkit mixture add`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExpertkitError(f"{path / MIXTURE_SPEC} is corrupted ({e}); recreate it with `expertkit mixture add`") from None
+    if not isinstance(spec, dict):
+        raise ExpertkitError(f"{path / MIXTURE_SPEC}: expected a JSON object; recreate it with `expertkit mixture add`")
+
+
+ENTRY_VALIDATORS = {"expert": validate_adapter_dir, "merge": validate_adapter_dir, "merged_model": validate_model_dir,
+                    "router": validate_router_dir, "mixture": validate_mixture_dir}
 
 
 class Library:

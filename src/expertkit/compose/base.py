@@ -58,7 +58,7 @@ def registered_kinds() -> list[str]:
 def build_compositions(pool, names: list[str] | None = None) -> list[Composition]:
     """The base plus one composition per library entry (or just `names`, in that order)."""
     by_name = {"base": _FACTORIES["base"](pool, None)}
-    for entry in pool.entries:
+    for entry in list(pool.entries):  # a factory may attach the entries it needs (see ExpertPool.ensure)
         if entry.kind not in _FACTORIES:
             raise ExpertkitError(f"library entry '{entry.name}' has kind '{entry.kind}' that no composition handles; "
                                  f"known kinds: {registered_kinds()}")

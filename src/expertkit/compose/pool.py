@@ -49,6 +49,23 @@ class ExpertPool:
         if model is not None:
             self.model = model.eval()
 
+    def ensure(self, names: list[str]) -> None:
+        """Attach library entries this pool does not hold yet (a router or a mixture needs its experts)."""
+        held = {e.name for e in self.entries}
+        missing = [n for n in dict.fromkeys(names) if n not in held]
+        if not missing:
+            return
+        if self.library is None:
+            raise ExpertkitError(f"entries {missing} are needed but this pool has no library; load one")
+        entries = [self.library.get(n) for n in missing]
+        for entry in entries:
+            self.library.check_entry(entry, self.base.identity())
+        self._attach(entries)
+
+    @property
+    def context_length(self) -> int | None:
+        return getattr(self.base.model.config, "max_position_embeddings", None)
+
     @property
     def tokenizer(self):
         return self.base.tokenizer
@@ -63,7 +80,7 @@ class ExpertPool:
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: list[str],
-                past=None, position_ids: torch.Tensor | None = None):
+                past=None, position_ids: torch.Tensor | None = None, **model_kwargs):
         """One forward where row i uses adapter `adapters[i]` (BASE_ADAPTER for the bare base)."""
         unknown = sorted(set(adapters) - set(self.adapter_names) - {BASE_ADAPTER})
         if unknown:
@@ -73,7 +90,7 @@ class ExpertPool:
         kwargs = {"adapter_names": list(adapters)} if self.model is not self.base.model else {}
         return self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
                      position_ids=position_ids.to(self.device) if position_ids is not None else None,
-                     past_key_values=past, use_cache=True, **kwargs)
+                     past_key_values=past, use_cache=True, **kwargs, **model_kwargs)
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: list[str]):
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

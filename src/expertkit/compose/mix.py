@@ -1,0 +1,108 @@
+"""Token-level mixture (BTM / DEMix ensemble): p(x_t) = sum_k p(k | x_<t) p_k(x_t | x_<t).
+
+Every component (each expert, and the base unless excluded) runs on its own
+copy of each row in one mixed-adapter batch, each with its KV cache. The
+posterior starts uniform and is updated by each component's likelihood of the
+tokens seen so far, so the logits at position t depend only on tokens <= t
+(perplexity stays honest); only the top-k components by posterior are mixed.
+The returned "logits" are log-probabilities, whose softmax is the mixture.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+
+from expertkit.compose.base import Composition, DecodeState, register
+from expertkit.compose.pool import BASE_ADAPTER, ExpertPool
+from expertkit.compose.route import real_rows
+from expertkit.config import MixtureConfig, format_validation_error
+from expertkit.errors import ExpertkitError
+from expertkit.library import MIXTURE_SPEC, Entry, Library
+
+
+def top_k_log_posterior(evidence: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Normalised log posterior over the last dim, keeping only the top_k components (others -inf)."""
+    if top_k < evidence.shape[-1]:
+        keep = torch.zeros_like(evidence, dtype=torch.bool).scatter(-1, evidence.topk(top_k, dim=-1).indices, True)
+        evidence = evidence.masked_fill(~keep, float("-inf"))
+    return evidence - evidence.logsumexp(dim=-1, keepdim=True)
+
+
+class MixtureComposition(Composition):
+    def __init__(self, pool: ExpertPool, components: list[str], top_k: int | None, name: str):
+        if not components:
+            raise ExpertkitError(f"mixture '{name}' has no components; name some experts or include the base")
+        self.pool, self.components, self.name = pool, list(components), name
+        self.top_k = min(top_k or len(components), len(components))
+        self.log_prior = torch.full((len(components),), -math.log(len(components)))
+
+    def _replicated(self, rows: int) -> list[str]:
+        return self.components * rows
+
+    def _mix(self, evidence: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
+        """evidence [..., C], log_probs [..., C, V] -> mixture log-probabilities [..., V]."""
+        return (top_k_log_posterior(evidence, self.top_k).unsqueeze(-1) + log_probs).logsumexp(dim=-2)
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        real_rows(input_ids, attention_mask, self.pool.context_length)
+        (rows, width), n = input_ids.shape, len(self.components)
+        logits, inner = self.pool.prefill(input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0),
+                                          self._replicated(rows))
+        log_probs = torch.log_softmax(logits.float(), dim=-1).view(rows, n, width, -1)
+        ids, mask = input_ids.to(log_probs.device), attention_mask.to(log_probs.device)
+        seen = torch.zeros(rows, n, width, device=log_probs.device)
+        next_ids = ids[:, None, 1:, None].expand(rows, n, width - 1, 1)
+        scored = (mask[:, 1:] * mask[:, :-1]).float()[:, None]  # a real token predicted from a real one
+        seen[:, :, 1:] = log_probs[:, :, :-1].gather(-1, next_ids).squeeze(-1) * scored
+        evidence = self.log_prior.to(seen.device)[None, :, None] + seen.cumsum(-1)  # [B, C, T]
+        mixed = self._mix(evidence.transpose(1, 2), log_probs.transpose(1, 2))
+        inner.extra = {"evidence": evidence[:, :, -1], "last_log_probs": log_probs[:, :, -1]}
+        return mixed, inner
+
+    def step(self, state: DecodeState, next_ids: torch.Tensor):
+        rows, n = next_ids.shape[0], len(self.components)
+        last = state.extra["last_log_probs"]
+        evidence = state.extra["evidence"] + last.gather(-1, next_ids.to(last.device).view(rows, 1, 1).expand(
+            rows, n, 1)).squeeze(-1)
+        logits, inner = self.pool.step(state, next_ids.repeat_interleave(n, 0), self._replicated(rows))
+        log_probs = torch.log_softmax(logits.float(), dim=-1).view(rows, n, -1)
+        inner.extra = {"evidence": evidence, "last_log_probs": log_probs}
+        return self._mix(evidence, log_probs), inner
+
+
+def mixture_experts(library: Library, spec: MixtureConfig, name: str) -> list[str]:
+    """The spec's experts, or every expert in the library; each must be there."""
+    if spec.experts is None:
+        return [e.name for e in library.entries() if e.kind == "expert"]
+    missing = [e for e in spec.experts if not library.has_name(e)]
+    if missing:
+        raise ExpertkitError(f"mixture '{name}' names {missing}, which library {library.root} does not hold; "
+                             "recreate it with `expertkit mixture add` or restore those experts")
+    return list(spec.experts)
+
+
+def add_mixture(library: Library, name: str, spec: MixtureConfig, overwrite: bool = False) -> Entry:
+    experts = mixture_experts(library, spec, name)
+
+    def write(tmp: Path) -> None:
+        (tmp / MIXTURE_SPEC).write_text(json.dumps(spec.model_dump(), indent=2) + "\n", encoding="utf-8")
+
+    return library.add_entry("mixture", name, write, {"experts": experts, **spec.model_dump(exclude={"experts"})},
+                             overwrite=overwrite)
+
+
+@register("mixture")
+def mixture_composition(pool: ExpertPool, entry) -> Composition:
+    path = entry.path / MIXTURE_SPEC
+    try:
+        spec = MixtureConfig.model_validate(json.loads(path.read_text(encoding="utf-8")))
+    except ValidationError as e:
+        raise ExpertkitError(format_validation_error(e, str(path))) from None
+    experts = mixture_experts(pool.library, spec, entry.name)
+    pool.ensure(experts)
+    return MixtureComposition(pool, experts + ([BASE_ADAPTER] if spec.include_base else []), spec.top_k, entry.name)

@@ -1,0 +1,93 @@
+"""Arrow router: data-free routing from the LoRA weights themselves (Ostapenko et al., 2024).
+
+Each expert's prototype in each LoRA layer is the top right singular vector of
+its ΔW = B·A: the input direction the expert changes most. A prompt's affinity
+to an expert is |cos(input, prototype)| averaged over its tokens and over the
+layers. PEFT's ArrowConfig routes every token inside every layer (a per-token
+mixture), which cannot pick one adapter for a whole sequence, so this module
+computes the same prototypes exactly (QR + SVD, no random power iteration) and
+pools the affinities per prompt. The mean ΔW over the experts is subtracted
+first (GenKnowSub's idea): the replayed general data gives every expert a
+shared component that would otherwise dominate each prototype.
+
+Nothing here is fitted on text; only the abstain threshold is calibrated.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from expertkit.compose.pool import BASE_ADAPTER
+from expertkit.errors import ExpertkitError
+from expertkit.routing.base import Prompts, Router, TrainingData, register_router
+from expertkit.routing.features import batches, positions
+
+TEMPERATURE = 0.01  # affinities are mean |cos| values a few hundredths apart
+
+
+def lora_modules(model, experts: list[str]) -> dict[str, torch.nn.Module]:
+    """LoRA layers (by module name) in which every expert has weights."""
+    found = {name: m for name, m in model.named_modules()
+             if hasattr(m, "lora_A") and hasattr(m, "lora_B") and all(e in m.lora_A for e in experts)}
+    if not found:
+        raise ExpertkitError(f"no LoRA layer holds all of {experts}; an Arrow router needs LoRA experts")
+    return found
+
+
+def prototypes(module, experts: list[str]) -> torch.Tensor:
+    """[K, in] top right singular vectors of ΔW_k - mean_j ΔW_j, computed without forming any ΔW."""
+    a = [module.lora_A[e].weight.detach().float() for e in experts]
+    b = [module.lora_B[e].weight.detach().float() for e in experts]
+    k = len(experts)
+    out = []
+    for i in range(k):
+        left = torch.cat([b[i]] + [-bj / k for bj in b], dim=1)  # out x r(K+1)
+        right = torch.cat([a[i]] + a, dim=0)  # r(K+1) x in
+        _, r = torch.linalg.qr(left)
+        out.append(torch.linalg.svd(r @ right, full_matrices=False).Vh[0])
+    return torch.stack(out)
+
+
+@register_router("arrow")
+class ArrowRouter(Router):
+    @classmethod
+    def fit(cls, pool, data: TrainingData, settings) -> "ArrowRouter":
+        experts = data.labels[:-1]
+        pool.ensure(experts)
+        tensors = {name: prototypes(m, experts) for name, m in lora_modules(pool.model, experts).items()}
+        return cls(data.labels, tensors, {"temperature": TEMPERATURE})
+
+    @torch.no_grad()
+    def affinities(self, pool, prompts: Prompts, settings) -> torch.Tensor:
+        """[N, K] mean over layers and real tokens of |cos(layer input, prototype)|."""
+        modules = dict(pool.model.named_modules())
+        missing = [n for n in self.tensors if n not in modules]
+        if missing:
+            raise ExpertkitError(f"the model has no LoRA layer '{missing[0]}' that this Arrow router was built on; "
+                                 "retrain the router on this library")
+        out = []
+        for ids, mask in batches(pool, prompts, settings):
+            weights = mask.to(pool.device).float().unsqueeze(-1)
+            total = torch.zeros(len(ids), len(self.experts), device=pool.device)
+
+            def collect(name):
+                def hook(module, args):
+                    nonlocal total
+                    x = args[0].float()
+                    cos = (x / x.norm(dim=-1, keepdim=True).clamp(min=1e-8)) @ self.tensors[name].to(x.device).T
+                    total = total + (cos.abs() * weights).sum(1) / weights.sum(1)
+                return hook
+
+            handles = [modules[n].register_forward_pre_hook(collect(n)) for n in self.tensors]
+            try:
+                pool.forward(ids, mask, [BASE_ADAPTER] * len(ids), position_ids=positions(mask))
+            finally:
+                for h in handles:
+                    h.remove()
+            out.append((total / len(self.tensors)).cpu())
+        return torch.cat(out)
+
+    def probabilities(self, pool, prompts: Prompts, settings) -> torch.Tensor:
+        pool.ensure(self.experts)
+        probs = torch.softmax(self.affinities(pool, prompts, settings) / self.params["temperature"], dim=-1)
+        return torch.cat([probs, torch.zeros(len(probs), 1)], dim=1)  # the base is reached by abstaining only

@@ -1,0 +1,123 @@
+"""The router interface, its registry, and the prompts routers read.
+
+A router maps prompts to a probability over its labels: the experts it routes
+to plus "base" (the last label). Whether the base then answers because the
+router said so, or because no expert was confident enough, is decided by the
+calibrated threshold (see calibrate.py), not by the router.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+
+from expertkit.errors import ExpertkitError
+
+BASE_LABEL = "base"
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """The same prompts as text (for lexical routers) and as token ids (for routers that run the model)."""
+
+    texts: list[str]
+    ids: list[list[int]]
+
+    @classmethod
+    def from_texts(cls, tokenizer, texts: list[str]) -> "Prompts":
+        empty = [i for i, t in enumerate(texts) if not t.strip()]
+        if empty:
+            raise ExpertkitError(f"prompt {empty[0]} is empty; give some text to route")
+        ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        return cls(list(texts), [list(x) for x in ids])
+
+    @classmethod
+    def from_ids(cls, tokenizer, rows: list[list[int]]) -> "Prompts":
+        empty = [i for i, r in enumerate(rows) if not r]
+        if empty:
+            raise ExpertkitError(f"row {empty[0]} has no real tokens (attention mask all zero); nothing to route")
+        return cls([tokenizer.decode(r) for r in rows], [list(r) for r in rows])
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def take(self, index: slice) -> "Prompts":
+        return Prompts(self.texts[index], self.ids[index])
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """Prompts per label (each expert's domain, and the general corpus for "base" when there is one)."""
+
+    labels: list[str]
+    prompts: Prompts
+    targets: torch.Tensor  # [N] index into labels
+
+    @classmethod
+    def from_texts(cls, tokenizer, labels: list[str], texts_by_label: dict[str, list[str]]) -> "TrainingData":
+        texts, targets = [], []
+        for i, label in enumerate(labels):
+            texts += texts_by_label.get(label, [])
+            targets += [i] * len(texts_by_label.get(label, []))
+        return cls(labels, Prompts.from_texts(tokenizer, texts), torch.tensor(targets, dtype=torch.long))
+
+
+class Router(ABC):
+    """Probabilities over `labels` (experts..., "base"); state is tensors + JSON so it saves without pickle."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, labels: list[str], tensors: dict[str, torch.Tensor], params: dict):
+        if labels[-1] != BASE_LABEL:
+            raise ValueError(f"the last label must be '{BASE_LABEL}', got {labels}")
+        self.labels, self.tensors, self.params = list(labels), dict(tensors), dict(params)
+
+    @property
+    def experts(self) -> list[str]:
+        return self.labels[:-1]
+
+    @classmethod
+    @abstractmethod
+    def fit(cls, pool, data: TrainingData, settings) -> "Router":
+        """Train on labelled prompts; `data.labels` is experts + ["base"], base may have no prompts."""
+
+    @abstractmethod
+    def probabilities(self, pool, prompts: Prompts, settings) -> torch.Tensor:
+        """[N, len(labels)] rows that sum to 1."""
+
+
+_ROUTERS: dict[str, type[Router]] = {}
+
+
+def register_router(kind: str) -> Callable[[type[Router]], type[Router]]:
+    """Class decorator: `@register_router("lexical")` makes `router train --kind lexical` build this class."""
+
+    def wrap(cls: type[Router]) -> type[Router]:
+        if kind in _ROUTERS:
+            raise ValueError(f"router kind '{kind}' is registered twice")
+        cls.kind = kind
+        _ROUTERS[kind] = cls
+        return cls
+
+    return wrap
+
+
+def router_kinds() -> list[str]:
+    return sorted(_ROUTERS)
+
+
+def router_class(kind: str) -> type[Router]:
+    if kind not in _ROUTERS:
+        raise ExpertkitError(f"unknown router kind '{kind}'; known: {router_kinds()}")
+    return _ROUTERS[kind]
+
+
+def fit_temperature(scores: torch.Tensor, targets: torch.Tensor) -> float:
+    """The softmax temperature that best explains the labels (a 1-D grid search: cheap and deterministic)."""
+    grid = torch.logspace(-4, 2, 61, dtype=torch.float64)
+    scores = scores.double()
+    losses = [torch.nn.functional.cross_entropy(scores / t, targets).item() for t in grid]
+    return float(grid[min(range(len(grid)), key=losses.__getitem__)])

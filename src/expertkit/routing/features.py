@@ -1,0 +1,78 @@
+"""What routers that run the model read from it: pooled hidden states, and per-row loss under each adapter.
+
+Prompts longer than `settings.max_tokens` (or the model's context) are cut to
+their last tokens: the documented fallback, since a domain shows in any stretch
+of a prompt and the end is nearest to what will be generated.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from expertkit.compose.pool import BASE_ADAPTER
+from expertkit.routing.base import Prompts
+
+
+def token_budget(pool, settings) -> int:
+    context = pool.context_length
+    return min(settings.max_tokens, context) if context else settings.max_tokens
+
+
+def left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def batches(pool, prompts: Prompts, settings, per_prompt_rows: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Left-padded (ids, mask) chunks of at most batch_size rows once each prompt is repeated `per_prompt_rows` times."""
+    budget = token_budget(pool, settings)
+    tok = pool.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    step = max(1, settings.batch_size // per_prompt_rows)
+    for start in range(0, len(prompts), step):
+        yield left_padded([r[-budget:] for r in prompts.ids[start:start + step]], pad)
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def mean_hidden_states(pool, prompts: Prompts, settings) -> torch.Tensor:
+    """[N, H] mean of the base model's last hidden states over each prompt's real tokens."""
+    out = []
+    for ids, mask in batches(pool, prompts, settings):
+        result = pool.forward(ids, mask, [BASE_ADAPTER] * len(ids), position_ids=positions(mask),
+                              output_hidden_states=True)
+        hidden = result.hidden_states[-1].float()
+        weights = mask.to(hidden.device, hidden.dtype).unsqueeze(-1)
+        out.append(((hidden * weights).sum(1) / weights.sum(1)).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def mean_token_nll(pool, prompts: Prompts, adapters: list[str], settings) -> torch.Tensor:
+    """[N, len(adapters)] mean next-token loss of each prompt under each adapter, every adapter in one forward.
+
+    Each prompt is repeated once per adapter and the rows go through one mixed-adapter batch
+    (PEFT's per-sample `adapter_names`). A one-token prompt has no next token: its loss is 0 everywhere.
+    """
+    n_adapters = len(adapters)
+    out = []
+    for ids, mask in batches(pool, prompts, settings, per_prompt_rows=n_adapters):
+        rows = len(ids)
+        rep_ids, rep_mask = ids.repeat_interleave(n_adapters, 0), mask.repeat_interleave(n_adapters, 0)
+        logits, _ = pool.prefill(rep_ids, rep_mask, adapters * rows)
+        targets = rep_ids[:, 1:].to(logits.device)
+        scored = (rep_mask[:, 1:] * rep_mask[:, :-1]).to(logits.device).float()
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
+        mean = (nll * scored).sum(1) / scored.sum(1).clamp(min=1)
+        out.append(mean.view(rows, n_adapters).cpu())
+    return torch.cat(out)

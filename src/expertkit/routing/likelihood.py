@@ -1,0 +1,33 @@
+"""Likelihood router: the label (expert, or the bare base) under which the prompt has the lowest loss.
+
+BTM's domain posterior with a uniform prior, computed from the mean per-token
+loss rather than the summed one: the sum makes every long prompt certain, so a
+fixed confidence threshold would mean different things at different lengths.
+The only fitted number is the temperature that turns loss gaps into
+probabilities. All labels are scored in one mixed-adapter forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from expertkit.compose.pool import BASE_ADAPTER
+from expertkit.routing.base import BASE_LABEL, Prompts, Router, TrainingData, fit_temperature, register_router
+from expertkit.routing.features import mean_token_nll
+
+
+@register_router("likelihood")
+class LikelihoodRouter(Router):
+    @classmethod
+    def fit(cls, pool, data: TrainingData, settings) -> "LikelihoodRouter":
+        router = cls(data.labels, {}, {"temperature": 1.0})
+        scores = router.scores(pool, data.prompts, settings)
+        router.params["temperature"] = fit_temperature(scores, data.targets)
+        return router
+
+    def scores(self, pool, prompts: Prompts, settings) -> torch.Tensor:
+        adapters = [BASE_ADAPTER if label == BASE_LABEL else label for label in self.labels]
+        return -mean_token_nll(pool, prompts, adapters, settings)
+
+    def probabilities(self, pool, prompts: Prompts, settings) -> torch.Tensor:
+        return torch.softmax(self.scores(pool, prompts, settings) / self.params["temperature"], dim=-1)
