@@ -6,6 +6,7 @@ domain; its gap to each domain's own expert is reported.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from common import GENERAL, bench_config
@@ -22,6 +23,7 @@ RECIPES = {
     "breadcrumbs": {"density": 0.8, "gamma": 0.01, "lambda": 0.5},
 }
 SEARCH_BUDGET_SECONDS = 240
+LOSSLESS = 1e-4  # relative reconstruction error below which the rank-r adapter is the exact merge
 
 
 @suite("merge")
@@ -37,34 +39,41 @@ def run(data: Path, device: str | None) -> dict:
     library = Library(cfg.library)
     experts = [e.name for e in library.entries() if e.kind == "expert"]
     pool = ExpertPool(base, library)
-    reconstruction = {}
+    reconstruction, full_models = {}, []
     for method, params in RECIPES.items():
         recipe = make_recipe(method=method, experts=experts, **params)
         _, report = merge_experts(pool, library, recipe, f"merge-{method}", overwrite=True)
         reconstruction[method] = {k: report[k] for k in ("rank", "max_relative_error", "mean_relative_error")}
+        if report["max_relative_error"] > LOSSLESS:  # sparsified ΔW is full rank: also score the exact merge
+            merge_experts(pool, library, recipe.model_copy(update={"output": "model"}), f"merge-{method}-model",
+                          overwrite=True)
+            full_models.append(method)
     searched = run_merge_search(cfg, base, experts, "merge-searched", SEARCH_BUDGET_SECONDS, overwrite=True)
-    names = ["base", *experts, *(f"merge-{m}" for m in RECIPES), "merge-searched"]
+    names = ["base", *experts, *(f"merge-{m}" for m in RECIPES), *(f"merge-{m}-model" for m in full_models),
+             "merge-searched"]
     card = run_scorecard(cfg, base, out=Path(cfg.library).parent / (Path(cfg.library).name + "-merge-scorecard"),
                          names=names)
     ppl = card["ppl"]
     domains = list(ppl["base"])
     merges = {m: ppl[f"merge-{m}"] for m in RECIPES}
+    merges.update({f"{m} (full model)": ppl[f"merge-{m}-model"] for m in full_models})
     merges["searched"] = ppl["merge-searched"]
-    best = min(merges, key=lambda m: sum(ppl_d for ppl_d in merges[m].values()))
+    best = min(merges, key=lambda m: sum(math.log(v) for v in merges[m].values()))  # geometric mean over domains
     oracle = {d: ppl[d][d] if d in ppl else ppl["base"][d] for d in domains}
     result = {
         "base": ppl["base"], "experts": {e: ppl[e] for e in experts},
         "merges": {m: merges[m] for m in RECIPES},
+        "merges_full_model": {m: merges[f"{m} (full model)"] for m in full_models},
         "search": {"recipe": searched["recipe"], **ppl["merge-searched"], "validation_ppl": searched["validation_ppl"],
                    "trials": searched["trials"], "seconds": round(searched["seconds"], 1)},
         "reconstruction": reconstruction, "best_merge": best,
         "best_beats_base_everywhere": all(merges[best][d] < ppl["base"][d] for d in domains),
         "best_gap_to_expert": {d: merges[best][d] / oracle[d] - 1 for d in domains if d != GENERAL},
     }
-    print(f"\n{'composition':<24}" + "".join(f"{d:>11}" for d in domains))
-    for name, row in [("base", ppl["base"]), *((f"expert (own domain)", oracle),),
-                      *((f"merge {m}", merges[m]) for m in merges)]:
-        print(f"{name:<24}" + "".join(f"{row[d]:>11.2f}" for d in domains))
+    print(f"\n{'composition':<32}" + "".join(f"{d:>11}" for d in domains))
+    rows = [("base", ppl["base"]), ("expert (own domain)", oracle), *((f"merge {m}", merges[m]) for m in merges)]
+    for name, row in rows:
+        print(f"{name:<32}" + "".join(f"{row[d]:>11.2f}" for d in domains))
     print(f"\nsearched recipe: {searched['recipe']}")
     print(f"best merge: {best}; beats base on every domain: {result['best_beats_base_everywhere']}")
     print("gap of the best merge to each domain's own expert: "

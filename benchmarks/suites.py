@@ -16,4 +16,5 @@ def suite(name: str):
 
 
 import merge  # noqa: E402,F401  (each suite module registers itself)
+import route  # noqa: E402,F401
 import specialize  # noqa: E402,F401

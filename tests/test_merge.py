@@ -21,19 +21,24 @@ def rel_err(a, b):
     return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
 
 
-@pytest.fixture
-def mixed_library(tmp_path, micro_base_dir):
-    """alpha: rank 4, alpha 8; beta: rank 2, alpha 7 with rsLoRA (different ranks, alphas, scalings)."""
+def two_expert_library(tmp_path, micro_base_dir, beta_training: dict):
+    """One library: expert alpha with the default recipe, expert beta with `beta_training`."""
     library = str(tmp_path / "library")
     first = write_project(tmp_path / "a", str(micro_base_dir), domains=("alpha",), library=library)
     cfg, base = load_project_base(first)
     train_all(cfg, base)
     second = write_project(tmp_path / "b", str(micro_base_dir), domains=("beta",), library=library,
-                           training={"rank": 2, "alpha": 7, "use_rslora": True})
+                           training=beta_training)
     cfg2, _ = load_project_base(second)
     train_all(cfg2, base)
     lib = Library(library)
     return cfg, base, lib, ExpertPool(base, lib)
+
+
+@pytest.fixture
+def mixed_library(tmp_path, micro_base_dir):
+    """alpha: rank 4, alpha 8; beta: rank 2, alpha 7 with rsLoRA (different ranks, alphas, scalings)."""
+    return two_expert_library(tmp_path, micro_base_dir, {"rank": 2, "alpha": 7, "use_rslora": True})
 
 
 def test_deltas_honour_rank_alpha_and_rslora(mixed_library):
@@ -145,14 +150,7 @@ def test_full_model_merge_loads_with_transformers(mixed_library):
 
 
 def test_mismatched_target_modules(tmp_path, micro_base_dir):
-    library = str(tmp_path / "library")
-    cfg, base = load_project_base(write_project(tmp_path / "a", str(micro_base_dir), domains=("alpha",),
-                                                library=library))
-    train_all(cfg, base)
-    cfg2, _ = load_project_base(write_project(tmp_path / "b", str(micro_base_dir), domains=("beta",), library=library,
-                                              training={"target_modules": ["q_proj", "v_proj"]}))
-    train_all(cfg2, base)
-    pool = ExpertPool(base, Library(library))
+    _, _, _, pool = two_expert_library(tmp_path, micro_base_dir, {"target_modules": ["q_proj", "v_proj"]})
     with pytest.raises(ExpertkitError, match="adapt different target modules"):
         expert_deltas(pool, ["alpha", "beta"])
 

@@ -118,9 +118,9 @@ class EvalConfig(Strict):
 class RoutingConfig(Strict):
     """How routers are trained and calibrated (`expertkit router train`)."""
 
-    abstain_rate: float = Field(0.02, ge=0, lt=1, description="share of in-library validation prompts sent to "
+    abstain_rate: float = Field(0.01, ge=0, lt=1, description="share of in-library validation prompts sent to "
                                 "the base for low confidence; the threshold is calibrated to hit it")
-    train_documents: int = Field(2000, ge=2, description="training documents per label (lexical router)")
+    train_documents: int = Field(4000, ge=2, description="training documents per label (lexical router)")
     model_documents: int = Field(96, ge=2, description="training documents per label (routers that run the model)")
     calibration_documents: int = Field(96, ge=2, description="validation documents per label for the threshold")
     calibration_prefix_tokens: int = Field(32, ge=1, description="each validation document is also calibrated on "

@@ -20,14 +20,19 @@ from expertkit.fsutil import atomic_write_text, ensure_writable_dir
 from expertkit.progress import progress_bar
 
 
+def shifted_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """Summed NLL of each next token (labels -100 skipped) and how many tokens were scored."""
+    labels = labels[:, 1:].to(logits.device)
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                            ignore_index=-100, reduction="sum")
+    return float(nll), int((labels != -100).sum())
+
+
 @torch.no_grad()
 def nll_sum(composition: Composition, blocks: Blocks) -> tuple[float, int]:
     """Summed next-token NLL and token count over one batch of blocks."""
     logits, _ = composition.prefill(blocks.input_ids, blocks.attention_mask)
-    labels = blocks.labels[:, 1:].to(logits.device)
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                                            ignore_index=-100, reduction="sum")
-    return float(nll), int((labels != -100).sum())
+    return shifted_nll(logits, blocks.labels)
 
 
 def test_blocks(config: ProjectConfig, tokenizer) -> dict[str, Blocks]:

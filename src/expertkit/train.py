@@ -96,17 +96,40 @@ def _load_checkpoint(ckpt: Path, peft_model, optimizer, scheduler) -> int:
 @torch.no_grad()
 def mean_loss(model, blocks: Blocks, device, batch_size: int = 16) -> float:
     """Token-weighted mean loss over blocks (labels -100 ignored)."""
+    from expertkit.evaluate import shifted_nll
+
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(blocks), batch_size):
         b = blocks.take(slice(i, i + batch_size))
         logits = model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device)).logits
-        labels = b.labels.to(device)[:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                                                ignore_index=-100, reduction="sum")
-        total += float(nll)
-        count += int((labels != -100).sum())
+        t, c = shifted_nll(logits, b.labels)
+        total, count = total + t, count + c
     return total / max(count, 1)
+
+
+def _run_steps(peft_model, stream: TrainingStream, recipe: TrainConfig, name: str, ckpt_dir: Path, rhash: str,
+               device) -> list[float]:
+    """The training loop from the last checkpoint (if any) to recipe.steps; returns this run's losses."""
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer, scheduler = make_optimizer(params, recipe.learning_rate, recipe.weight_decay, recipe.schedule,
+                                          recipe.warmup_steps, recipe.steps)
+    start = 0
+    ckpt = _latest_checkpoint(ckpt_dir, rhash)
+    if ckpt is not None:
+        start = _load_checkpoint(ckpt, peft_model, optimizer, scheduler)
+        console.print(f"[yellow]resuming expert '{name}' from step {start}[/yellow]")
+    losses = []
+    with progress_bar(f"expert {name}", recipe.steps) as advance:
+        advance(start)
+        for step in range(start, recipe.steps):
+            losses.append(train_step(peft_model, stream.batch(step), optimizer, scheduler, recipe.max_grad_norm,
+                                     device))
+            advance(info=f"loss {losses[-1]:.3f}")
+            done = step + 1
+            if done % recipe.checkpoint_every == 0 and done < recipe.steps:
+                _save_checkpoint(ckpt_dir, done, peft_model, optimizer, scheduler, rhash)
+    return losses
 
 
 def train_expert(base: Base, library: Library, domain: DomainConfig, corpus: Corpus, blocks: Blocks,
@@ -118,29 +141,11 @@ def train_expert(base: Base, library: Library, domain: DomainConfig, corpus: Cor
     fingerprint = corpus.fingerprint()
     rhash = recipe_hash(recipe, domain.task, fingerprint)
     stream = TrainingStream.with_replay(blocks, general_blocks, recipe.replay, recipe.batch_size, recipe.seed)
-
     torch.manual_seed(recipe.seed)
     peft_model = get_peft_model(base.model, lora_config(recipe))
     try:
-        params = [p for p in peft_model.parameters() if p.requires_grad]
-        optimizer, scheduler = make_optimizer(params, recipe.learning_rate, recipe.weight_decay, recipe.schedule,
-                                              recipe.warmup_steps, recipe.steps)
-        ckpt_dir = library.checkpoint_dir(domain.name)
-        start = 0
-        ckpt = _latest_checkpoint(ckpt_dir, rhash)
-        if ckpt is not None:
-            start = _load_checkpoint(ckpt, peft_model, optimizer, scheduler)
-            console.print(f"[yellow]resuming expert '{domain.name}' from step {start}[/yellow]")
-        losses = []
-        with progress_bar(f"expert {domain.name}", recipe.steps) as advance:
-            advance(start)
-            for step in range(start, recipe.steps):
-                losses.append(train_step(peft_model, stream.batch(step), optimizer, scheduler,
-                                         recipe.max_grad_norm, base.device))
-                advance(info=f"loss {losses[-1]:.3f}")
-                done = step + 1
-                if done % recipe.checkpoint_every == 0 and done < recipe.steps:
-                    _save_checkpoint(ckpt_dir, done, peft_model, optimizer, scheduler, rhash)
+        losses = _run_steps(peft_model, stream, recipe, domain.name, library.checkpoint_dir(domain.name), rhash,
+                            base.device)
         metrics = {"train_loss_last": losses[-1] if losses else None}
         if corpus.splits["valid"]:
             valid = make_blocks(base.tokenizer, corpus, "valid", recipe.block_size, domain.task).take(slice(0, 32))

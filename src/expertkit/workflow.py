@@ -94,3 +94,35 @@ def run_merge_search(cfg: ProjectConfig, base: Base, experts: list[str] | None, 
     return {"recipe": best.describe(), "validation_ppl": result.best.ppl, "trials": len(result.trials),
             "seconds": result.seconds, "entry": entry.name, "report": {k: v for k, v in report.items()
                                                                        if k != "relative_error"}}
+
+
+def run_router_train(cfg: ProjectConfig, base: Base, kind: str, name: str, abstain_rate: float | None = None,
+                     overwrite: bool = False):
+    """Train, calibrate and save a router in the library; print what it learned."""
+    from expertkit.compose import ExpertPool
+    from expertkit.library import Library
+    from expertkit.routing import save_router, train_router
+
+    library = Library(cfg.library)
+    pool = ExpertPool(base, library, names=[e.name for e in library.entries() if e.kind == "expert"])
+    calibrated, report = train_router(cfg, pool, kind, name, abstain_rate)
+    entry = save_router(library, calibrated, report, overwrite=overwrite)
+    valid = report["validation"]
+    console.print(f"router '{name}' ({kind}) over {calibrated.router.labels}: fitted in {report['fit_seconds']}s; "
+                  f"abstain below {calibrated.threshold:.3f} (target {report['abstain_rate']:.0%} of in-library "
+                  f"validation prompts, got {valid['abstain_rate']:.1%}); validation accuracy {valid['accuracy']:.1%}",
+                  highlight=False)
+    console.print(f"written to {entry.path}")
+    return entry
+
+
+def route_text(cfg: ProjectConfig, base: Base, text: str, router: str | None = None):
+    """Route one prompt with a library router; returns the Routing (choice + probabilities)."""
+    from expertkit.compose import ExpertPool
+    from expertkit.library import Library
+    from expertkit.routing import Prompts, find_router, load_router
+
+    library = Library(cfg.library)
+    calibrated = load_router(library, find_router(library, router))
+    pool = ExpertPool(base, library, names=calibrated.experts)
+    return calibrated, calibrated.route(pool, Prompts.from_texts(base.tokenizer, [text]))

@@ -20,7 +20,7 @@ import torch
 from expertkit.compose.pool import BASE_ADAPTER
 from expertkit.errors import ExpertkitError
 from expertkit.routing.base import Prompts, Router, TrainingData, register_router
-from expertkit.routing.features import batches, positions
+from expertkit.routing.features import map_batches, positions
 
 TEMPERATURE = 0.01  # affinities are mean |cos| values a few hundredths apart
 
@@ -65,8 +65,8 @@ class ArrowRouter(Router):
         if missing:
             raise ExpertkitError(f"the model has no LoRA layer '{missing[0]}' that this Arrow router was built on; "
                                  "retrain the router on this library")
-        out = []
-        for ids, mask in batches(pool, prompts, settings):
+
+        def mean_affinity(ids, mask):
             weights = mask.to(pool.device).float().unsqueeze(-1)
             total = torch.zeros(len(ids), len(self.experts), device=pool.device)
 
@@ -84,8 +84,9 @@ class ArrowRouter(Router):
             finally:
                 for h in handles:
                     h.remove()
-            out.append((total / len(self.tensors)).cpu())
-        return torch.cat(out)
+            return (total / len(self.tensors)).cpu()
+
+        return map_batches(pool, prompts, settings, mean_affinity)
 
     def probabilities(self, pool, prompts: Prompts, settings) -> torch.Tensor:
         pool.ensure(self.experts)

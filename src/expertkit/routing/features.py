@@ -7,7 +7,7 @@ of a prompt and the end is nearest to what will be generated.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable
 
 import torch
 
@@ -30,14 +30,21 @@ def left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
-def batches(pool, prompts: Prompts, settings, per_prompt_rows: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Left-padded (ids, mask) chunks of at most batch_size rows once each prompt is repeated `per_prompt_rows` times."""
+def map_batches(pool, prompts: Prompts, settings, fn: Callable, per_prompt_rows: int = 1) -> torch.Tensor:
+    """fn(ids, mask) -> [n, ...] over left-padded batches of similar-length prompts, rows back in prompt order.
+
+    Sorting by length first keeps padding (wasted compute) small when prompts differ in length;
+    a batch holds at most batch_size rows once each prompt is repeated `per_prompt_rows` times.
+    """
     budget = token_budget(pool, settings)
     tok = pool.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    rows = [r[-budget:] for r in prompts.ids]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     step = max(1, settings.batch_size // per_prompt_rows)
-    for start in range(0, len(prompts), step):
-        yield left_padded([r[-budget:] for r in prompts.ids[start:start + step]], pad)
+    parts = [fn(*left_padded([rows[i] for i in order[s:s + step]], pad)) for s in range(0, len(order), step)]
+    out = torch.cat(parts)
+    return out[torch.argsort(torch.tensor(order))]
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:
@@ -47,14 +54,14 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def mean_hidden_states(pool, prompts: Prompts, settings) -> torch.Tensor:
     """[N, H] mean of the base model's last hidden states over each prompt's real tokens."""
-    out = []
-    for ids, mask in batches(pool, prompts, settings):
+    def pooled(ids, mask):
         result = pool.forward(ids, mask, [BASE_ADAPTER] * len(ids), position_ids=positions(mask),
                               output_hidden_states=True)
         hidden = result.hidden_states[-1].float()
         weights = mask.to(hidden.device, hidden.dtype).unsqueeze(-1)
-        out.append(((hidden * weights).sum(1) / weights.sum(1)).cpu())
-    return torch.cat(out)
+        return ((hidden * weights).sum(1) / weights.sum(1)).cpu()
+
+    return map_batches(pool, prompts, settings, pooled)
 
 
 @torch.no_grad()
@@ -65,8 +72,8 @@ def mean_token_nll(pool, prompts: Prompts, adapters: list[str], settings) -> tor
     (PEFT's per-sample `adapter_names`). A one-token prompt has no next token: its loss is 0 everywhere.
     """
     n_adapters = len(adapters)
-    out = []
-    for ids, mask in batches(pool, prompts, settings, per_prompt_rows=n_adapters):
+
+    def losses(ids, mask):
         rows = len(ids)
         rep_ids, rep_mask = ids.repeat_interleave(n_adapters, 0), mask.repeat_interleave(n_adapters, 0)
         logits, _ = pool.prefill(rep_ids, rep_mask, adapters * rows)
@@ -74,5 +81,6 @@ def mean_token_nll(pool, prompts: Prompts, adapters: list[str], settings) -> tor
         scored = (rep_mask[:, 1:] * rep_mask[:, :-1]).to(logits.device).float()
         nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
         mean = (nll * scored).sum(1) / scored.sum(1).clamp(min=1)
-        out.append(mean.view(rows, n_adapters).cpu())
-    return torch.cat(out)
+        return mean.view(rows, n_adapters).cpu()
+
+    return map_batches(pool, prompts, settings, losses, per_prompt_rows=n_adapters)

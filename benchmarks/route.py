@@ -1,0 +1,194 @@
+"""Suite `route`: routers (sequence level) and a mixture (token level) over the cached expert library.
+
+Acceptance: best router >= 98% accurate on whole test documents and >= 90% on 32-token prefixes;
+the best strategy within 2% of the oracle's perplexity on every domain; a domain left out of the
+library loses <= 2% vs the base; routing a 512-token prompt costs < 5% of generating 64 tokens.
+Documents are what expertkit reads from the corpora (one per line of the files).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from common import EVALUATION, GENERAL, bench_config
+from suites import suite
+
+DOCS_PER_DOMAIN = 200
+PREFIX_TOKENS = 32
+DOCS_TARGET, PREFIX_TARGET, ORACLE_TOLERANCE, HELD_OUT_TOLERANCE, COST_TARGET = 0.98, 0.90, 0.02, 0.02, 0.05
+ROUTE_PROMPT_TOKENS, GENERATED_TOKENS = 512, 64
+MIXTURE = "mixture"
+
+
+def build_strategies(cfg, base) -> tuple:
+    """Train every router kind and add the mixture to the library; returns (pool, routers, reports)."""
+    from expertkit.compose import ExpertPool
+    from expertkit.compose.mix import add_mixture
+    from expertkit.config import MixtureConfig
+    from expertkit.library import Library
+    from expertkit.routing import router_kinds, save_router, train_router
+
+    library = Library(cfg.library)
+    pool = ExpertPool(base, library, names=[d.name for d in cfg.domains])
+    routers, reports = {}, {}
+    for kind in router_kinds():
+        started = time.perf_counter()
+        calibrated, report = train_router(cfg, pool, kind, f"router-{kind}")
+        report["train_seconds"] = round(time.perf_counter() - started, 1)
+        save_router(library, calibrated, report, overwrite=True)
+        routers[kind], reports[kind] = calibrated, report
+        print(f"router {kind}: trained in {report['train_seconds']}s, threshold {calibrated.threshold:.3f}, "
+              f"validation {report['validation']}")
+    add_mixture(library, MIXTURE, MixtureConfig(), overwrite=True)
+    return pool, routers, reports
+
+
+def routing_accuracy(cfg, pool, routers) -> dict:
+    from expertkit.routing.calibrate import accuracy
+    from expertkit.routing.train import domain_texts, label_domains, prefixes, probabilities, summary
+
+    labels = label_domains(cfg, pool)
+    documents = domain_texts(cfg, labels, "test", DOCS_PER_DOMAIN)
+    sets = {"documents": documents,
+            f"prefix{PREFIX_TOKENS}": {k: prefixes(pool.tokenizer, v, PREFIX_TOKENS) for k, v in documents.items()}}
+    out = {}
+    for kind, calibrated in routers.items():
+        out[kind] = {}
+        for name, texts in sets.items():
+            probs, targets = probabilities(calibrated.router, pool, texts, calibrated.settings)
+            result = summary(probs, targets, calibrated.threshold)
+            out[kind][name] = result["accuracy"]
+            out[kind][f"{name}_without_abstaining"] = accuracy(probs.argmax(-1), targets)
+            out[kind][f"{name}_abstain_rate"] = result["abstain_rate"]
+    return out
+
+
+def perplexities(cfg, pool, names: list[str], blocks: dict) -> dict:
+    from expertkit.compose import build_compositions
+    from expertkit.evaluate import score
+
+    pool.ensure([n for n in names if n != "base"])
+    return score(build_compositions(pool, names), blocks, cfg.evaluation.batch_size)["ppl"]
+
+
+def oracle(cfg, pool, blocks: dict) -> dict:
+    """Each domain scored by its own expert (by the base for the general domain)."""
+    own = {d: d if d != GENERAL else "base" for d in blocks}
+    return {d: perplexities(cfg, pool, [own[d]], {d: blocks[d]})[own[d]][d] for d in blocks}
+
+
+def held_out(data: Path, device, main_cfg) -> dict:
+    """A library without one domain: that domain's test perplexity under each strategy vs the base."""
+    from expertkit.data import load_corpus, make_blocks
+    from expertkit.train import train_all
+    from expertkit.workflow import load_project_base
+
+    domain = main_cfg.domains[-1].name
+    cfg, base = load_project_base(bench_config(data, exclude=(domain,)), device)  # its own model: adapters differ
+    train_all(cfg, base)
+    pool, routers, _ = build_strategies(cfg, base)
+    ev = cfg.evaluation
+    blocks = {domain: make_blocks(base.tokenizer, load_corpus(main_cfg.domain(domain)), "test", ev.block_size)
+              .take(slice(0, ev.max_blocks))}
+    names = ["base", *(f"router-{k}" for k in routers), MIXTURE]
+    ppl = {n: row[domain] for n, row in perplexities(cfg, pool, names, blocks).items()}
+    loss = {n: p / ppl["base"] - 1 for n, p in ppl.items() if n != "base"}
+    return {"domain": domain, "ppl": ppl, "loss_vs_base": loss}
+
+
+def median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def router_cost(cfg, pool, routers) -> dict:
+    """Routing one 512-token prompt vs generating 64 tokens (prefill + 63 cached steps) with one expert."""
+    from expertkit.compose import build_compositions
+    from expertkit.data import load_corpus
+    from expertkit.routing import Prompts
+
+    tok = pool.tokenizer
+    expert = cfg.domains[0]
+    stream = tok("\n".join(ex.full_text for ex in load_corpus(expert).splits["test"][:400]),
+                 add_special_tokens=False)["input_ids"][:ROUTE_PROMPT_TOKENS]
+    prompt = Prompts.from_texts(tok, [tok.decode(stream)])
+    (composition,) = build_compositions(pool, [expert.name])
+    fit = pool.context_length - GENERATED_TOKENS
+    ids = torch.tensor([stream[-fit:]])
+
+    @torch.no_grad()
+    def generate():
+        logits, state = composition.prefill(ids, torch.ones_like(ids))
+        next_ids = logits[:, -1].argmax(-1)
+        for _ in range(GENERATED_TOKENS - 1):
+            logits, state = composition.step(state, next_ids)
+            next_ids = logits.argmax(-1)
+
+    generation = median_seconds(generate, 3)
+    out = {"generate_seconds": generation, "generate_prompt_tokens": fit, "routers": {}}
+    for kind, calibrated in routers.items():
+        seconds = median_seconds(lambda: calibrated.route(pool, prompt), 5)
+        out["routers"][kind] = {"seconds": seconds, "ratio": seconds / generation}
+    return out
+
+
+def print_tables(result: dict, domains: list[str]) -> None:
+    print(f"\n{'router':<12} {'documents':>10} {'prefix32':>9} {'(argmax docs':>13} {'prefix)':>8} {'cost':>7}")
+    for kind, acc in result["accuracy"].items():
+        cost = result["router_cost"]["routers"][kind]["ratio"]
+        print(f"{kind:<12} {acc['documents']:>10.2%} {acc['prefix32']:>9.2%} {acc['documents_without_abstaining']:>13.2%}"
+              f" {acc['prefix32_without_abstaining']:>8.2%} {cost:>7.2%}")
+    print(f"\n{'perplexity':<18} " + " ".join(f"{d:>10}" for d in domains) + f" {'worst vs oracle':>16}")
+    rows = {"oracle": result["oracle"], **result["ppl"]}
+    for name, row in rows.items():
+        worst = max(row[d] / result["oracle"][d] - 1 for d in domains)
+        print(f"{name:<18} " + " ".join(f"{row[d]:>10.2f}" for d in domains) + f" {worst:>+16.2%}")
+    held = result["held_out_domain"]
+    print(f"\nheld-out domain '{held['domain']}' (library without it): base ppl {held['ppl']['base']:.2f}; "
+          + ", ".join(f"{n} {v:+.2%}" for n, v in held["loss_vs_base"].items()))
+
+
+@suite("route")
+def run(data: Path, device: str | None) -> dict:
+    from expertkit.train import train_all
+    from expertkit.evaluate import test_blocks
+    from expertkit.workflow import load_project_base
+
+    cfg, base = load_project_base(bench_config(data), device)
+    train_all(cfg, base)
+    pool, routers, reports = build_strategies(cfg, base)
+    result = {"accuracy": routing_accuracy(cfg, pool, routers)}
+    blocks = test_blocks(cfg, base.tokenizer)
+    result["ppl"] = perplexities(cfg, pool, [*(f"router-{k}" for k in routers), MIXTURE], blocks)
+    result["oracle"] = oracle(cfg, pool, blocks)
+    result["router_cost"] = router_cost(cfg, pool, routers)
+    result["held_out_domain"] = held_out(data, device, cfg)
+    domains = list(blocks)
+    gaps = {n: max(row[d] / result["oracle"][d] - 1 for d in domains) for n, row in result["ppl"].items()}
+    best_router = max(result["accuracy"], key=lambda k: result["accuracy"][k]["documents"])
+    cheapest = min(r["ratio"] for r in result["router_cost"]["routers"].values())
+    held = result["held_out_domain"]["loss_vs_base"]
+    result["router_cost_ratio"] = result["router_cost"]["routers"][best_router]["ratio"]
+    result["checks"] = {
+        "best_router": best_router,
+        "documents": result["accuracy"][best_router]["documents"] >= DOCS_TARGET,
+        "prefix32": max(a["prefix32"] for a in result["accuracy"].values()) >= PREFIX_TARGET,
+        "best_strategy": min(gaps, key=gaps.get), "worst_gap_of_best_strategy": min(gaps.values()),
+        "within_oracle": min(gaps.values()) <= ORACLE_TOLERANCE,
+        "held_out": min(held.values()) <= HELD_OUT_TOLERANCE,
+        "held_out_best_strategy_loss": held[min(gaps, key=gaps.get)],
+        "router_cost": result["router_cost_ratio"] < COST_TARGET, "cheapest_router_cost_ratio": cheapest,
+    }
+    result["routers"] = reports
+    result["config"] = cfg.model_dump()
+    print_tables(result, domains)
+    print("checks:", result["checks"])
+    return result
