@@ -212,3 +212,14 @@ def test_search_picks_a_recipe_within_budget(trained):
     assert result["trials"] >= 1 and result["recipe"]["method"]
     assert lib.get("searched").manifest["search"]["trials"] == result["trials"]
     assert set(result["validation_ppl"]) == {"general", "alpha", "beta"}
+
+
+def test_a_rewritten_entry_is_reloaded_not_served_stale(mixed_library):
+    cfg, base, lib, pool = mixed_library
+    merge_experts(pool, lib, make_recipe(method="linear", experts=["alpha"]), "m")
+    first = expert_deltas(ExpertPool(base, lib), ["m"])
+    merge_experts(pool, lib, make_recipe(method="linear", experts=["beta"]), "m", overwrite=True)
+    second = expert_deltas(ExpertPool(base, lib), ["m", "beta"])
+    module = next(iter(second))
+    assert rel_err(second[module]["m"], second[module]["beta"]) < 1e-5
+    assert rel_err(second[module]["m"], first[module]["m"]) > 0.1

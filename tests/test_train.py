@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -6,6 +7,7 @@ import time
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from expertkit.library import Library
@@ -90,3 +92,18 @@ def test_unknown_only_domain(project):
     cfg, base = load_project_base(project)
     with pytest.raises(Exception, match=r"--only names unknown domains \['gamma'\]"):
         train_all(cfg, base, only=["gamma"])
+
+
+def test_sft_expert_trains_on_prompt_response_pairs(tmp_path, micro_base_dir):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"question": f"patient {i} dose?", "answer": f" trial {i} mg."}) + "\n"
+                             for i in range(60)))
+    project = write_project(tmp_path, str(micro_base_dir), domains=("alpha",))
+    raw_domain = {"name": "qa", "task": "sft",
+                  "source": {"path": str(pairs), "prompt_field": "question", "response_field": "answer"}}
+    raw = yaml.safe_load(project.read_text())
+    raw["domains"] = [raw_domain]
+    project.write_text(yaml.safe_dump(raw))
+    cfg, base = load_project_base(project)
+    (entry,) = train_all(cfg, base)
+    assert entry.manifest["task"] == "sft" and entry.manifest["metrics"]["valid_ppl"] > 1

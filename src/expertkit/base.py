@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,6 +30,7 @@ class Base:
     device: torch.device
     _identity: dict | None = None
     peft_model: object | None = None  # set once library adapters are attached (see compose.pool)
+    adapter_versions: dict = field(default_factory=dict)  # adapter name -> manifest "created" of the loaded copy
 
     def identity(self) -> dict:
         """Computed once, before adapters are attached (they live inside the same modules)."""

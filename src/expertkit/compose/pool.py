@@ -37,15 +37,20 @@ class ExpertPool:
         from peft import PeftModel
 
         model = self.base.peft_model
+        loaded = self.base.adapter_versions
         for entry in entries:
             self.entries.append(entry)
             if not entry.is_adapter:
                 continue  # a full model (merged_model) brings its own weights; its composition loads them
+            version = entry.manifest.get("created")
             if model is None:
                 model = PeftModel.from_pretrained(self.base.model, str(entry.path), adapter_name=entry.name)
                 self.base.peft_model = model
-            elif entry.name not in model.peft_config:
+            elif loaded.get(entry.name) != version:
+                if entry.name in model.peft_config:  # rewritten on disk since it was loaded: drop the stale copy
+                    model.delete_adapter(entry.name)
                 model.load_adapter(str(entry.path), adapter_name=entry.name)
+            loaded[entry.name] = version
         if model is not None:
             self.model = model.eval()
 

@@ -38,10 +38,10 @@ def merge_method(name: str, uses: tuple[str, ...] = (), random: bool = False):
     return wrap
 
 
-@merge_method("linear")
+@merge_method("linear", uses=("lam",))
 def linear(deltas, weights, recipe):
-    """Weighted average: Σ w_i ΔW_i / Σ w_i."""
-    return merge_utils.task_arithmetic(deltas, weights / weights.sum())
+    """Weighted average, λ · Σ w_i ΔW_i / Σ w_i (λ = 1: the plain average)."""
+    return recipe.lam * merge_utils.task_arithmetic(deltas, weights / weights.sum())
 
 
 @merge_method("task_arithmetic", uses=("lam",))

@@ -1,10 +1,10 @@
 """`merge --search`: choose method and parameters on validation data under a time budget.
 
 First a small grid over every registered method (the settings the merging papers
-recommend), then an evolutionary refinement of the best recipe (mutate λ, density and
-the per-expert weights; keep a child when it scores better), as mergekit-evolve does
-with CMA-ES, until the budget is spent. A trial applies the merged ΔW to the base
-weights in place, scores it, and restores the weights, so no files are written.
+recommend), then an evolutionary refinement (mutate λ, density and the per-expert
+weights of one of the best few recipes so far), as mergekit-evolve does with CMA-ES,
+until the budget is spent. A trial applies the merged ΔW to the base weights in
+place, scores it, and restores the weights, so no files are written.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from expertkit.merging.methods import METHODS
 from expertkit.merging.recipe import MergeRecipe
 from expertkit.progress import console
 
+TOURNAMENT = 3  # children are mutated from one of the best few trials, not only the best
 GRID = {
-    "linear": [{}],
+    "linear": [{}, {"lam": 1.5}],
     "task_arithmetic": [{"lam": 0.5}, {"lam": 1.0}],
     "ties": [{"density": 0.3, "lam": 1.0}, {"density": 0.6, "lam": 1.0}],
     "dare_linear": [{"density": 0.5, "lam": 0.5}],
@@ -133,6 +134,7 @@ def search(pool, experts: list[str], valid_blocks: dict, budget_seconds: float, 
             break
         run(recipe)
     while time.time() - started < budget_seconds:
-        run(_mutate(result.best.recipe, rng))
+        parents = sorted(result.trials, key=lambda t: t.score)[:TOURNAMENT]
+        run(_mutate(rng.choice(parents).recipe, rng))
     result.seconds = time.time() - started
     return result
