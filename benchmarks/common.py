@@ -58,7 +58,9 @@ def bench_config(data: Path, build: dict | None = None, recipe: dict | None = No
     base_dir = CACHE / f"base-{_key(str(data), domains, build)}"
     library_dir = base_dir.parent / f"{base_dir.name}-library-{_key(recipe, exclude)}"
     raw = {
-        "base": {"path": str(base_dir), "build": build},
+        # A library without some domains reuses the full suite's base (built from every domain), so it
+        # carries no build recipe: one naming the excluded domains would not validate.
+        "base": {"path": str(base_dir), "build": None if exclude else build},
         "general": {"name": GENERAL, "source": {"path": str(data / GENERAL)}},
         "domains": [{"name": d, "source": {"path": str(data / d)}} for d in others if d not in exclude],
         "training": recipe,

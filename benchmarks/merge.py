@@ -70,10 +70,10 @@ def run(data: Path, device: str | None) -> dict:
         "best_beats_base_everywhere": all(merges[best][d] < ppl["base"][d] for d in domains),
         "best_gap_to_expert": {d: merges[best][d] / oracle[d] - 1 for d in domains if d != GENERAL},
     }
-    print(f"\n{'composition':<32}" + "".join(f"{d:>11}" for d in domains))
+    print(f"\n{'composition':<36}" + "".join(f"{d:>11}" for d in domains))
     rows = [("base", ppl["base"]), ("expert (own domain)", oracle), *((f"merge {m}", merges[m]) for m in merges)]
     for name, row in rows:
-        print(f"{name:<32}" + "".join(f"{row[d]:>11.2f}" for d in domains))
+        print(f"{name:<36}" + "".join(f"{row[d]:>11.2f}" for d in domains))
     print(f"\nsearched recipe: {searched['recipe']}")
     print(f"best merge: {best}; beats base on every domain: {result['best_beats_base_everywhere']}")
     print("gap of the best merge to each domain's own expert: "

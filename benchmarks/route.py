@@ -144,8 +144,8 @@ def print_tables(result: dict, domains: list[str]) -> None:
     print(f"\n{'router':<12} {'documents':>10} {'prefix32':>9} {'(argmax docs':>13} {'prefix)':>8} {'cost':>7}")
     for kind, acc in result["accuracy"].items():
         cost = result["router_cost"]["routers"][kind]["ratio"]
-        print(f"{kind:<12} {acc['documents']:>10.2%} {acc['prefix32']:>9.2%} {acc['documents_without_abstaining']:>13.2%}"
-              f" {acc['prefix32_without_abstaining']:>8.2%} {cost:>7.2%}")
+        print(f"{kind:<12} {acc['documents']:>10.2%} {acc['prefix32']:>9.2%} "
+              f"{acc['documents_without_abstaining']:>13.2%} {acc['prefix32_without_abstaining']:>8.2%} {cost:>7.2%}")
     print(f"\n{'perplexity':<18} " + " ".join(f"{d:>10}" for d in domains) + f" {'worst vs oracle':>16}")
     rows = {"oracle": result["oracle"], **result["ppl"]}
     for name, row in rows.items():

@@ -161,6 +161,61 @@ def demo(workdir: Path = typer.Option(Path("expertkit-demo"), help="where data, 
     run_demo(workdir, device)
 
 
+router_app = typer.Typer(no_args_is_help=True, help="Routers: pick one expert (or the base) per prompt.")
+mixture_app = typer.Typer(no_args_is_help=True, help="Token-level mixtures of experts (BTM/DEMix ensembles).")
+app.add_typer(router_app, name="router")
+app.add_typer(mixture_app, name="mixture")
+
+
+@router_app.command("train")
+def router_train(config: Path = ConfigArg,
+                 kind: str = typer.Option(..., help="lexical, embedding, likelihood or arrow"),
+                 name: Optional[str] = typer.Option(None, help="library entry name (default: router-<kind>)"),
+                 abstain_rate: Optional[float] = typer.Option(
+                     None, min=0.0, max=0.99, help="share of validation prompts sent to the base (default: config)"),
+                 force: bool = typer.Option(False, help="overwrite a router of the same name"),
+                 device: Optional[str] = typer.Option(None)):
+    """Train a router on the library's domain data and calibrate when it abstains to the base."""
+    _setup()
+    from expertkit.workflow import load_project_base, run_router_train
+
+    cfg, base = load_project_base(config, device, build_missing=False)
+    run_router_train(cfg, base, kind, name or f"router-{kind}", abstain_rate, overwrite=force)
+
+
+@app.command()
+def route(config: Path = ConfigArg, text: str = typer.Argument(..., help="the prompt to route"),
+          router: Optional[str] = typer.Option(None, help="router name (default: the library's only router)"),
+          device: Optional[str] = typer.Option(None)):
+    """Print which expert (or the base) a router picks for a prompt, and its probabilities."""
+    _setup()
+    from expertkit.workflow import load_project_base, route_text
+
+    cfg, base = load_project_base(config, device, build_missing=False)
+    calibrated, routing = route_text(cfg, base, text, router)
+    typer.echo(f"choice: {routing.chosen[0]}")
+    for label, p in zip(routing.labels, routing.probabilities[0].tolist()):
+        typer.echo(f"  {label:<20} {p:.4f}")
+    typer.echo(f"(router '{calibrated.name}', abstains to base when no expert reaches {calibrated.threshold:.3f})")
+
+
+@mixture_app.command("add")
+def mixture_add(config: Path = ConfigArg, name: str = typer.Option("mixture", help="library entry name"),
+                expert: Optional[list[str]] = typer.Option(None, help="expert to mix (repeatable; default: all)"),
+                top_k: Optional[int] = typer.Option(None, min=1, help="components mixed per token (default: all)"),
+                base: bool = typer.Option(True, "--base/--no-base", help="the base is a component too"),
+                force: bool = typer.Option(False, help="overwrite a mixture of the same name")):
+    """Add a token-level mixture to the library; the scorecard and `generate --model NAME` then use it."""
+    from expertkit.compose.mix import add_mixture
+    from expertkit.config import MixtureConfig, load_config
+    from expertkit.library import Library
+
+    spec = MixtureConfig(experts=expert or None, include_base=base, top_k=top_k)
+    entry = add_mixture(Library(load_config(config).library), name, spec, overwrite=force)
+    console.print(f"mixture '{entry.name}' of {entry.manifest['experts']}"
+                  + (" + base" if base else "") + f" -> {entry.path}", highlight=False)
+
+
 def main() -> None:
     try:
         app()

@@ -90,13 +90,15 @@ def validate_router_dir(path: Path) -> None:
 
     missing = [f for f in ROUTER_STATE if not (path / f).is_file()]
     if missing:
-        raise ExpertkitError(f"{path}: no {missing[0]}; this router is incomplete, retrain it with `expertkit router train`")
+        raise ExpertkitError(f"{path}: no {missing[0]}; this router is incomplete, "
+                             "retrain it with `expertkit router train`")
     try:
         json.loads((path / ROUTER_STATE[0]).read_text(encoding="utf-8"))
         with safe_open(str(path / ROUTER_STATE[1]), framework="pt") as f:
             list(f.keys())
     except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError, ValueError) as e:
-        raise ExpertkitError(f"{path}: corrupted router state ({e}); retrain it with `expertkit router train`") from None
+        raise ExpertkitError(f"{path}: corrupted router state ({e}); "
+                             "retrain it with `expertkit router train`") from None
 
 
 def validate_mixture_dir(path: Path) -> None:
@@ -106,7 +108,8 @@ def validate_mixture_dir(path: Path) -> None:
     except FileNotFoundError:
         raise ExpertkitError(f"{path}: no {MIXTURE_SPEC}; recreate it with `expertkit mixture add`") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExpertkitError(f"{path / MIXTURE_SPEC} is corrupted ({e}); recreate it with `expertkit mixture add`") from None
+        raise ExpertkitError(f"{path / MIXTURE_SPEC} is corrupted ({e}); "
+                             "recreate it with `expertkit mixture add`") from None
     if not isinstance(spec, dict):
         raise ExpertkitError(f"{path / MIXTURE_SPEC}: expected a JSON object; recreate it with `expertkit mixture add`")
 

@@ -6,9 +6,7 @@ to an expert is |cos(input, prototype)| averaged over its tokens and over the
 layers. PEFT's ArrowConfig routes every token inside every layer (a per-token
 mixture), which cannot pick one adapter for a whole sequence, so this module
 computes the same prototypes exactly (QR + SVD, no random power iteration) and
-pools the affinities per prompt. The mean ΔW over the experts is subtracted
-first (GenKnowSub's idea): the replayed general data gives every expert a
-shared component that would otherwise dominate each prototype.
+pools the affinities per prompt.
 
 Nothing here is fitted on text; only the abstain threshold is calibrated.
 """
@@ -35,16 +33,11 @@ def lora_modules(model, experts: list[str]) -> dict[str, torch.nn.Module]:
 
 
 def prototypes(module, experts: list[str]) -> torch.Tensor:
-    """[K, in] top right singular vectors of ΔW_k - mean_j ΔW_j, computed without forming any ΔW."""
-    a = [module.lora_A[e].weight.detach().float() for e in experts]
-    b = [module.lora_B[e].weight.detach().float() for e in experts]
-    k = len(experts)
+    """[K, in] top right singular vector of each expert's ΔW = B·A, without forming ΔW (B = QR, SVD of R·A)."""
     out = []
-    for i in range(k):
-        left = torch.cat([b[i]] + [-bj / k for bj in b], dim=1)  # out x r(K+1)
-        right = torch.cat([a[i]] + a, dim=0)  # r(K+1) x in
-        _, r = torch.linalg.qr(left)
-        out.append(torch.linalg.svd(r @ right, full_matrices=False).Vh[0])
+    for e in experts:
+        _, r = torch.linalg.qr(module.lora_B[e].weight.detach().float())
+        out.append(torch.linalg.svd(r @ module.lora_A[e].weight.detach().float(), full_matrices=False).Vh[0])
     return torch.stack(out)
 
 

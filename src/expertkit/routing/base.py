@@ -17,6 +17,7 @@ import torch
 from expertkit.errors import ExpertkitError
 
 BASE_LABEL = "base"
+LABEL_SMOOTHING = 0.05
 
 
 @dataclass(frozen=True)
@@ -116,8 +117,13 @@ def router_class(kind: str) -> type[Router]:
 
 
 def fit_temperature(scores: torch.Tensor, targets: torch.Tensor) -> float:
-    """The softmax temperature that best explains the labels (a 1-D grid search: cheap and deterministic)."""
+    """The softmax temperature that best explains the labels (a 1-D grid search: cheap and deterministic).
+
+    Label smoothing keeps the optimum finite when the training prompts are perfectly separable; without
+    it every probability would round to 1 and the abstain threshold could not be calibrated.
+    """
     grid = torch.logspace(-4, 2, 61, dtype=torch.float64)
     scores = scores.double()
-    losses = [torch.nn.functional.cross_entropy(scores / t, targets).item() for t in grid]
+    losses = [torch.nn.functional.cross_entropy(scores / t, targets, label_smoothing=LABEL_SMOOTHING).item()
+              for t in grid]
     return float(grid[min(range(len(grid)), key=losses.__getitem__)])

@@ -53,13 +53,14 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def mean_hidden_states(pool, prompts: Prompts, settings) -> torch.Tensor:
-    """[N, H] mean of the base model's last hidden states over each prompt's real tokens."""
+    """[N, layers + 1, H] the base model's hidden states (embeddings and every layer) averaged over real tokens."""
+
     def pooled(ids, mask):
         result = pool.forward(ids, mask, [BASE_ADAPTER] * len(ids), position_ids=positions(mask),
                               output_hidden_states=True)
-        hidden = result.hidden_states[-1].float()
-        weights = mask.to(hidden.device, hidden.dtype).unsqueeze(-1)
-        return ((hidden * weights).sum(1) / weights.sum(1)).cpu()
+        hidden = torch.stack(result.hidden_states, dim=1).float()  # [n, layers + 1, T, H]
+        weights = mask.to(hidden.device, hidden.dtype)[:, None, :, None]
+        return ((hidden * weights).sum(2) / weights.sum(2)).cpu()
 
     return map_batches(pool, prompts, settings, pooled)
 

@@ -96,7 +96,8 @@ def find_router(library: Library, name: str | None) -> Entry:
         return library.get(name)
     routers = [e for e in library.entries() if e.kind == "router"]
     if len(routers) != 1:
-        what = "no router" if not routers else f"{len(routers)} routers ({[e.name for e in routers]})"
-        raise ExpertkitError(f"library {library.root} has {what}; "
-                             + ("train one with `expertkit router train CONFIG`" if not routers else "pass --router NAME"))
+        if not routers:
+            raise ExpertkitError(f"library {library.root} has no router; train one with `expertkit router train`")
+        raise ExpertkitError(f"library {library.root} has {len(routers)} routers ({[e.name for e in routers]}); "
+                             "pass --router NAME")
     return routers[0]
