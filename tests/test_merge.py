@@ -155,21 +155,22 @@ def test_mismatched_target_modules(tmp_path, micro_base_dir):
         expert_deltas(pool, ["alpha", "beta"])
 
 
+def edit_json(path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
 def test_dora_is_refused(mixed_library):
     cfg, base, lib, pool = mixed_library
-    config_path = lib.get("beta").path / "adapter_config.json"
-    config = json.loads(config_path.read_text())
-    config_path.write_text(json.dumps({**config, "use_dora": True}))
+    edit_json(lib.get("beta").path / "adapter_config.json", lambda config: config.update(use_dora=True))
     with pytest.raises(ExpertkitError, match="uses DoRA"):
         expert_deltas(pool, ["alpha", "beta"])
 
 
 def test_expert_of_another_base_is_refused(mixed_library):
     cfg, base, lib, pool = mixed_library
-    manifest_path = lib.get("beta").path / "expert.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["base"]["weights_hash"] = "0" * 16
-    manifest_path.write_text(json.dumps(manifest))
+    edit_json(lib.get("beta").path / "expert.json", lambda manifest: manifest["base"].update(weights_hash="0" * 16))
     with pytest.raises(ExpertkitError, match="expert 'beta' belongs to base"):
         ExpertPool(base, lib)
 

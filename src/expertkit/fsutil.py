@@ -19,8 +19,7 @@ def ensure_writable_dir(path: Path, what: str) -> None:
     """Create `path` if needed and prove we can write there, before any long work starts."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
+        tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-").close()  # created, then deleted
     except OSError as e:
         raise ExpertkitError(f"{what} {path} is not writable ({e.strerror}); choose a folder you can write to") from None
 
