@@ -17,6 +17,11 @@ from expertkit.library import Entry, Library
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter on this row"
 
 
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so a left-padded row sees the same positions as alone."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 class ExpertPool:
     def __init__(self, base: Base, library: Library | None = None, names: list[str] | None = None):
         self.base = base
@@ -94,11 +99,11 @@ class ExpertPool:
         # without any, the pool is just the base model.
         kwargs = {"adapter_names": list(adapters)} if self.model is not self.base.model else {}
         return self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                     position_ids=position_ids.to(self.device) if position_ids is not None else None,
-                     past_key_values=past, use_cache=True, **kwargs, **model_kwargs)
+                          position_ids=position_ids.to(self.device) if position_ids is not None else None,
+                          past_key_values=past, use_cache=True, **kwargs, **model_kwargs)
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: list[str]):
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        positions = position_ids(attention_mask)
         out = self.forward(input_ids, attention_mask, adapters, position_ids=positions)
         state = DecodeState(out.past_key_values, attention_mask.to(self.device), positions[:, -1].to(self.device) + 1)
         return out.logits, state

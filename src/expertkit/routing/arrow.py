@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from expertkit.compose.pool import BASE_ADAPTER
+from expertkit.compose.pool import BASE_ADAPTER, position_ids
 from expertkit.errors import ExpertkitError
 from expertkit.routing.base import Prompts, Router, TrainingData, register_router
-from expertkit.routing.features import map_batches, positions
+from expertkit.routing.features import map_batches
 
 TEMPERATURE = 0.01  # affinities are mean |cos| values a few hundredths apart
 
@@ -73,7 +73,7 @@ class ArrowRouter(Router):
 
             handles = [modules[n].register_forward_pre_hook(collect(n)) for n in self.tensors]
             try:
-                pool.forward(ids, mask, [BASE_ADAPTER] * len(ids), position_ids=positions(mask))
+                pool.forward(ids, mask, [BASE_ADAPTER] * len(ids), position_ids=position_ids(mask))
             finally:
                 for h in handles:
                     h.remove()

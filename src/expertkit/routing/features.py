@@ -11,23 +11,14 @@ from typing import Callable
 
 import torch
 
-from expertkit.compose.pool import BASE_ADAPTER
+from expertkit.compose.pool import BASE_ADAPTER, position_ids
+from expertkit.decoding import pad_left
 from expertkit.routing.base import Prompts
 
 
 def token_budget(pool, settings) -> int:
     context = pool.context_length
     return min(settings.max_tokens, context) if context else settings.max_tokens
-
-
-def left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
-    return ids, mask
 
 
 def map_batches(pool, prompts: Prompts, settings, fn: Callable, per_prompt_rows: int = 1) -> torch.Tensor:
@@ -42,13 +33,9 @@ def map_batches(pool, prompts: Prompts, settings, fn: Callable, per_prompt_rows:
     rows = [r[-budget:] for r in prompts.ids]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     step = max(1, settings.batch_size // per_prompt_rows)
-    parts = [fn(*left_padded([rows[i] for i in order[s:s + step]], pad)) for s in range(0, len(order), step)]
+    parts = [fn(*pad_left([rows[i] for i in order[s:s + step]], pad)) for s in range(0, len(order), step)]
     out = torch.cat(parts)
     return out[torch.argsort(torch.tensor(order))]
-
-
-def positions(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 @torch.no_grad()
@@ -56,7 +43,7 @@ def mean_hidden_states(pool, prompts: Prompts, settings) -> torch.Tensor:
     """[N, layers + 1, H] the base model's hidden states (embeddings and every layer) averaged over real tokens."""
 
     def pooled(ids, mask):
-        result = pool.forward(ids, mask, [BASE_ADAPTER] * len(ids), position_ids=positions(mask),
+        result = pool.forward(ids, mask, [BASE_ADAPTER] * len(ids), position_ids=position_ids(mask),
                               output_hidden_states=True)
         hidden = torch.stack(result.hidden_states, dim=1).float()  # [n, layers + 1, T, H]
         weights = mask.to(hidden.device, hidden.dtype)[:, None, :, None]
