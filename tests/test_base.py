@@ -34,3 +34,18 @@ def test_base_load_errors_are_clear(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ExpertkitError, match="not a Hugging Face model dir"):
         load_base(str(tmp_path / "empty"))
+
+
+def test_a_second_base_can_reuse_the_first_ones_tokenizer(tmp_path, micro_base_dir):
+    from expertkit.base import tokenizer_hash
+    from expertkit.build import build_base
+    from expertkit.config import load_config
+
+    from conftest import MICRO_BUILD, write_project
+
+    smaller = {**MICRO_BUILD, "hidden_size": 16, "intermediate_size": 32, "tokenizer": str(micro_base_dir)}
+    cfg = load_config(write_project(tmp_path, str(tmp_path / "small"), base={"build": smaller}))
+    small = load_base(str(build_base(cfg)))
+    large = load_base(str(micro_base_dir))
+    assert tokenizer_hash(small.tokenizer) == tokenizer_hash(large.tokenizer)
+    assert small.model.config.hidden_size == 16

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from expertkit.config import BuildConfig, ProjectConfig
-from expertkit.data import Corpus, TrainingStream, load_corpus, make_blocks
+from expertkit.data import TrainingStream, load_corpus, make_blocks
 from expertkit.errors import ExpertkitError
 from expertkit.fsutil import atomic_dir
 from expertkit.optim import make_optimizer, train_step
@@ -35,6 +35,21 @@ def train_tokenizer(texts, vocab_size: int):
                                    pad_token=SPECIAL_TOKENS[1], model_max_length=1_000_000)
 
 
+def load_tokenizer(path: str):
+    """An existing tokenizer, so two bases share one vocabulary (needed to combine their logits)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ExpertkitError(f"base.build.tokenizer: cannot load a tokenizer from {path} ({str(e).splitlines()[0]})") from None
+    if tokenizer.eos_token is None:
+        raise ExpertkitError(f"base.build.tokenizer: the tokenizer at {path} has no EOS token; pick one that has")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def tiny_llama(build: BuildConfig, tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -49,13 +64,9 @@ def tiny_llama(build: BuildConfig, tokenizer):
     return LlamaForCausalLM(config)
 
 
-def pretrain_corpora(config: ProjectConfig) -> dict[str, Corpus]:
-    return {name: load_corpus(config.domain(name)) for name in config.base.build.corpus}
-
-
-def build_base(config: ProjectConfig, out_dir: str | None = None, corpora: dict[str, Corpus] | None = None,
-               device: str | None = None, force: bool = False) -> Path:
-    """Train the tokenizer on every domain's train split, then pretrain on the `corpus` mix."""
+def build_base(config: ProjectConfig, out_dir: str | None = None, device: str | None = None,
+               force: bool = False) -> Path:
+    """Train the tokenizer on every domain's train split (or reuse `build.tokenizer`), then pretrain on the mix."""
     build = config.base.build
     if build is None:
         raise ExpertkitError("the config has no base.build section; add one to build a tiny base")
@@ -65,11 +76,12 @@ def build_base(config: ProjectConfig, out_dir: str | None = None, corpora: dict[
         return out
     torch.manual_seed(config.seed)
     all_corpora = {d.name: load_corpus(d) for d in config.all_domains()}
-    if corpora:
-        all_corpora.update(corpora)
-    tokenizer_texts = [ex.full_text for c in all_corpora.values() for ex in c.splits["train"][: build.tokenizer_documents]]
-    with console.status("training the byte-level BPE tokenizer"):
-        tokenizer = train_tokenizer(tokenizer_texts, build.vocab_size)
+    if build.tokenizer:
+        tokenizer = load_tokenizer(build.tokenizer)
+    else:
+        texts = [ex.full_text for c in all_corpora.values() for ex in c.splits["train"][: build.tokenizer_documents]]
+        with console.status("training the byte-level BPE tokenizer"):
+            tokenizer = train_tokenizer(texts, build.vocab_size)
     model = tiny_llama(build, tokenizer)
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(dev)

@@ -72,6 +72,8 @@ class BuildConfig(Strict):
     learning_rate: float = Field(3e-3, gt=0)
     warmup_steps: int = Field(30, ge=0)
     tokenizer_documents: int = Field(20000, ge=10, description="documents per domain used to train the tokenizer")
+    tokenizer: str | None = Field(None, description="reuse this tokenizer dir instead of training one "
+                                  "(bases whose logits are combined must share a vocabulary)")
 
     @field_validator("corpus")
     @classmethod
