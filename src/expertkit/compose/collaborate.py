@@ -1,0 +1,112 @@
+"""Collaborative decoding: a small domain expert steers a large general model at decoding time.
+
+- proxy (proxy-tuning / emulated fine-tuning): log p ∝ large + α · (small_expert − small_base);
+- defer (FS-GEN / Co-LLM): the small expert answers, except where its predictive entropy exceeds a
+  threshold; there the large model's distribution is used.
+
+The large model's weights are never touched. The small model's rows (expert and anti-expert) come
+from ONE batched forward (PEFT per-row `adapter_names`), so its weights are held once and paid once
+per step; both models keep KV caches. Each strategy returns log-probabilities, whose softmax is the
+combined distribution, through the ordinary Composition interface.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+
+import torch
+
+from expertkit.base import tokenizer_hash
+from expertkit.compose.base import Composition, DecodeState
+from expertkit.compose.pool import BASE_ADAPTER, ExpertPool
+from expertkit.errors import ExpertkitError
+
+
+def check_collaborators(large: ExpertPool, small: ExpertPool, experts: list[str]) -> None:
+    """Same vocabulary (token i is the same string in both), and every expert loaded on the small base."""
+    if tokenizer_hash(large.tokenizer) != tokenizer_hash(small.tokenizer):
+        raise ExpertkitError(f"the large model '{large.base.name}' and the small model '{small.base.name}' have "
+                             "different vocabularies, so their logits cannot be combined; build the small base "
+                             "with base.build.tokenizer pointing at the large model")
+    missing = [e for e in experts if e not in small.adapter_names]
+    if missing:
+        raise ExpertkitError(f"expert(s) {missing} are not loaded on the small model '{small.base.name}' "
+                             f"(loaded: {small.adapter_names}); use experts trained on that small base")
+
+
+class Collaboration(Composition):
+    """The large model (bare) and the small model on `small_adapters`, one batched small forward per step."""
+
+    def __init__(self, large: ExpertPool, small: ExpertPool, small_adapters: list[str], name: str):
+        check_collaborators(large, small, [a for a in small_adapters if a != BASE_ADAPTER])
+        self.large, self.small, self.small_adapters, self.name = large, small, small_adapters, name
+
+    @abstractmethod
+    def combine(self, large_lp: torch.Tensor, small_lp: torch.Tensor, extra: dict) -> torch.Tensor:
+        """large_lp [B, ..., V], small_lp [k, B, ..., V] (one slice per small adapter) -> log-probs [B, ..., V]."""
+
+    def _small_rows(self, rows: int) -> list[str]:
+        return [a for a in self.small_adapters for _ in range(rows)]
+
+    def _finish(self, large_logits, small_logits, rows: int, extra: dict):
+        k = len(self.small_adapters)
+        small_lp = torch.log_softmax(small_logits.float(), -1).view(k, rows, *small_logits.shape[1:])
+        out = self.combine(torch.log_softmax(large_logits.float(), -1), small_lp.to(large_logits.device), extra)
+        large_state = extra["large"]
+        return out, DecodeState(None, large_state.attention_mask, large_state.next_position, extra)
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        rows, k = input_ids.shape[0], len(self.small_adapters)
+        large_logits, large_state = self.large.prefill(input_ids, attention_mask, [BASE_ADAPTER] * rows)
+        small_logits, small_state = self.small.prefill(input_ids.repeat(k, 1), attention_mask.repeat(k, 1),
+                                                        self._small_rows(rows))
+        extra = {"large": large_state, "small": small_state, "mask": attention_mask.to(large_logits.device).bool()}
+        return self._finish(large_logits, small_logits, rows, extra)
+
+    def step(self, state: DecodeState, next_ids: torch.Tensor):
+        rows, k = next_ids.shape[0], len(self.small_adapters)
+        extra = dict(state.extra)
+        large_logits, extra["large"] = self.large.step(extra["large"], next_ids, [BASE_ADAPTER] * rows)
+        small_logits, extra["small"] = self.small.step(extra["small"], next_ids.repeat(k), self._small_rows(rows))
+        extra["mask"] = torch.ones(rows, dtype=torch.bool, device=large_logits.device)
+        return self._finish(large_logits, small_logits, rows, extra)
+
+
+class ProxyComposition(Collaboration):
+    """Proxy-tuning: the large model shifted by α times what tuning changed in the small model."""
+
+    def __init__(self, large: ExpertPool, small: ExpertPool, expert: str, alpha: float = 1.0,
+                 name: str | None = None):
+        if alpha < 0:
+            raise ExpertkitError(f"proxy alpha must be >= 0 (0 = the large model alone), got {alpha}")
+        super().__init__(large, small, [expert, BASE_ADAPTER], name or f"proxy:{expert}")
+        self.alpha = alpha
+
+    def combine(self, large_lp, small_lp, extra):
+        expert, anti_expert = small_lp[0], small_lp[1]
+        return large_lp + self.alpha * (expert - anti_expert)
+
+
+class DeferComposition(Collaboration):
+    """The small expert decodes; tokens where its entropy exceeds `threshold` (nats) go to the large model."""
+
+    def __init__(self, large: ExpertPool, small: ExpertPool, expert: str, threshold: float,
+                 name: str | None = None):
+        if threshold < 0:
+            raise ExpertkitError(f"defer threshold is an entropy in nats and must be >= 0, got {threshold}")
+        super().__init__(large, small, [expert], name or f"defer:{expert}")
+        self.threshold = threshold
+        self.deferred = self.decided = 0  # running counts: the fraction of tokens handed to the large model
+
+    @property
+    def deferred_fraction(self) -> float:
+        return self.deferred / max(self.decided, 1)
+
+    def combine(self, large_lp, small_lp, extra):
+        expert = small_lp[0]
+        entropy = -(expert.exp() * expert).sum(-1)
+        defer = entropy > self.threshold
+        real = extra["mask"]
+        self.deferred += int((defer & real).sum())
+        self.decided += int(real.sum())
+        return torch.where(defer.unsqueeze(-1), large_lp, expert)

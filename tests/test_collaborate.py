@@ -1,0 +1,97 @@
+"""Collaborative decoding: a small expert steering a large model (proxy-tuning, deferral)."""
+
+import pytest
+import torch
+
+from expertkit.base import load_base
+from expertkit.build import build_base
+from expertkit.compose import BASE_ADAPTER, ExpertPool
+from expertkit.compose.collaborate import DeferComposition, ProxyComposition
+from expertkit.config import load_config
+from expertkit.decoding import SamplingParams, generate, left_pad
+from expertkit.errors import ExpertkitError
+from expertkit.library import Library
+from expertkit.train import train_all
+from expertkit.workflow import load_project_base
+
+from conftest import MICRO_BUILD, write_project
+
+
+@pytest.fixture(scope="module")
+def pools(tmp_path_factory, micro_base_dir):
+    """(large pool = the micro base, small pool = a 16-wide base sharing its tokenizer, with expert 'alpha')."""
+    root = tmp_path_factory.mktemp("collab")
+    small_build = {**MICRO_BUILD, "hidden_size": 16, "intermediate_size": 32, "tokenizer": str(micro_base_dir)}
+    project = write_project(root, str(root / "small"), domains=("alpha",), base={"build": small_build},
+                            training={"steps": 20})
+    cfg, small = load_project_base(project)
+    train_all(cfg, small)
+    return ExpertPool(load_base(str(micro_base_dir))), ExpertPool(small, Library(cfg.library))
+
+
+def _ids(pool, texts):
+    return left_pad(pool.tokenizer, texts)
+
+
+def test_alpha_zero_reproduces_the_large_models_greedy_generate(pools):
+    large, small = pools
+    proxy = ProxyComposition(large, small, "alpha", alpha=0.0)
+    prompt = "patient dose trial"
+    ours = generate(proxy, large.tokenizer, [prompt], SamplingParams(max_new_tokens=16))[0]
+    ids = large.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    reference = large.base.model.generate(ids, max_new_tokens=16, do_sample=False,
+                                          pad_token_id=large.tokenizer.pad_token_id)
+    expected = large.tokenizer.decode(reference[0, ids.shape[1]:])
+    assert ours == expected.split(large.tokenizer.eos_token)[0]
+
+
+def test_one_batched_small_forward_equals_separate_forwards(pools):
+    large, small = pools
+    ids, mask = _ids(large, ["patient dose", "the a of and to in is was"])
+    proxy = ProxyComposition(large, small, "alpha", alpha=0.7)
+    combined, _ = proxy.prefill(ids, mask)
+    lp = lambda logits: torch.log_softmax(logits.float(), -1)  # noqa: E731
+    large_lp = lp(large.prefill(ids, mask, [BASE_ADAPTER] * 2)[0])
+    expert_lp = lp(small.prefill(ids, mask, ["alpha"] * 2)[0])
+    base_lp = lp(small.prefill(ids, mask, [BASE_ADAPTER] * 2)[0])
+    torch.testing.assert_close(combined, large_lp + 0.7 * (expert_lp - base_lp), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(expert_lp, base_lp)
+
+
+@pytest.mark.parametrize("make", [lambda l, s: ProxyComposition(l, s, "alpha", alpha=1.0),
+                                  lambda l, s: DeferComposition(l, s, "alpha", threshold=3.0)])
+def test_cached_steps_equal_recomputing_the_sequence(pools, make):
+    large, small = pools
+    composition = make(large, small)
+    ids = torch.randint(3, 250, (2, 10), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    logits, state = composition.prefill(ids[:, :5], mask[:, :5])
+    for t in range(5, 10):
+        logits, state = composition.step(state, ids[:, t])
+    full, _ = composition.prefill(ids, mask)
+    torch.testing.assert_close(logits, full[:, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_defer_threshold_moves_tokens_between_the_models(pools):
+    large, small = pools
+    ids, mask = _ids(large, ["patient dose trial cohort"])
+    lp = lambda logits: torch.log_softmax(logits.float(), -1)  # noqa: E731
+    always = DeferComposition(large, small, "alpha", threshold=0.0)
+    torch.testing.assert_close(always.prefill(ids, mask)[0], lp(large.prefill(ids, mask, [BASE_ADAPTER])[0]))
+    assert always.deferred_fraction == 1.0
+    never = DeferComposition(large, small, "alpha", threshold=1e9)
+    torch.testing.assert_close(never.prefill(ids, mask)[0], lp(small.prefill(ids, mask, ["alpha"])[0]))
+    assert never.deferred_fraction == 0.0
+
+
+def test_bad_inputs(pools, tmp_path):
+    large, small = pools
+    with pytest.raises(ExpertkitError, match="alpha must be >= 0"):
+        ProxyComposition(large, small, "alpha", alpha=-0.5)
+    with pytest.raises(ExpertkitError, match=r"expert\(s\) \['beta'\] are not loaded on the small model"):
+        ProxyComposition(large, small, "beta")
+    other_build = {**MICRO_BUILD, "vocab_size": 320}
+    other = load_base(str(build_base(load_config(write_project(tmp_path, str(tmp_path / "other"),
+                                                               base={"build": other_build})))))
+    with pytest.raises(ExpertkitError, match="different vocabularies"):
+        ProxyComposition(ExpertPool(other), small, "alpha")
