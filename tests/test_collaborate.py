@@ -6,7 +6,7 @@ import torch
 from expertkit.base import load_base
 from expertkit.build import build_base
 from expertkit.compose import BASE_ADAPTER, ExpertPool
-from expertkit.compose.collaborate import DeferComposition, ProxyComposition
+from expertkit.compose.collaborate import DeferComposition, FusionComposition, ProxyComposition
 from expertkit.config import load_config
 from expertkit.decoding import SamplingParams, generate, left_pad
 from expertkit.errors import ExpertkitError
@@ -95,3 +95,17 @@ def test_bad_inputs(pools, tmp_path):
                                                                base={"build": other_build})))))
     with pytest.raises(ExpertkitError, match="different vocabularies"):
         ProxyComposition(ExpertPool(other), small, "alpha")
+
+
+def test_fusion_with_one_expert_is_proxy_and_caches_match(pools):
+    large, small = pools
+    ids = torch.randint(3, 250, (2, 9), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    fusion = FusionComposition(large, small, ["alpha"], alpha=0.8)
+    proxy = ProxyComposition(large, small, "alpha", alpha=0.8)
+    torch.testing.assert_close(fusion.prefill(ids, mask)[0], proxy.prefill(ids, mask)[0])
+    two = FusionComposition(large, small, ["alpha", BASE_ADAPTER], alpha=1.0)  # 2nd "expert": the bare base
+    logits, state = two.prefill(ids[:, :4], mask[:, :4])
+    for t in range(4, 9):
+        logits, state = two.step(state, ids[:, t])
+    torch.testing.assert_close(logits, two.prefill(ids, mask)[0][:, -1], rtol=1e-4, atol=1e-4)

@@ -1,6 +1,8 @@
 """Collaborative decoding: a small domain expert steers a large general model at decoding time.
 
 - proxy (proxy-tuning / emulated fine-tuning): log p ∝ large + α · (small_expert − small_base);
+- fusion: several experts at once, log p ∝ large + α · Σ_k w_k (expert_k − small_base), with w the
+  experts' posterior given the prefix (BTM's domain posterior), updated as tokens arrive;
 - defer (FS-GEN / Co-LLM): the small expert answers, except where its predictive entropy exceeds a
   threshold; there the large model's distribution is used.
 
@@ -18,6 +20,7 @@ import torch
 
 from expertkit.base import tokenizer_hash
 from expertkit.compose.base import Composition, DecodeState
+from expertkit.compose.mix import next_evidence, prefix_evidence
 from expertkit.compose.pool import BASE_ADAPTER, ExpertPool
 from expertkit.errors import ExpertkitError
 
@@ -60,12 +63,14 @@ class Collaboration(Composition):
         large_logits, large_state = self.large.prefill(input_ids, attention_mask, [BASE_ADAPTER] * rows)
         small_logits, small_state = self.small.prefill(input_ids.repeat(k, 1), attention_mask.repeat(k, 1),
                                                         self._small_rows(rows))
-        extra = {"large": large_state, "small": small_state, "mask": attention_mask.to(large_logits.device).bool()}
+        extra = {"large": large_state, "small": small_state, "mask": attention_mask.to(large_logits.device).bool(),
+                 "input_ids": input_ids}
         return self._finish(large_logits, small_logits, rows, extra)
 
     def step(self, state: DecodeState, next_ids: torch.Tensor):
         rows, k = next_ids.shape[0], len(self.small_adapters)
-        extra = dict(state.extra)
+        extra = {**state.extra, "next_ids": next_ids}
+        extra.pop("input_ids", None)
         large_logits, extra["large"] = self.large.step(extra["large"], next_ids, [BASE_ADAPTER] * rows)
         small_logits, extra["small"] = self.small.step(extra["small"], next_ids.repeat(k), self._small_rows(rows))
         extra["mask"] = torch.ones(rows, dtype=torch.bool, device=large_logits.device)
@@ -85,6 +90,34 @@ class ProxyComposition(Collaboration):
     def combine(self, large_lp, small_lp, extra):
         expert, anti_expert = small_lp[0], small_lp[1]
         return large_lp + self.alpha * (expert - anti_expert)
+
+
+class FusionComposition(Collaboration):
+    """Several small experts steer the large model, each weighted by its posterior given the prefix."""
+
+    def __init__(self, large: ExpertPool, small: ExpertPool, experts: list[str], alpha: float = 1.0,
+                 name: str = "fusion"):
+        if alpha < 0:
+            raise ExpertkitError(f"fusion alpha must be >= 0 (0 = the large model alone), got {alpha}")
+        if not experts:
+            raise ExpertkitError("fusion needs at least one expert")
+        super().__init__(large, small, [*experts, BASE_ADAPTER], name)
+        self.alpha = alpha
+        self.log_prior = torch.full((len(experts),), -torch.log(torch.tensor(float(len(experts)))).item())
+
+    def combine(self, large_lp, small_lp, extra):
+        experts, anti_expert = small_lp[:-1], small_lp[-1]  # [K, B, ..., V], [B, ..., V]
+        by_row = experts.transpose(0, 1)  # [B, K, ..., V]
+        if "next_ids" in extra:  # one step: update the running evidence with the token just chosen
+            evidence = next_evidence(extra["evidence"], extra["last_log_probs"], extra["next_ids"])
+            extra["evidence"] = evidence
+        else:
+            evidence = prefix_evidence(by_row, extra["input_ids"], extra["mask"].long(), self.log_prior)
+            extra["evidence"] = evidence[:, :, -1]
+        extra["last_log_probs"] = by_row if by_row.dim() == 3 else by_row[:, :, -1]
+        weights = torch.softmax(evidence, dim=1)  # [B, K, ...]
+        shift = (weights.unsqueeze(-1) * (by_row - anti_expert.unsqueeze(1))).sum(1)
+        return large_lp + self.alpha * shift
 
 
 class DeferComposition(Collaboration):

@@ -25,6 +25,29 @@ from expertkit.errors import ExpertkitError
 from expertkit.library import MIXTURE_SPEC, Entry, Library
 
 
+def prefix_evidence(log_probs: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    log_prior: torch.Tensor) -> torch.Tensor:
+    """[B, C, T] log prior + each component's log-likelihood of the real tokens up to and including t.
+
+    log_probs [B, C, T, V] are each component's next-token log-probabilities; position t's evidence
+    uses tokens <= t only, so it may weigh the prediction of token t+1 without peeking at it.
+    """
+    rows, n, width, _ = log_probs.shape
+    ids, mask = input_ids.to(log_probs.device), attention_mask.to(log_probs.device)
+    seen = torch.zeros(rows, n, width, device=log_probs.device)
+    next_ids = ids[:, None, 1:, None].expand(rows, n, width - 1, 1)
+    scored = (mask[:, 1:] * mask[:, :-1]).float()[:, None]  # a real token predicted from a real one
+    seen[:, :, 1:] = log_probs[:, :, :-1].gather(-1, next_ids).squeeze(-1) * scored
+    return log_prior.to(seen.device)[None, :, None] + seen.cumsum(-1)
+
+
+def next_evidence(evidence: torch.Tensor, last_log_probs: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+    """[B, C] evidence after one more token, from each component's previous prediction [B, C, V]."""
+    rows, n = evidence.shape
+    picked = last_log_probs.gather(-1, next_ids.to(last_log_probs.device).view(rows, 1, 1).expand(rows, n, 1))
+    return evidence + picked.squeeze(-1)
+
+
 def top_k_log_posterior(evidence: torch.Tensor, top_k: int) -> torch.Tensor:
     """Normalised log posterior over the last dim, keeping only the top_k components (others -inf)."""
     if top_k < evidence.shape[-1]:
@@ -54,21 +77,14 @@ class MixtureComposition(Composition):
         logits, inner = self.pool.prefill(input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0),
                                           self._replicated(rows))
         log_probs = torch.log_softmax(logits.float(), dim=-1).view(rows, n, width, -1)
-        ids, mask = input_ids.to(log_probs.device), attention_mask.to(log_probs.device)
-        seen = torch.zeros(rows, n, width, device=log_probs.device)
-        next_ids = ids[:, None, 1:, None].expand(rows, n, width - 1, 1)
-        scored = (mask[:, 1:] * mask[:, :-1]).float()[:, None]  # a real token predicted from a real one
-        seen[:, :, 1:] = log_probs[:, :, :-1].gather(-1, next_ids).squeeze(-1) * scored
-        evidence = self.log_prior.to(seen.device)[None, :, None] + seen.cumsum(-1)  # [B, C, T]
+        evidence = prefix_evidence(log_probs, input_ids, attention_mask, self.log_prior)  # [B, C, T]
         mixed = self._mix(evidence.transpose(1, 2), log_probs.transpose(1, 2))
         inner.extra = {"evidence": evidence[:, :, -1], "last_log_probs": log_probs[:, :, -1]}
         return mixed, inner
 
     def step(self, state: DecodeState, next_ids: torch.Tensor):
         rows, n = next_ids.shape[0], len(self.components)
-        last = state.extra["last_log_probs"]
-        evidence = state.extra["evidence"] + last.gather(-1, next_ids.to(last.device).view(rows, 1, 1).expand(
-            rows, n, 1)).squeeze(-1)
+        evidence = next_evidence(state.extra["evidence"], state.extra["last_log_probs"], next_ids)
         logits, inner = self.pool.step(state, next_ids.repeat_interleave(n, 0), self._replicated(rows))
         log_probs = torch.log_softmax(logits.float(), dim=-1).view(rows, n, -1)
         inner.extra = {"evidence": evidence, "last_log_probs": log_probs}
