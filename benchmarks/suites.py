@@ -15,6 +15,7 @@ def suite(name: str):
     return wrap
 
 
-import merge  # noqa: E402,F401  (each suite module registers itself)
+import collaborate  # noqa: E402,F401  (each suite module registers itself)
+import merge  # noqa: E402,F401
 import route  # noqa: E402,F401
 import specialize  # noqa: E402,F401

@@ -1,0 +1,205 @@
+"""Suite `collaborate`: small domain experts steer a large general model (proxy-tuning, fusion, deferral).
+
+Large = the cached `specialize` base (its LoRA experts are the "truly tuned" reference); small = a base over
+4x smaller pretrained on the same mix with the same tokenizer, with one LoRA expert per domain.
+Acceptance: mean gap closed (loss_large - loss_proxy) / (loss_large - loss_large_tuned) >= 90%; at batch 1,
+greedy, 128 new tokens: proxy tok/s >= 0.75 x the large model's own generate() and >= 1.3 x a
+three-separate-models cached implementation.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from common import GENERAL, bench_config
+from suites import suite
+
+SMALL_BUILD = {"hidden_size": 96, "intermediate_size": 256, "num_layers": 2, "num_heads": 4}
+MAX_BLOCKS = 48
+DEFER_THRESHOLDS = [0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+NEW_TOKENS, PROMPT_TOKENS, REPEATS = 128, 32, 3
+GAP_TARGET, LARGE_SPEED_TARGET, REFERENCE_SPEED_TARGET = 0.90, 0.75, 1.3
+
+
+def _bases(data: Path, device):
+    from expertkit.base import count_parameters
+    from expertkit.train import train_all
+    from expertkit.workflow import load_project_base
+
+    large_cfg, large = load_project_base(bench_config(data), device)
+    train_all(large_cfg, large)
+    small_cfg, small = load_project_base(bench_config(data, build={**SMALL_BUILD, "tokenizer": large_cfg.base.path}),
+                                         device)
+    train_all(small_cfg, small)
+    sizes = {"large_params": count_parameters(large.model), "small_params": count_parameters(small.model)}
+    return large_cfg, large, small_cfg, small, sizes
+
+
+def _score(compositions, blocks, batch_size) -> dict[str, float]:
+    from expertkit.evaluate import score
+
+    card = score(compositions, blocks, batch_size)
+    return {c.name: card["ppl"][c.name] for c in compositions}
+
+
+def quality(large_cfg, large_pool, small_pool, experts: list[str]) -> dict:
+    """Per-domain perplexity of large, large tuned, small expert, proxy, fusion and the defer sweep."""
+    from expertkit.compose import BASE_ADAPTER
+    from expertkit.compose.adapters import AdapterComposition
+    from expertkit.compose.collaborate import DeferComposition, FusionComposition, ProxyComposition
+    from expertkit.evaluate import test_blocks
+
+    blocks = {d: b.take(slice(0, MAX_BLOCKS)) for d, b in test_blocks(large_cfg, large_pool.tokenizer).items()}
+    bs = large_cfg.evaluation.batch_size
+    out = {"domains": {}, "defer": []}
+    fusion = FusionComposition(large_pool, small_pool, experts, name="fusion")
+    for d in experts:
+        rows = _score([AdapterComposition(large_pool, BASE_ADAPTER, "large"),
+                       AdapterComposition(large_pool, d, "large_tuned"),
+                       AdapterComposition(small_pool, d, "small_expert"),
+                       ProxyComposition(large_pool, small_pool, d, alpha=1.0, name="proxy"), fusion],
+                      {d: blocks[d]}, bs)
+        loss = {k: math.log(v) for k, v in rows.items()}
+        rows["gap_closed"] = (loss["large"] - loss["proxy"]) / (loss["large"] - loss["large_tuned"])
+        out["domains"][d] = rows
+    out["fusion_general"] = _score([fusion, AdapterComposition(large_pool, BASE_ADAPTER, "large")],
+                                   {GENERAL: blocks[GENERAL]}, bs)
+    for threshold in DEFER_THRESHOLDS:
+        point = {"threshold": threshold, "ppl": {}, "deferred": {}}
+        for d in experts:
+            defer = DeferComposition(large_pool, small_pool, d, threshold, name="defer")
+            point["ppl"][d] = _score([defer], {d: blocks[d]}, bs)["defer"]
+            point["deferred"][d] = defer.deferred_fraction
+        point["mean_deferred"] = statistics.mean(point["deferred"].values())
+        point["mean_log_ppl"] = statistics.mean(math.log(v) for v in point["ppl"].values())
+        out["defer"].append(point)
+    return out
+
+
+@torch.no_grad()
+def _greedy_tok_s(prefill, step, ids: torch.Tensor) -> float:
+    """Tokens per second of a prefill + step greedy loop producing exactly NEW_TOKENS tokens."""
+    started = time.perf_counter()
+    logits, state = prefill(ids)
+    token = logits[:, -1].argmax(-1)
+    for _ in range(NEW_TOKENS - 1):
+        logits, state = step(state, token)
+        token = logits.argmax(-1)
+    return NEW_TOKENS / (time.perf_counter() - started)
+
+
+@torch.no_grad()
+def speed(large_path: str, small_pool, expert: str, prompt_ids: torch.Tensor) -> dict:
+    """Side by side, one run after another, median of REPEATS: large generate(), proxy, three-model reference."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from expertkit.base import load_base
+    from expertkit.compose import ExpertPool
+    from expertkit.compose.collaborate import ProxyComposition
+
+    large_model = AutoModelForCausalLM.from_pretrained(large_path).eval()
+    small_path = small_pool.base.name
+    small_base_model = AutoModelForCausalLM.from_pretrained(small_path).eval()
+    expert_dir = next(e.path for e in small_pool.entries if e.name == expert)
+    small_expert_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(small_path),
+                                                   str(expert_dir)).merge_and_unload().eval()
+    proxy = ProxyComposition(ExpertPool(load_base(large_path, "cpu")), small_pool, expert, alpha=1.0)
+    mask = torch.ones_like(prompt_ids)
+
+    def generate_large() -> float:
+        started = time.perf_counter()
+        out = large_model.generate(prompt_ids, attention_mask=mask, max_new_tokens=NEW_TOKENS,
+                                   min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+        return (out.shape[1] - prompt_ids.shape[1]) / (time.perf_counter() - started)
+
+    def proxy_run() -> float:
+        return _greedy_tok_s(lambda ids: proxy.prefill(ids, mask), proxy.step, prompt_ids)
+
+    def three_models() -> float:
+        """The reference design: three separate cached models, three forwards per token."""
+        models, caches = [large_model, small_expert_model, small_base_model], []
+
+        def combined(ids):
+            outs = [m(input_ids=ids, past_key_values=c, use_cache=True) for m, c in zip(models, caches)]
+            caches[:] = [o.past_key_values for o in outs]
+            large_lp, expert_lp, base_lp = (torch.log_softmax(o.logits.float(), -1) for o in outs)
+            return large_lp + (expert_lp - base_lp)
+
+        def prefill(ids):
+            caches[:] = [DynamicCache() for _ in models]
+            return combined(ids), None
+
+        return _greedy_tok_s(prefill, lambda _, token: (combined(token.view(1, 1))[:, -1], None), prompt_ids)
+
+    runs = {"large_generate_tok_s": [], "proxy_tok_s": [], "three_model_tok_s": []}
+    for _ in range(REPEATS + 1):  # the first round warms up and is dropped
+        for key, fn in (("large_generate_tok_s", generate_large), ("proxy_tok_s", proxy_run),
+                        ("three_model_tok_s", three_models)):
+            runs[key].append(fn())
+    result = {k: statistics.median(v[1:]) for k, v in runs.items()}
+    result["proxy_vs_large_generate"] = result["proxy_tok_s"] / result["large_generate_tok_s"]
+    result["proxy_vs_three_models"] = result["proxy_tok_s"] / result["three_model_tok_s"]
+    return result
+
+
+def plot_defer(points: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([p["mean_deferred"] for p in points], [math.exp(p["mean_log_ppl"]) for p in points], "o-")
+    for p in points:
+        ax.annotate(f"τ={p['threshold']}", (p["mean_deferred"], math.exp(p["mean_log_ppl"])), fontsize=7)
+    ax.set_xlabel("fraction of tokens deferred to the large model")
+    ax.set_ylabel("perplexity (geometric mean over domains)")
+    ax.set_title("defer: quality vs tokens deferred")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@suite("collaborate")
+def run(data: Path, device: str | None) -> dict:
+    from expertkit.compose import ExpertPool
+    from expertkit.library import Library
+
+    large_cfg, large, small_cfg, small, sizes = _bases(data, device)
+    experts = [d.name for d in large_cfg.domains]
+    large_pool = ExpertPool(large, Library(large_cfg.library), names=experts)
+    small_pool = ExpertPool(small, Library(small_cfg.library), names=experts)
+    q = quality(large_cfg, large_pool, small_pool, experts)
+    from expertkit.data import load_corpus
+
+    text = load_corpus(large_cfg.domain(experts[0])).splits["test"][0].full_text
+    prompt = torch.tensor([large.tokenizer(text, add_special_tokens=False)["input_ids"][:PROMPT_TOKENS]])
+    s = speed(large_cfg.base.path, small_pool, experts[0], prompt)
+    png = Path(__file__).resolve().parent / "results" / "collaborate_defer.png"
+    png.parent.mkdir(parents=True, exist_ok=True)
+    plot_defer(q["defer"], png)
+    gaps = {d: r["gap_closed"] for d, r in q["domains"].items()}
+    result = {"gap_closed": gaps, "mean_gap_closed": statistics.mean(gaps.values()), "speed": s, "defer": q["defer"],
+              "fusion": {d: r["fusion"] for d, r in q["domains"].items()} | {GENERAL: q["fusion_general"]["fusion"]},
+              "ppl": q["domains"], "sizes": sizes, "defer_plot": str(png)}
+    print(f"\nlarge {sizes['large_params'] / 1e6:.2f}M params, small {sizes['small_params'] / 1e6:.2f}M "
+          f"({sizes['large_params'] / sizes['small_params']:.1f}x)")
+    print(f"{'domain':<12}{'large':>9}{'tuned':>9}{'small exp':>10}{'proxy':>9}{'fusion':>9}{'gap closed':>12}")
+    for d, r in q["domains"].items():
+        print(f"{d:<12}{r['large']:>9.2f}{r['large_tuned']:>9.2f}{r['small_expert']:>10.2f}{r['proxy']:>9.2f}"
+              f"{r['fusion']:>9.2f}{r['gap_closed']:>12.1%}")
+    print(f"mean gap closed {result['mean_gap_closed']:.1%} (target >= {GAP_TARGET:.0%}); fusion on {GENERAL}: "
+          f"{q['fusion_general']['fusion']:.2f} vs large {q['fusion_general']['large']:.2f}")
+    print("defer: " + ", ".join(f"τ={p['threshold']}: {p['mean_deferred']:.0%} deferred, ppl "
+                                f"{math.exp(p['mean_log_ppl']):.2f}" for p in q["defer"]))
+    print(f"speed (batch 1, greedy, {NEW_TOKENS} tokens): large generate() {s['large_generate_tok_s']:.1f} tok/s, "
+          f"proxy {s['proxy_tok_s']:.1f} tok/s ({s['proxy_vs_large_generate']:.2f}x, target >= "
+          f"{LARGE_SPEED_TARGET}), three separate models {s['three_model_tok_s']:.1f} tok/s (proxy "
+          f"{s['proxy_vs_three_models']:.2f}x, target >= {REFERENCE_SPEED_TARGET})")
+    return result
