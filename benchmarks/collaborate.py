@@ -40,11 +40,12 @@ def _bases(data: Path, device):
     return large_cfg, large, small_cfg, small, sizes
 
 
-def _score(compositions, blocks, batch_size) -> dict[str, float]:
+def _score(compositions, domain: str, blocks, batch_size: int) -> dict[str, float]:
+    """{composition name: perplexity on this domain's blocks}."""
     from expertkit.evaluate import score
 
-    card = score(compositions, blocks, batch_size)
-    return {c.name: card["ppl"][c.name] for c in compositions}
+    card = score(compositions, {domain: blocks}, batch_size)
+    return {c.name: card["ppl"][c.name][domain] for c in compositions}
 
 
 def quality(large_cfg, large_pool, small_pool, experts: list[str]) -> dict:
@@ -63,17 +64,17 @@ def quality(large_cfg, large_pool, small_pool, experts: list[str]) -> dict:
                        AdapterComposition(large_pool, d, "large_tuned"),
                        AdapterComposition(small_pool, d, "small_expert"),
                        ProxyComposition(large_pool, small_pool, d, alpha=1.0, name="proxy"), fusion],
-                      {d: blocks[d]}, bs)
+                      d, blocks[d], bs)
         loss = {k: math.log(v) for k, v in rows.items()}
         rows["gap_closed"] = (loss["large"] - loss["proxy"]) / (loss["large"] - loss["large_tuned"])
         out["domains"][d] = rows
     out["fusion_general"] = _score([fusion, AdapterComposition(large_pool, BASE_ADAPTER, "large")],
-                                   {GENERAL: blocks[GENERAL]}, bs)
+                                   GENERAL, blocks[GENERAL], bs)
     for threshold in DEFER_THRESHOLDS:
         point = {"threshold": threshold, "ppl": {}, "deferred": {}}
         for d in experts:
             defer = DeferComposition(large_pool, small_pool, d, threshold, name="defer")
-            point["ppl"][d] = _score([defer], {d: blocks[d]}, bs)["defer"]
+            point["ppl"][d] = _score([defer], d, blocks[d], bs)["defer"]
             point["deferred"][d] = defer.deferred_fraction
         point["mean_deferred"] = statistics.mean(point["deferred"].values())
         point["mean_log_ppl"] = statistics.mean(math.log(v) for v in point["ppl"].values())
