@@ -93,3 +93,14 @@ def trained(project):
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def assert_cached_steps_match(composition, ids, mask, split: int) -> None:
+    """Prefill ids[:, :split], then step through the rest: the last logits equal one prefill of everything."""
+    import torch
+
+    logits, state = composition.prefill(ids[:, :split], mask[:, :split])
+    for t in range(split, ids.shape[1]):
+        logits, state = composition.step(state, ids[:, t])
+    full, _ = composition.prefill(ids, mask)
+    torch.testing.assert_close(logits, full[:, -1], rtol=1e-4, atol=1e-4)

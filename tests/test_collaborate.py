@@ -14,7 +14,7 @@ from expertkit.library import Library
 from expertkit.train import train_all
 from expertkit.workflow import load_project_base
 
-from conftest import MICRO_BUILD, write_project
+from conftest import MICRO_BUILD, assert_cached_steps_match, write_project
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +65,7 @@ def test_cached_steps_equal_recomputing_the_sequence(pools, make):
     composition = make(large, small)
     ids = torch.randint(3, 250, (2, 10), generator=torch.Generator().manual_seed(4))
     mask = torch.ones_like(ids)
-    logits, state = composition.prefill(ids[:, :5], mask[:, :5])
-    for t in range(5, 10):
-        logits, state = composition.step(state, ids[:, t])
-    full, _ = composition.prefill(ids, mask)
-    torch.testing.assert_close(logits, full[:, -1], rtol=1e-4, atol=1e-4)
+    assert_cached_steps_match(composition, ids, mask, split=5)
 
 
 def test_defer_threshold_moves_tokens_between_the_models(pools):
@@ -105,7 +101,4 @@ def test_fusion_with_one_expert_is_proxy_and_caches_match(pools):
     proxy = ProxyComposition(large, small, "alpha", alpha=0.8)
     torch.testing.assert_close(fusion.prefill(ids, mask)[0], proxy.prefill(ids, mask)[0])
     two = FusionComposition(large, small, ["alpha", BASE_ADAPTER], alpha=1.0)  # 2nd "expert": the bare base
-    logits, state = two.prefill(ids[:, :4], mask[:, :4])
-    for t in range(4, 9):
-        logits, state = two.step(state, ids[:, t])
-    torch.testing.assert_close(logits, two.prefill(ids, mask)[0][:, -1], rtol=1e-4, atol=1e-4)
+    assert_cached_steps_match(two, ids, mask, split=4)

@@ -8,6 +8,8 @@ from expertkit.decoding import SamplingParams, generate, left_pad
 from expertkit.errors import ExpertkitError
 from expertkit.evaluate import score
 
+from conftest import assert_cached_steps_match
+
 
 @pytest.fixture
 def pool(trained):
@@ -36,11 +38,7 @@ def test_cached_steps_equal_recomputing_the_sequence(pool):
     alpha = build_compositions(pool, ["alpha"])[0]
     ids = torch.randint(3, 200, (2, 10), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
-    logits, state = alpha.prefill(ids[:, :6], mask[:, :6])
-    for t in range(6, 10):
-        logits, state = alpha.step(state, ids[:, t])
-    full, _ = alpha.prefill(ids, mask)
-    torch.testing.assert_close(logits, full[:, -1], rtol=1e-4, atol=1e-4)
+    assert_cached_steps_match(alpha, ids, mask, split=6)
 
 
 def test_left_padding_does_not_change_a_row(pool, trained):

@@ -15,7 +15,7 @@ from expertkit.evaluate import score
 from expertkit.evaluate import test_blocks as domain_test_blocks
 from expertkit.library import Library
 
-from conftest import write_project
+from conftest import assert_cached_steps_match, write_project
 
 COMPONENTS = ["alpha", "beta", BASE_ADAPTER]
 
@@ -90,11 +90,7 @@ def test_logits_at_t_do_not_depend_on_later_tokens(pool):
 def test_cached_steps_equal_recomputation(pool):
     ids, mask = ids_and_mask(3)
     mixture = MixtureComposition(pool, COMPONENTS, 2, "m")
-    logits, state = mixture.prefill(ids[:, :8], mask[:, :8])
-    for t in range(8, ids.shape[1]):
-        logits, state = mixture.step(state, ids[:, t])
-    full, _ = mixture.prefill(ids, mask)
-    torch.testing.assert_close(logits, full[:, -1], rtol=1e-4, atol=1e-4)
+    assert_cached_steps_match(mixture, ids, mask, split=8)
 
 
 def test_mixture_entry_is_a_composition_for_scorecard_and_generator(trained, pool):

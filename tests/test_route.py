@@ -17,7 +17,7 @@ from expertkit.routing import Prompts, evaluate, load_router, router_kinds, save
 from expertkit.routing.calibrate import calibrate_threshold, decide
 from expertkit.routing.train import domain_texts, label_domains
 
-from conftest import synthetic_documents, write_project
+from conftest import assert_cached_steps_match, synthetic_documents, write_project
 
 ROUTING = {"train_documents": 80, "model_documents": 40, "calibration_documents": 12, "batch_size": 24}
 
@@ -120,11 +120,7 @@ def test_routed_composition_is_used_unchanged_by_scorecard_and_generator(setup, 
     assert card["ppl"]["router-lexical"]["alpha"] == pytest.approx(card["ppl"]["alpha"]["alpha"], rel=1e-4)
     assert card["ppl"]["router-lexical"]["beta"] == pytest.approx(card["ppl"]["beta"]["beta"], rel=1e-4)
     ids = blocks["beta"].input_ids[:2, :20]
-    logits, state = routed.prefill(ids[:, :12], torch.ones_like(ids[:, :12]))
-    for t in range(12, 20):
-        logits, state = routed.step(state, ids[:, t])
-    full, _ = routed.prefill(ids, torch.ones_like(ids))
-    torch.testing.assert_close(logits, full[:, -1], rtol=1e-4, atol=1e-4)
+    assert_cached_steps_match(routed, ids, torch.ones_like(ids), split=12)
     greedy = SamplingParams(max_new_tokens=6)
     assert generate(routed, base.tokenizer, ["patient dose"], greedy) == \
         generate(build_compositions(pool, ["alpha"])[0], base.tokenizer, ["patient dose"], greedy)

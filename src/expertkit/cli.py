@@ -89,7 +89,7 @@ def generate(config: Path = ConfigArg, prompt: str = typer.Argument(..., help="t
     params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                             stop=tuple(stop or ()))
     text = run_generate(composition, base.tokenizer, [prompt], params,
-                        context_length=getattr(base.model.config, "max_position_embeddings", None))[0]
+                        context_length=pool.context_length)[0]
     typer.echo(prompt + text)
 
 
