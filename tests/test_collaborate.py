@@ -6,7 +6,8 @@ import torch
 from expertkit.base import load_base
 from expertkit.build import build_base
 from expertkit.compose import BASE_ADAPTER, ExpertPool
-from expertkit.compose.collaborate import DeferComposition, FusionComposition, ProxyComposition
+from expertkit.compose.collaborate import (DeferComposition, FusionComposition, ProxyComposition,
+                                           build_collaboration, collaboration_names, collaboration_strategies)
 from expertkit.config import load_config
 from expertkit.decoding import SamplingParams, generate, left_pad
 from expertkit.errors import ExpertkitError
@@ -15,17 +16,25 @@ from expertkit.train import train_all
 from expertkit.workflow import load_project_base
 
 from conftest import MICRO_BUILD, assert_cached_steps_match, write_project
+from test_cli import assert_one_line_error, run_cli
 
 
 @pytest.fixture(scope="module")
-def pools(tmp_path_factory, micro_base_dir):
-    """(large pool = the micro base, small pool = a 16-wide base sharing its tokenizer, with expert 'alpha')."""
+def small_project(tmp_path_factory, micro_base_dir):
+    """The project of a 16-wide small base sharing the micro base's tokenizer, with expert 'alpha' trained."""
     root = tmp_path_factory.mktemp("collab")
     small_build = {**MICRO_BUILD, "hidden_size": 16, "intermediate_size": 32, "tokenizer": str(micro_base_dir)}
     project = write_project(root, str(root / "small"), domains=("alpha",), base={"build": small_build},
                             training={"steps": 20})
     cfg, small = load_project_base(project)
     train_all(cfg, small)
+    return project
+
+
+@pytest.fixture(scope="module")
+def pools(small_project, micro_base_dir):
+    """(large pool = the micro base, small pool = the small base with expert 'alpha')."""
+    cfg, small = load_project_base(small_project)
     return ExpertPool(load_base(str(micro_base_dir))), ExpertPool(small, Library(cfg.library))
 
 
@@ -102,3 +111,49 @@ def test_fusion_with_one_expert_is_proxy_and_caches_match(pools):
     torch.testing.assert_close(fusion.prefill(ids, mask)[0], proxy.prefill(ids, mask)[0])
     two = FusionComposition(large, small, ["alpha", BASE_ADAPTER], alpha=1.0)  # 2nd "expert": the bare base
     assert_cached_steps_match(two, ids, mask, split=4)
+
+
+def test_registry_builds_every_listed_spec(pools):
+    large, small = pools
+    names = collaboration_names(small)
+    assert {"proxy:alpha", "defer:alpha", "fusion"} <= set(names)
+    for spec in names:
+        assert build_collaboration(spec, large, small).name == spec
+    proxy = build_collaboration("proxy:alpha", large, small, alpha=0.5, threshold=None)
+    assert isinstance(proxy, ProxyComposition) and proxy.alpha == 0.5
+    assert build_collaboration("defer:alpha", large, small).threshold == collaboration_strategies()["defer"]["threshold"]
+    assert collaboration_names(ExpertPool(small.base)) == []  # a small model without experts offers nothing
+
+
+@pytest.mark.parametrize("spec, params, message", [
+    ("prox:alpha", {}, "unknown collaboration strategy 'prox'"),
+    ("proxy:beta", {}, "unknown expert 'beta' in 'proxy:beta'"),
+    ("proxy", {}, "no expert in 'proxy'"),
+    ("fusion:alpha", {}, "'fusion' takes no expert"),
+    ("defer:alpha", {"alpha": 1.0}, "strategy 'defer' takes no parameter(s) ['alpha']"),
+    ("proxy:alpha", {"alpha": -1.0}, "alpha must be >= 0"),
+])
+def test_registry_errors_list_the_choices(pools, spec, params, message):
+    large, small = pools
+    with pytest.raises(ExpertkitError) as info:
+        build_collaboration(spec, large, small, **params)
+    assert message in str(info.value)
+
+
+def test_cli_generate_with_a_small_model(monkeypatch, capsys, small_project, micro_base_dir, tmp_path):
+    large_project = write_project(tmp_path, str(micro_base_dir))
+    args = ("generate", large_project, "patient dose", "--small", small_project, "--max-tokens", "6")
+    code, out, err = run_cli(monkeypatch, capsys, *args, "--model", "proxy:alpha", "--alpha", "0.5")
+    assert code == 0 and out.startswith("patient dose"), err
+    code, out, err = run_cli(monkeypatch, capsys, *args, "--model", "defer:alpha", "--threshold", "2")
+    assert code == 0 and "deferred_fraction" in err, err
+    library = small_project.parent / "library"  # the small model named by its library folder works too
+    code, out, err = run_cli(monkeypatch, capsys, "generate", large_project, "patient dose", "--small", library,
+                             "--model", "fusion", "--max-tokens", "3")
+    assert code == 0 and out.startswith("patient dose"), err
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--model", "proxy:gamma")
+    assert_one_line_error(code, err, "unknown expert 'gamma'")
+    code, _, err = run_cli(monkeypatch, capsys, "generate", large_project, "x", "--alpha", "1")
+    assert_one_line_error(code, err, "add --small")
+    code, _, err = run_cli(monkeypatch, capsys, *args[:-4], "--small", tmp_path, "--model", "fusion")
+    assert_one_line_error(code, err, "is not an expert library")

@@ -71,26 +71,43 @@ def evaluate(config: Path = ConfigArg,
 
 @app.command()
 def generate(config: Path = ConfigArg, prompt: str = typer.Argument(..., help="text to continue"),
-             model: str = typer.Option("base", help="'base' or a library entry name"),
+             model: str = typer.Option("base", help="'base' or a library entry name; with --small, a collaboration "
+                                                    "spec: proxy:EXPERT, defer:EXPERT, card:EXPERT or fusion"),
              max_tokens: int = typer.Option(48, min=0), temperature: float = typer.Option(0.0, min=0.0),
              top_p: float = typer.Option(1.0), seed: int = typer.Option(0),
              stop: Optional[list[str]] = typer.Option(None, help="stop string (repeatable)"),
+             small: Optional[Path] = typer.Option(None, help="a small model steering this one: its project YAML "
+                                                              "or its library folder"),
+             alpha: Optional[float] = typer.Option(None, help="proxy/fusion: strength of the small expert's shift"),
+             threshold: Optional[float] = typer.Option(None, help="defer: entropy (nats) above which a token goes "
+                                                                  "to the large model; card: relevance gate"),
              device: Optional[str] = typer.Option(None)):
-    """Continue a prompt with one composition."""
+    """Continue a prompt with one composition (or a small expert steering this model, with --small)."""
     _setup()
     from expertkit.compose import ExpertPool, build_compositions
     from expertkit.decoding import SamplingParams, generate as run_generate
     from expertkit.library import Library
     from expertkit.workflow import load_project_base
 
-    cfg, base = load_project_base(config, device, build_missing=False)
-    pool = ExpertPool(base, Library(cfg.library), names=None if model == "base" else [model])
-    (composition,) = build_compositions(pool, [model])
     params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                             stop=tuple(stop or ()))
-    text = run_generate(composition, base.tokenizer, [prompt], params,
-                        context_length=pool.context_length)[0]
+    cfg, base = load_project_base(config, device, build_missing=False)
+    if small is None:
+        if alpha is not None or threshold is not None:
+            raise ExpertkitError("--alpha and --threshold steer a collaboration; add --small SMALL_PROJECT")
+        pool = ExpertPool(base, Library(cfg.library), names=None if model == "base" else [model])
+        (composition,) = build_compositions(pool, [model])
+        context = pool.context_length
+    else:
+        from expertkit.compose.collaborate import build_collaboration, load_small_pool
+
+        large, small_pool = ExpertPool(base), load_small_pool(small, device)
+        composition = build_collaboration(model, large, small_pool, alpha=alpha, threshold=threshold)
+        context = min(filter(None, [large.context_length, small_pool.context_length]), default=None)
+    text = run_generate(composition, base.tokenizer, [prompt], params, context_length=context)[0]
     typer.echo(prompt + text)
+    for key, value in composition.stats().items():
+        console.print(f"{key}: {value:.3g}" if isinstance(value, float) else f"{key}: {value}", highlight=False)
 
 
 @app.command()

@@ -34,6 +34,10 @@ class Composition(ABC):
     def step(self, state: DecodeState, next_ids: torch.Tensor) -> tuple[torch.Tensor, DecodeState]:
         """Logits [B, V] for one new token per row, reusing the caches."""
 
+    def stats(self) -> dict:
+        """Counters worth reporting after a run (e.g. the share of tokens a collaboration deferred); none here."""
+        return {}
+
 
 # entry kind -> factory(pool, entry) -> Composition
 _FACTORIES: dict[str, Callable] = {}

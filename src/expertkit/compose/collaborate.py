@@ -6,6 +6,10 @@
 - defer (FS-GEN / Co-LLM): the small expert answers, except where its predictive entropy exceeds a
   threshold; there the large model's distribution is used.
 
+Each strategy is registered by name (`@collaboration("proxy", alpha=1.0)`) and built from a spec,
+`build_collaboration("proxy:code", large, small)`; `collaboration_names(small)` lists the specs a
+server offers.
+
 The large model's weights are never touched. The small model's rows (expert and anti-expert) come
 from ONE batched forward (PEFT per-row `adapter_names`), so its weights are held once and paid once
 per step; both models keep KV caches. Each strategy returns log-probabilities, whose softmax is the
@@ -15,6 +19,9 @@ combined distribution, through the ordinary Composition interface.
 from __future__ import annotations
 
 from abc import abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -135,6 +142,9 @@ class DeferComposition(Collaboration):
     def deferred_fraction(self) -> float:
         return self.deferred / max(self.decided, 1)
 
+    def stats(self) -> dict:
+        return {"deferred_fraction": self.deferred_fraction, "tokens_decided": self.decided}
+
     def combine(self, large_lp, small_lp, extra):
         expert = small_lp[0]
         entropy = -(expert.exp() * expert).sum(-1)
@@ -143,3 +153,116 @@ class DeferComposition(Collaboration):
         self.deferred += int((defer & real).sum())
         self.decided += int(real.sum())
         return torch.where(defer.unsqueeze(-1), large_lp, expert)
+
+
+# --- the strategy registry: "<strategy>:<expert>" or "fusion" -> a Composition ---------------------------------
+
+DEFER_THRESHOLD = 3.0  # nats: the small expert keeps a token while it is about as sure as a choice among ~20 tokens
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A registered collaboration: its factory, whether its spec names one expert, and its parameter defaults."""
+
+    name: str
+    factory: Callable  # (large, small, expert | None, **params) -> Composition
+    per_expert: bool
+    defaults: dict
+
+
+_STRATEGIES: dict[str, Strategy] = {}
+
+
+def collaboration(name: str, per_expert: bool = True, **defaults):
+    """Decorator: `@collaboration("proxy", alpha=1.0)` registers a strategy and the parameters it accepts."""
+
+    def wrap(factory):
+        if name in _STRATEGIES:
+            raise ValueError(f"collaboration strategy '{name}' is registered twice")
+        _STRATEGIES[name] = Strategy(name, factory, per_expert, defaults)
+        return factory
+
+    return wrap
+
+
+def collaboration_strategies() -> dict[str, dict]:
+    """{strategy name: its parameter defaults}."""
+    return {name: dict(s.defaults) for name, s in sorted(_STRATEGIES.items())}
+
+
+def small_experts(small: ExpertPool) -> list[str]:
+    """The adapters of the small pool that can steer (experts and LoRA merges)."""
+    return list(small.adapter_names)
+
+
+def collaboration_names(small: ExpertPool) -> list[str]:
+    """Every spec a server should list: `<strategy>:<expert>` per small expert, plus expert-free ones (`fusion`)."""
+    experts = small_experts(small)
+    if not experts:
+        return []
+    names = []
+    for name, s in sorted(_STRATEGIES.items()):
+        names.extend(f"{name}:{e}" for e in experts) if s.per_expert else names.append(name)
+    return names
+
+
+def load_small_pool(path: str | Path, device: str | None = None) -> ExpertPool:
+    """The small model with its experts, from its project YAML or straight from its library folder."""
+    from expertkit.base import load_base
+    from expertkit.config import load_config
+    from expertkit.library import Library
+
+    path = Path(path)
+    if path.is_dir():
+        library = Library(path)
+        if not library.exists():
+            raise ExpertkitError(f"{path} is not an expert library (no library.json); pass the small model's "
+                                 "project YAML or its library folder")
+        base_path = library.base_identity()["name"]
+    else:
+        cfg = load_config(path)
+        library, base_path = Library(cfg.library), cfg.base.path
+    adapters = [e.name for e in library.entries() if e.is_adapter]
+    return ExpertPool(load_base(str(base_path), device), library, names=adapters)
+
+
+def build_collaboration(spec: str, large: ExpertPool, small: ExpertPool, **params) -> Composition:
+    """`proxy:code`, `defer:code`, `card:code`, `fusion` ... -> a Composition of the large and the small model.
+
+    `params` override the strategy's defaults (see `collaboration_strategies()`); None values are ignored,
+    so a caller may pass every option it has.
+    """
+    strategy_name, _, expert = spec.partition(":")
+    if strategy_name not in _STRATEGIES:
+        raise ExpertkitError(f"unknown collaboration strategy '{strategy_name}' in '{spec}'; choose one of "
+                             f"{sorted(_STRATEGIES)} as '<strategy>:<expert>' (or 'fusion')")
+    strategy = _STRATEGIES[strategy_name]
+    experts = small_experts(small)
+    if strategy.per_expert and expert not in experts:
+        what = f"unknown expert '{expert}'" if expert else "no expert"
+        raise ExpertkitError(f"{what} in '{spec}'; the small model '{small.base.name}' has {experts}, "
+                             f"so use one of {[f'{strategy_name}:{e}' for e in experts]}")
+    if not strategy.per_expert and expert:
+        raise ExpertkitError(f"'{strategy_name}' takes no expert (it uses every small expert); write "
+                             f"'{strategy_name}', not '{spec}'")
+    given = {k: v for k, v in params.items() if v is not None}
+    unknown = sorted(set(given) - set(strategy.defaults))
+    if unknown:
+        raise ExpertkitError(f"strategy '{strategy_name}' takes no parameter(s) {unknown}; it takes "
+                             f"{sorted(strategy.defaults) or 'none'}")
+    return strategy.factory(large, small, expert or None, name=spec, **{**strategy.defaults, **given})
+
+
+@collaboration("proxy", alpha=1.0)
+def _proxy(large, small, expert, name, alpha):
+    return ProxyComposition(large, small, expert, alpha=alpha, name=name)
+
+
+@collaboration("fusion", per_expert=False, alpha=1.0)
+def _fusion(large, small, expert, name, alpha):
+    return FusionComposition(large, small, small_experts(small), alpha=alpha, name=name)
+
+
+@collaboration("defer", threshold=DEFER_THRESHOLD)
+def _defer(large, small, expert, name, threshold):
+    return DeferComposition(large, small, expert, threshold=threshold, name=name)
