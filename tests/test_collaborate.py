@@ -116,7 +116,7 @@ def test_fusion_with_one_expert_is_proxy_and_caches_match(pools):
 def test_registry_builds_every_listed_spec(pools):
     large, small = pools
     names = collaboration_names(small)
-    assert {"proxy:alpha", "defer:alpha", "fusion"} <= set(names)
+    assert set(names) == {"proxy:alpha", "defer:alpha", "card:alpha", "fusion"}
     for spec in names:
         assert build_collaboration(spec, large, small).name == spec
     proxy = build_collaboration("proxy:alpha", large, small, alpha=0.5, threshold=None)
@@ -147,6 +147,8 @@ def test_cli_generate_with_a_small_model(monkeypatch, capsys, small_project, mic
     assert code == 0 and out.startswith("patient dose"), err
     code, out, err = run_cli(monkeypatch, capsys, *args, "--model", "defer:alpha", "--threshold", "2")
     assert code == 0 and "deferred_fraction" in err, err
+    code, out, err = run_cli(monkeypatch, capsys, *args, "--model", "card:alpha", "--threshold", "-100")
+    assert code == 0 and "card_fraction: 1" in err, err
     library = small_project.parent / "library"  # the small model named by its library folder works too
     code, out, err = run_cli(monkeypatch, capsys, "generate", large_project, "patient dose", "--small", library,
                              "--model", "fusion", "--max-tokens", "3")
@@ -157,3 +159,60 @@ def test_cli_generate_with_a_small_model(monkeypatch, capsys, small_project, mic
     assert_one_line_error(code, err, "add --small")
     code, _, err = run_cli(monkeypatch, capsys, *args[:-4], "--small", tmp_path, "--model", "fusion")
     assert_one_line_error(code, err, "is not an expert library")
+
+
+def test_card_below_threshold_is_exactly_the_large_model(pools):
+    large, small = pools
+    card = build_collaboration("card:alpha", large, small, threshold=1e9)
+    ids, mask = _ids(large, ["patient dose trial", "the a of and to in"])
+    torch.testing.assert_close(card.prefill(ids, mask)[0], large.prefill(ids, mask, [BASE_ADAPTER] * 2)[0])
+    assert card.last_cards == [None, None] and card.stats()["card_fraction"] == 0.0
+    params = SamplingParams(max_new_tokens=12)
+    assert generate(card, large.tokenizer, ["patient dose"], params) == \
+        generate(build_collaboration("proxy:alpha", large, small, alpha=0.0), large.tokenizer, ["patient dose"], params)
+
+
+def test_card_is_prepended_when_relevant_and_logits_stay_honest(pools):
+    large, small = pools
+    card = build_collaboration("card:alpha", large, small, threshold=-1e9, card_tokens=6, query_tokens=3)
+    ids, mask = _ids(large, ["patient dose trial cohort tumor", "the a of"])
+    logits, _ = card.prefill(ids, mask)
+    written = card.last_cards
+    assert all(written) and card.stats()["card_fraction"] == 1.0
+    tok = large.tokenizer
+    plain = large.prefill(ids, mask, [BASE_ADAPTER] * 2)[0]
+    for row, text in enumerate(written):
+        prompt = ids[row][mask[row].bool()].tolist()
+        carded = tok(text, add_special_tokens=False)["input_ids"] + card.separator_ids + prompt
+        ref = large.prefill(torch.tensor([carded]), torch.ones(1, len(carded), dtype=torch.long), [BASE_ADAPTER])[0]
+        pad = ids.shape[1] - len(prompt)
+        # positions from the query's last token on see the card; earlier ones (which it was written after) do not
+        torch.testing.assert_close(logits[row, pad + 2:], ref[0, -(len(prompt) - 2):])
+        torch.testing.assert_close(logits[row, pad:pad + 2], plain[row, pad:pad + 2])
+        assert not torch.allclose(logits[row, -1], plain[row, -1])
+    # the card is written from the first 3 tokens only, so cached steps equal one prefill of everything
+    ids = torch.randint(3, 250, (2, 9), generator=torch.Generator().manual_seed(6))
+    assert_cached_steps_match(card, ids, torch.ones_like(ids), split=4)
+
+
+def test_card_relevance_prefers_the_experts_domain(pools):
+    large, small = pools
+    card = build_collaboration("card:alpha", large, small)
+    ids, mask = _ids(large, ["patient dose trial cohort tumor clinical therapy risk blood cells serum renal",
+                             "the a of and to in is was for on that with as by at from it"])
+    card.prefill(ids, mask)
+    in_domain, general = card.last_relevance
+    assert in_domain > general
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"card_tokens": 0}, "card_tokens must be a whole number >= 1"),
+    ({"query_tokens": 0}, "query_tokens must be a whole number >= 1"),
+    ({"threshold": float("nan")}, "card threshold must be a number"),
+    ({"alpha": 1.0}, "strategy 'card' takes no parameter(s) ['alpha']"),
+])
+def test_card_bad_params(pools, params, message):
+    large, small = pools
+    with pytest.raises(ExpertkitError) as info:
+        build_collaboration("card:alpha", large, small, **params)
+    assert message in str(info.value)

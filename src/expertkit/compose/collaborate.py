@@ -266,3 +266,6 @@ def _fusion(large, small, expert, name, alpha):
 @collaboration("defer", threshold=DEFER_THRESHOLD)
 def _defer(large, small, expert, name, threshold):
     return DeferComposition(large, small, expert, threshold=threshold, name=name)
+
+
+from expertkit.compose import card as _card  # noqa: E402,F401  (registers "card"; it builds on this module)

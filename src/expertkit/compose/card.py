@@ -1,0 +1,152 @@
+"""Knowledge card (CooK / BLADE): the small expert writes a short domain passage into the large model's prompt.
+
+Per row:
+1. relevance = the expert's mean log-likelihood advantage over the small base on the query, in nats per
+   token (log p_expert − log p_small_base, averaged over the query's predicted tokens): how much better
+   the expert knows this text than the model it was tuned from, i.e. the per-token log-odds of the
+   expert's domain (what the `likelihood` router uses). Chosen over a router posterior because it needs
+   nothing but the expert and costs one batched small forward (expert and base rows together).
+2. if relevance > threshold, the expert greedily continues the query for `card_tokens` tokens (KV-cached,
+   stopping at EOS); that passage + `separator` is prepended to the large model's prompt.
+3. the large model decodes from card + prompt; steps are plain large steps on that cache.
+
+What prefill returns (it must stay honest for perplexity): logits for the ORIGINAL prompt positions only
+([B, T, V], aligned with the input). The card is written from the first `query_tokens` real tokens of a
+row (all of them by default, which is what generation wants), so it has seen tokens 0..q-1. Position t
+predicts token t+1, so it may condition on the card only when t >= q-1; earlier positions get the large
+model's logits without the card (one more large forward over those rows). Scoring a block with
+query_tokens=q therefore measures "the card written from the first q tokens helps predict the rest".
+
+The card travels as text (small tokenizer -> text -> large tokenizer), so this strategy works even when
+the two models' vocabularies differ; only the relevance score needs the small model's own ids.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from expertkit.base import tokenizer_hash
+from expertkit.compose.base import Composition, DecodeState
+from expertkit.compose.collaborate import collaboration
+from expertkit.compose.pool import BASE_ADAPTER, ExpertPool
+from expertkit.decoding import pad_left
+from expertkit.errors import ExpertkitError
+
+CARD_THRESHOLD = 0.1  # nats/token: the expert must know the query clearly better than its base (≈10% lower ppl)
+CARD_TOKENS = 32
+
+
+def _real_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:
+    return [ids[m.bool()].tolist() for ids, m in zip(input_ids.cpu(), attention_mask.cpu())]
+
+
+class KnowledgeCardComposition(Composition):
+    """The large model answers; a relevant small expert first writes it a domain passage (the card)."""
+
+    def __init__(self, large: ExpertPool, small: ExpertPool, expert: str, threshold: float = CARD_THRESHOLD,
+                 card_tokens: int = CARD_TOKENS, query_tokens: int | None = None, separator: str = "\n\n",
+                 name: str | None = None):
+        if expert not in small.adapter_names:
+            raise ExpertkitError(f"expert '{expert}' is not loaded on the small model '{small.base.name}' "
+                                 f"(loaded: {small.adapter_names}); use an expert trained on that small base")
+        if not isinstance(threshold, (int, float)) or threshold != threshold:
+            raise ExpertkitError(f"card threshold must be a number (nats/token of expert advantage), got {threshold}")
+        if not isinstance(card_tokens, int) or card_tokens < 1:
+            raise ExpertkitError(f"card_tokens must be a whole number >= 1, got {card_tokens}")
+        if query_tokens is not None and (not isinstance(query_tokens, int) or query_tokens < 1):
+            raise ExpertkitError(f"query_tokens must be a whole number >= 1 (or None = the whole prompt), "
+                                 f"got {query_tokens}")
+        self.large, self.small, self.expert, self.name = large, small, expert, name or f"card:{expert}"
+        self.threshold, self.card_tokens, self.query_tokens = float(threshold), card_tokens, query_tokens
+        self.separator_ids = large.tokenizer(separator, add_special_tokens=False)["input_ids"]
+        self.shared_vocab = tokenizer_hash(large.tokenizer) == tokenizer_hash(small.tokenizer)
+        self.last_relevance: list[float] = []
+        self.last_cards: list[str | None] = []  # the passage written for each row of the last prefill (None: none)
+        self.rows = self.carded = 0
+
+    def stats(self) -> dict:
+        return {"card_fraction": self.carded / max(self.rows, 1), "rows": self.rows,
+                "relevance": self.last_relevance[0] if len(self.last_relevance) == 1 else self.last_relevance}
+
+    # -- the small model's side -------------------------------------------------------------------------
+
+    def _to_small(self, rows: list[list[int]]) -> list[list[int]]:
+        """Query ids in the small model's vocabulary (the same ids when the vocabularies are the same)."""
+        if self.shared_vocab:
+            return rows
+        texts = self.large.tokenizer.batch_decode(rows)
+        return [self.small.tokenizer(t, add_special_tokens=False)["input_ids"] or [self.small.tokenizer.eos_token_id]
+                for t in texts]
+
+    @torch.no_grad()
+    def relevance(self, queries: list[list[int]]) -> list[float]:
+        """Mean log p_expert − log p_small_base over each query's predicted tokens (0 when it has one token)."""
+        pad = self.small.tokenizer.pad_token_id or 0
+        ids, mask = pad_left(queries, pad)
+        n = len(queries)
+        logits, _ = self.small.prefill(ids.repeat(2, 1), mask.repeat(2, 1), [self.expert] * n + [BASE_ADAPTER] * n)
+        lp = torch.log_softmax(logits[:, :-1].float(), -1)
+        picked = lp.gather(-1, ids.repeat(2, 1)[:, 1:, None].to(lp.device)).squeeze(-1)
+        scored = (mask[:, 1:] * mask[:, :-1]).float().to(lp.device)
+        advantage = ((picked[:n] - picked[n:]) * scored).sum(-1) / scored.sum(-1).clamp(min=1)
+        return advantage.tolist()
+
+    @torch.no_grad()
+    def write_cards(self, queries: list[list[int]]) -> list[str]:
+        """The expert's greedy continuation of each query, `card_tokens` long at most (stops at EOS)."""
+        eos = self.small.tokenizer.eos_token_id
+        ids, mask = pad_left(queries, self.small.tokenizer.pad_token_id or 0)
+        adapters = [self.expert] * len(queries)
+        logits, state = self.small.prefill(ids, mask, adapters)
+        token = logits[:, -1].argmax(-1)
+        written, done = [[] for _ in queries], [False] * len(queries)
+        for step in range(self.card_tokens):
+            for row, t in enumerate(token.tolist()):
+                done[row] = done[row] or t == eos
+                if not done[row]:
+                    written[row].append(t)
+            if all(done) or step == self.card_tokens - 1:
+                break
+            logits, state = self.small.step(state, token, adapters)
+            token = logits.argmax(-1)
+        return [self.small.tokenizer.decode(w).strip() for w in written]
+
+    # -- the large model's side -------------------------------------------------------------------------
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        prompts = _real_rows(input_ids, attention_mask)
+        query_len = [min(len(p), self.query_tokens or len(p)) for p in prompts]
+        queries = self._to_small([p[:q] for p, q in zip(prompts, query_len)])
+        self.last_relevance = self.relevance(queries)
+        use = [score > self.threshold for score in self.last_relevance]
+        chosen = [i for i, u in enumerate(use) if u]
+        cards = dict(zip(chosen, self.write_cards([queries[i] for i in chosen]))) if chosen else {}
+        self.last_cards = [cards.get(i) for i in range(len(prompts))]
+        self.rows, self.carded = self.rows + len(prompts), self.carded + len(chosen)
+        tok = self.large.tokenizer
+        rows = [(tok(cards[i], add_special_tokens=False)["input_ids"] + self.separator_ids if i in cards else [])
+                + p for i, p in enumerate(prompts)]
+        width = max(len(r) for r in rows)
+        if self.large.context_length and width > self.large.context_length:
+            raise ExpertkitError(f"card + prompt is {width} tokens, over the large model's context of "
+                                 f"{self.large.context_length}; lower card_tokens or shorten the prompt")
+        ids, mask = pad_left(rows, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        logits, state = self.large.prefill(ids, mask, [BASE_ADAPTER] * len(rows))
+        logits = logits[:, -input_ids.shape[1]:]  # rows are right-aligned: the original prompt's columns
+        if chosen:  # positions before the query's last token must not see a card written from later tokens
+            plain, _ = self.large.prefill(input_ids[chosen], attention_mask[chosen], [BASE_ADAPTER] * len(chosen))
+            pads = (attention_mask[chosen] == 0).sum(-1)
+            before = torch.arange(input_ids.shape[1])[None] < (pads + torch.tensor([query_len[i] for i in chosen])
+                                                                - 1)[:, None]
+            logits = logits.clone()
+            logits[chosen] = torch.where(before[..., None].to(logits.device), plain, logits[chosen])
+        return logits, state
+
+    def step(self, state: DecodeState, next_ids: torch.Tensor):
+        return self.large.step(state, next_ids, [BASE_ADAPTER] * next_ids.shape[0])
+
+
+@collaboration("card", threshold=CARD_THRESHOLD, card_tokens=CARD_TOKENS, query_tokens=None)
+def _card(large, small, expert, name, threshold, card_tokens, query_tokens):
+    return KnowledgeCardComposition(large, small, expert, threshold=threshold, card_tokens=card_tokens,
+                                    query_tokens=query_tokens, name=name)
