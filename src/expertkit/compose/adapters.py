@@ -20,6 +20,9 @@ class AdapterComposition(Composition):
     def step(self, state: DecodeState, next_ids: torch.Tensor):
         return self.pool.step(state, next_ids, [self.adapter] * next_ids.shape[0])
 
+    def row_adapters(self, rows: list[list[int]]) -> list[str]:
+        return [self.adapter] * len(rows)
+
 
 @register("base")
 def base_composition(pool: ExpertPool, entry) -> Composition:

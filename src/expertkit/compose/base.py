@@ -34,6 +34,14 @@ class Composition(ABC):
     def step(self, state: DecodeState, next_ids: torch.Tensor) -> tuple[torch.Tensor, DecodeState]:
         """Logits [B, V] for one new token per row, reusing the caches."""
 
+    def row_adapters(self, rows: list[list[int]]) -> list[str] | None:
+        """When every row is answered by ONE adapter of `self.pool` alone, which adapter per row.
+
+        Such rows are interchangeable with any other pool row, so a server batches them together
+        across requests and compositions. None (the default): this composition needs its own loop.
+        """
+        return None
+
     def stats(self) -> dict:
         """Counters worth reporting after a run (e.g. the share of tokens a collaboration deferred); none here."""
         return {}

@@ -102,9 +102,9 @@ class ExpertPool:
                           position_ids=position_ids.to(self.device) if position_ids is not None else None,
                           past_key_values=past, use_cache=True, **kwargs, **model_kwargs)
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: list[str]):
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: list[str], **model_kwargs):
         positions = position_ids(attention_mask)
-        out = self.forward(input_ids, attention_mask, adapters, position_ids=positions)
+        out = self.forward(input_ids, attention_mask, adapters, position_ids=positions, **model_kwargs)
         state = DecodeState(out.past_key_values, attention_mask.to(self.device), positions[:, -1].to(self.device) + 1)
         return out.logits, state
 

@@ -31,17 +31,19 @@ class RoutedComposition(Composition):
         self.last_routing = None  # the most recent prefill's decisions, for reports
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        from expertkit.routing import Prompts
-
-        rows = real_rows(input_ids, attention_mask, self.pool.context_length)
-        self.last_routing = self.router.route(self.pool, Prompts.from_ids(self.pool.tokenizer, rows))
-        adapters = self.last_routing.adapters
+        adapters = self.row_adapters(real_rows(input_ids, attention_mask, self.pool.context_length))
         logits, state = self.pool.prefill(input_ids, attention_mask, adapters)
         state.extra["adapters"] = adapters
         return logits, state
 
     def step(self, state: DecodeState, next_ids: torch.Tensor):
         return self.pool.step(state, next_ids, state.extra["adapters"])
+
+    def row_adapters(self, rows: list[list[int]]) -> list[str]:
+        from expertkit.routing import Prompts
+
+        self.last_routing = self.router.route(self.pool, Prompts.from_ids(self.pool.tokenizer, rows))
+        return self.last_routing.adapters
 
 
 @register("router")

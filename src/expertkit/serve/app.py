@@ -1,0 +1,127 @@
+"""The HTTP surface: OpenAI-compatible routes, API-key check, body-size limit, errors in the OpenAI shape.
+
+Every user mistake is a 4xx with {"error": {...}}: malformed JSON, wrong types and unknown
+fields are 400, an unknown model 404, a missing or wrong key 401, a full queue 429, an
+oversized body 413. The same app fronts the local engine or a remote backend (forward.py):
+both services answer `completion`, `chat`, `model_names`, `health` and `gauges`.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from expertkit.serve.metrics import Metrics
+from expertkit.serve.protocol import ChatRequest, CompletionRequest, OpenAIError
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over `limit` bytes before they are buffered whole (413)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await _send_error(send, OpenAIError(413, f"request body over {self.limit} bytes"))
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:  # FastAPI passes HTTPException through its body parsing untouched
+                raise HTTPException(413, f"request body over {self.limit} bytes")
+            return message
+
+        return await self.app(scope, counted, send)
+
+
+async def _send_error(send, error: OpenAIError) -> None:
+    response = JSONResponse(error.body(), status_code=error.status)
+    await response({"type": "http"}, None, send)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def create_app(service, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    app = FastAPI(title="expertkit", docs_url=None, redoc_url=None, openapi_url=None)
+    metrics = Metrics()
+    app.state.service, app.state.metrics = service, metrics
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise OpenAIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+        if not secrets.compare_digest(given.strip().encode(), api_key.encode()):
+            raise OpenAIError(401, "incorrect API key", code="invalid_api_key")
+
+    @app.exception_handler(OpenAIError)
+    async def openai_error(request: Request, exc: OpenAIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        return JSONResponse(OpenAIError(400, _validation_message(exc)).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return JSONResponse(OpenAIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        if request.url.path.startswith("/v1/"):
+            elapsed = time.perf_counter() - start if response.status_code < 400 else None
+            model = getattr(request.state, "model", "-")
+            served = model == "-" or model in service.model_names()  # a client's junk must not become a label
+            metrics.observe(request.url.path, model if served else "unknown", response.status_code, elapsed)
+        return response
+
+    @app.get("/health")
+    async def health():
+        return service.health()
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(service.gauges()), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    async def models():
+        created = int(time.time())
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
+                                            "owned_by": "expertkit"} for name in service.model_names()]}
+
+    @app.post("/v1/completions", dependencies=[Depends(check_key)])
+    async def completions(req: CompletionRequest, request: Request):
+        request.state.model = req.model
+        return await service.completion(req)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    async def chat(req: ChatRequest, request: Request):
+        request.state.model = req.model
+        return await service.chat(req)
+
+    if max_body_bytes:
+        app.add_middleware(BodyLimit, limit=max_body_bytes)
+    return app

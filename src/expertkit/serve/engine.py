@@ -1,0 +1,374 @@
+"""The serving engine: one thread that owns the model and decodes every request, step by step.
+
+Continuous batching across experts: every request whose composition answers a row with
+one adapter of the pool (the base, an expert, a merge, a router's choice) lives in ONE
+running batch; each step is one forward with per-row adapters (PEFT `adapter_names`).
+Requests join after their prefill and leave when they finish, between steps. Other
+compositions (mixtures, collaborations, full merged models) decode in lanes of their own,
+still interleaved step by step with the shared batch, so no request blocks the others.
+
+The HTTP side talks to the engine only through `submit` and the events a job emits.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from expertkit.compose.base import Composition, DecodeState
+from expertkit.compose.pool import BASE_ADAPTER, ExpertPool
+from expertkit.decoding import SamplingParams, choose_next, pad_left
+from expertkit.errors import ExpertkitError
+from expertkit.serve.kvcache import check_joinable, join, keep_rows
+from expertkit.serve.text import TextStream
+
+log = logging.getLogger("expertkit.serve")
+PREFILL_ROWS = 16  # prompts prefilled in one forward when many arrive at once
+_ids = itertools.count()
+
+
+class QueueFull(ExpertkitError):
+    """More requests are waiting than the server accepts; the client should retry later."""
+
+
+@dataclass
+class Job:
+    """One request as the engine sees it. `emit` receives event dicts, from the engine thread."""
+
+    composition: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    emit: Callable[[dict], None]
+    top_logprobs: int | None = None  # per generated token; None = no logprobs
+    prompt_logprobs: bool = False  # echo with logprobs: the prompt's own token logprobs too
+    id: int = field(default_factory=lambda: next(_ids))
+    cancelled: bool = False
+    generated: list[int] = field(default_factory=list)
+    stream: TextStream | None = None
+    generator: torch.Generator | None = None
+    expert: str | None = None
+
+
+class Lane:
+    """Rows decoding together: their jobs, the decode state, and the token each row feeds next."""
+
+    def __init__(self, jobs: list[Job], state: DecodeState, next_ids: torch.Tensor):
+        self.jobs, self.state, self.next_ids = jobs, state, next_ids
+
+    def step(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def keep(self, rows: list[int]) -> None:
+        """Drop every row not in `rows` (finished or cancelled)."""
+        raise NotImplementedError
+
+
+class PoolLane(Lane):
+    """The shared batch: rows of the pool, each with its own adapter; rows join and leave per step."""
+
+    def __init__(self, pool: ExpertPool, jobs, state, next_ids, adapters: list[str]):
+        super().__init__(jobs, state, next_ids)
+        self.pool, self.adapters = pool, adapters
+
+    def step(self) -> torch.Tensor:
+        logits, self.state = self.pool.step(self.state, self.next_ids, self.adapters)
+        return logits
+
+    def keep(self, rows: list[int]) -> None:
+        if len(rows) == len(self.jobs):
+            return
+        self.jobs = [self.jobs[i] for i in rows]
+        self.adapters = [self.adapters[i] for i in rows]
+        self.next_ids = self.next_ids[rows]
+        if rows:
+            self.state = keep_rows(self.state, rows)
+
+    def add(self, other: "PoolLane") -> None:
+        self.state = join(self.state, other.state)
+        self.jobs += other.jobs
+        self.adapters += other.adapters
+        self.next_ids = torch.cat([self.next_ids, other.next_ids])
+
+
+class CompositionLane(Lane):
+    """Requests of one composition admitted together; its state is opaque, so finished rows ride along."""
+
+    def __init__(self, composition: Composition, jobs, state, pad_id: int):
+        super().__init__(jobs, state, torch.zeros(len(jobs), dtype=torch.long))
+        self.composition = composition
+        self.live = list(range(len(jobs)))  # rows still decoding, as indices into the admitted batch
+        self.fed = torch.full((len(jobs),), pad_id, dtype=torch.long)  # what every row of the batch feeds
+
+    def step(self) -> torch.Tensor:
+        logits, self.state = self.composition.step(self.state, self.fed)
+        return logits[self.live]
+
+    def keep(self, rows: list[int]) -> None:
+        self.live = [self.live[i] for i in rows]
+        self.jobs = [self.jobs[i] for i in rows]
+        self.next_ids = self.next_ids[rows]
+        if rows:
+            self.fed[self.live] = self.next_ids
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    rows_stepped: int = 0  # sum of batch sizes over steps: rows_stepped / steps = mean batch
+    prefills: int = 0
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    finished: int = 0
+    failed: int = 0
+
+
+class Engine:
+    """Owns the pool and the compositions; `submit` jobs from any thread, events come back via `job.emit`."""
+
+    def __init__(self, pool: ExpertPool, compositions: dict[str, Composition], max_batch: int = 64,
+                 max_queue: int = 256):
+        if max_batch < 1 or max_queue < 1:
+            raise ExpertkitError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
+        self.pool, self.compositions = pool, compositions
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.tokenizer = pool.tokenizer
+        self.eos = self.tokenizer.eos_token_id
+        self.pending: deque[Job] = deque()
+        self.shared: PoolLane | None = None
+        self.lanes: list[CompositionLane] = []
+        self.stats = EngineStats()
+        self._wake = threading.Condition()
+        self._running = False
+        self._thread: threading.Thread | None = None
+        if max_batch > 1:
+            self._check_batching()
+
+    def _check_batching(self) -> None:
+        _, state = self.pool.prefill(torch.tensor([[self.eos or 0]]), torch.ones(1, 1, dtype=torch.long),
+                                     [BASE_ADAPTER])
+        check_joinable(state.past)
+
+    # ------------------------------------------------------------ the thread-safe side
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.pending)
+
+    @property
+    def active_rows(self) -> int:
+        return (len(self.shared.jobs) if self.shared else 0) + sum(len(lane.jobs) for lane in self.lanes)
+
+    def submit(self, job: Job) -> None:
+        if job.composition not in self.compositions:
+            raise ExpertkitError(f"unknown model '{job.composition}'")
+        with self._wake:
+            if len(self.pending) >= self.max_queue:
+                raise QueueFull(f"the server queue is full ({self.max_queue} waiting requests); retry later")
+            self.pending.append(job)
+            self._wake.notify()
+
+    def start(self) -> "Engine":
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="expertkit-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._running = False
+        with self._wake:
+            self._wake.notify()
+        if self._thread:
+            self._thread.join(timeout=30)
+
+    # ------------------------------------------------------------ the engine thread
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while self._running:
+            with self._wake:
+                while self._running and not self.pending and not self.active_rows:
+                    self._wake.wait()
+                arrivals = self._take_arrivals()
+            try:
+                self._admit(arrivals)
+                self._step_all()
+            except Exception:  # a bug must not take the server down: fail the affected requests instead
+                log.error("engine step failed:\n%s", traceback.format_exc())
+                self._fail_everything("internal error while decoding; see the server log")
+
+    def _take_arrivals(self) -> list[Job]:
+        room = self.max_batch - self.active_rows
+        arrivals = []
+        while self.pending and len(arrivals) < room:
+            arrivals.append(self.pending.popleft())
+        return arrivals
+
+    def _admit(self, jobs: list[Job]) -> None:
+        by_composition: dict[str, list[Job]] = {}
+        for job in jobs:
+            if not job.cancelled:
+                by_composition.setdefault(job.composition, []).append(job)
+        for name, group in by_composition.items():
+            try:
+                self._admit_group(self.compositions[name], group)
+            except ExpertkitError as e:  # e.g. a router refusing a prompt: the request's fault, not the server's
+                for job in group:
+                    self._fail(job, 400, str(e))
+
+    def _admit_group(self, composition: Composition, jobs: list[Job]) -> None:
+        for job in jobs:
+            job.stream = TextStream(self.tokenizer, job.params.stop)
+            job.generator = torch.Generator().manual_seed(job.params.seed)
+            self.stats.prompt_tokens += len(job.prompt_ids)
+        adapters = composition.row_adapters([job.prompt_ids for job in jobs])
+        if adapters is not None and getattr(composition, "pool", None) is self.pool:
+            for job, adapter in zip(jobs, adapters):
+                job.expert = "base" if adapter == BASE_ADAPTER else adapter
+                job.emit({"type": "start", "expert": job.expert})
+            for start in range(0, len(jobs), PREFILL_ROWS):
+                self._prefill_pool(jobs[start:start + PREFILL_ROWS], adapters[start:start + PREFILL_ROWS])
+            return
+        for job in jobs:
+            job.emit({"type": "start", "expert": None})
+        ids, mask = pad_left([job.prompt_ids for job in jobs], self._pad_id)
+        logits, state = composition.prefill(ids, mask)
+        self.stats.prefills += 1
+        lane = CompositionLane(composition, jobs, state, self._pad_id)
+        self._after_prefill(lane, logits, mask)
+        if lane.jobs:
+            self.lanes.append(lane)
+
+    def _prefill_pool(self, jobs: list[Job], adapters: list[str]) -> None:
+        ids, mask = pad_left([job.prompt_ids for job in jobs], self._pad_id)
+        # the logits of every prompt position only when a job echoes the prompt's logprobs (memory: T x vocab)
+        last_only = {} if any(job.prompt_logprobs for job in jobs) else {"logits_to_keep": 1}
+        logits, state = self.pool.prefill(ids, mask, adapters, **last_only)
+        self.stats.prefills += 1
+        lane = PoolLane(self.pool, jobs, state, torch.zeros(len(jobs), dtype=torch.long), list(adapters))
+        self._after_prefill(lane, logits, mask)
+        if not lane.jobs:
+            return
+        if self.shared is None or not self.shared.jobs:
+            self.shared = lane
+        else:
+            self.shared.add(lane)
+
+    @property
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else (self.eos or 0)
+
+    def _after_prefill(self, lane: Lane, logits: torch.Tensor, mask: torch.Tensor) -> None:
+        for i, job in enumerate(lane.jobs):
+            if job.prompt_logprobs:
+                n = len(job.prompt_ids)
+                job.emit({"type": "prompt_logprobs",
+                          "entries": self._prompt_logprobs(logits[i, -n:], job.prompt_ids, job.top_logprobs)})
+        self._advance(lane, logits[:, -1])
+
+    def _step_all(self) -> None:
+        for lane in [self.shared, *self.lanes]:
+            if lane is None or not lane.jobs:
+                continue
+            try:
+                logits = lane.step()
+            except ExpertkitError as e:
+                for job in lane.jobs:
+                    self._fail(job, 400, str(e))
+                lane.keep([])
+                continue
+            self.stats.steps += 1
+            self.stats.rows_stepped += len(lane.jobs)
+            self._advance(lane, logits)
+        self.lanes = [lane for lane in self.lanes if lane.jobs]
+
+    def _advance(self, lane: Lane, logits: torch.Tensor) -> None:
+        """Choose each row's next token, emit it, and drop rows that are done."""
+        greedy = logits.argmax(dim=-1).tolist()
+        keep, next_ids = [], []
+        for i, job in enumerate(lane.jobs):
+            if job.cancelled:
+                continue
+            if len(job.generated) >= job.params.max_new_tokens:
+                self._finish(job, "length")
+                continue
+            token = greedy[i] if job.params.temperature == 0 else int(
+                choose_next(logits[i:i + 1], job.params, job.generator)[0])
+            if token == self.eos:
+                self._finish(job, "stop", stop_string=False)
+                continue
+            job.generated.append(token)
+            self.stats.generated_tokens += 1
+            text, stopped = job.stream.push(token)
+            event = {"type": "token", "text": text, "token": token}
+            if job.top_logprobs is not None:
+                event.update(self._token_logprobs(logits[i], token, job.top_logprobs))
+            job.emit(event)
+            if stopped:
+                self._finish(job, "stop", stop_string=True)
+            elif len(job.generated) >= job.params.max_new_tokens:
+                self._finish(job, "length")
+            else:
+                keep.append(i)
+                next_ids.append(token)
+        lane.next_ids = torch.zeros(len(lane.jobs), dtype=torch.long)
+        if keep:
+            lane.next_ids[keep] = torch.tensor(next_ids, dtype=torch.long)
+        lane.keep(keep)
+
+    def _finish(self, job: Job, reason: str, stop_string: bool = False) -> None:
+        tail = "" if stop_string else job.stream.finish()  # after a stop string, the rest is cut
+        self.stats.finished += 1
+        job.emit({"type": "end", "text": tail, "finish_reason": reason, "prompt_tokens": len(job.prompt_ids),
+                  "completion_tokens": len(job.generated)})
+
+    def _fail(self, job: Job, status: int, message: str) -> None:
+        self.stats.failed += 1
+        job.emit({"type": "error", "status": status, "message": message})
+
+    def _fail_everything(self, message: str) -> None:
+        for lane in [self.shared, *self.lanes]:
+            for job in lane.jobs if lane else []:
+                self._fail(job, 500, message)
+        self.shared, self.lanes = None, []
+
+    # ------------------------------------------------------------ logprobs in the OpenAI completions shape
+
+    def _token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def _token_logprobs(self, logits: torch.Tensor, token: int, top: int) -> dict:
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        return {"logprob": float(log_probs[token]), "top": self._top(log_probs, top),
+                "token_text": self._token_text(token)}
+
+    def _top(self, log_probs: torch.Tensor, k: int) -> dict[str, float]:
+        if k <= 0:
+            return {}
+        values, indices = log_probs.topk(k)
+        out: dict[str, float] = {}
+        for v, i in zip(values.tolist(), indices.tolist()):
+            out.setdefault(self._token_text(i), v)  # two ids can decode to one string: keep the likelier
+        return out
+
+    def _prompt_logprobs(self, logits: torch.Tensor, prompt: list[int], top: int | None) -> list[dict]:
+        """The first prompt token has no logprob (nothing precedes it), as in the OpenAI API."""
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        entries = [{"token": prompt[0], "logprob": None, "top": None}]
+        for pos in range(1, len(prompt)):
+            row = log_probs[pos - 1]
+            entries.append({"token": prompt[pos], "logprob": float(row[prompt[pos]]),
+                            "top": self._top(row, top or 0)})
+        return entries
+
+
+def wall_ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000

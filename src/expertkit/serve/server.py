@@ -1,0 +1,100 @@
+"""Putting a server together: library -> base + pool + compositions -> engine -> app -> uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from expertkit.errors import ExpertkitError
+
+log = logging.getLogger("expertkit.serve")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    base: str | None = None  # default: the base path recorded in the library
+    device: str | None = None
+    models: tuple[str, ...] | None = None  # library entries to serve (default: all)
+    router: str | None = None  # the entry `auto` uses (default: the library's only router)
+    max_batch: int = 64
+    max_queue: int = 256
+    max_prompt_tokens: int | None = None  # default: the model's context
+    max_tokens: int = 512
+    api_key: str | None = None
+
+
+def pick_router(entries, requested: str | None) -> str | None:
+    routers = [e.name for e in entries if e.kind == "router"]
+    if requested is not None:
+        if requested not in routers:
+            raise ExpertkitError(f"router '{requested}' is not in the library; routers there: {routers or 'none'}")
+        return requested
+    if len(routers) > 1:
+        raise ExpertkitError(f"the library has several routers {routers}; choose the one `auto` uses with --router")
+    return routers[0] if routers else None
+
+
+def build_local_service(library_path: Path, options: ServeOptions):
+    """Load the base once, attach the library's adapters to it, and start the engine."""
+    from expertkit.base import load_base
+    from expertkit.compose import ExpertPool, build_compositions
+    from expertkit.library import Library
+    from expertkit.serve.engine import Engine
+    from expertkit.serve.service import Limits, LocalService
+
+    library = Library(library_path)
+    identity = library.base_identity()
+    base_path = options.base or identity["name"]
+    if not Path(base_path).exists() and options.base is None:
+        raise ExpertkitError(f"the library's base '{base_path}' is not on this machine; pass --base PATH")
+    base = load_base(base_path, options.device)
+    names = list(options.models) if options.models else None
+    pool = ExpertPool(base, library, names=names)
+    compositions = {c.name: c for c in build_compositions(pool)}
+    router = pick_router(pool.entries, options.router)
+    context = pool.context_length
+    limits = Limits(max_prompt_tokens=options.max_prompt_tokens or context or 2048,
+                    max_tokens=min(options.max_tokens, context or options.max_tokens))
+    engine = Engine(pool, compositions, max_batch=options.max_batch, max_queue=options.max_queue).start()
+    return LocalService(engine, limits, context, router)
+
+
+class BackgroundServer:
+    """uvicorn in a thread on 127.0.0.1 (tests and benchmarks); `with` starts it and stops it."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+        import uvicorn
+
+        self.config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+        self.server = uvicorn.Server(self.config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self.server.servers[0].sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise ExpertkitError("the server did not start (is the port free?)")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def run(app, host: str, port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level="info", lifespan="off")

@@ -1,0 +1,57 @@
+"""Turning token ids into streamed text: hold back what a stop string or a split character may still change,
+and the prompt a chat request becomes."""
+
+from __future__ import annotations
+
+PLAIN_CHAT_STOP = "\nUser:"
+
+
+class TextStream:
+    """Feed generated tokens one at a time; get the text that is now safe to send, and whether a stop hit."""
+
+    def __init__(self, tokenizer, stops: tuple[str, ...] = ()):
+        self.tokenizer, self.stops = tokenizer, tuple(s for s in stops if s)
+        self.tokens: list[int] = []
+        self.sent = 0  # characters of the decoded text already handed out
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        """(new safe text, stopped). After a stop the text ends just before the stop string."""
+        self.tokens.append(token_id)
+        text = self.tokenizer.decode(self.tokens)
+        hits = [text.find(s, max(self.sent - len(s), 0)) for s in self.stops]
+        hits = [h for h in hits if h >= 0]
+        if hits:
+            return self._take(text, min(hits)), True
+        safe = len(text) - self.hold
+        while safe > self.sent and text[safe - 1] == "\ufffd":  # a multi-byte character still arriving
+            safe -= 1
+        return self._take(text, safe), False
+
+    def finish(self) -> str:
+        """What is left to send once generation ends without a stop string."""
+        return self._take(self.tokenizer.decode(self.tokens), None)
+
+    def _take(self, text: str, end: int | None) -> str:
+        end = len(text) if end is None else end
+        out = text[self.sent:end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return out
+
+    @property
+    def text(self) -> str:
+        return self.tokenizer.decode(self.tokens)
+
+
+def chat_prompt(tokenizer, messages: list[dict]) -> tuple[str, tuple[str, ...]]:
+    """The prompt for a chat request, and the stop strings the template implies.
+
+    With a chat template in the tokenizer, that template (with the generation prompt) is used.
+    Otherwise the documented plain template: one "Role: content" line per message, then
+    "Assistant:"; generation stops where the model starts a new "User:" turn.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return text, ()
+    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+    return "\n".join(lines) + "\nAssistant:", (PLAIN_CHAT_STOP,)
