@@ -156,7 +156,7 @@ def test_cli_generate_with_a_small_model(monkeypatch, capsys, small_project, mic
     code, _, err = run_cli(monkeypatch, capsys, *args, "--model", "proxy:gamma")
     assert_one_line_error(code, err, "unknown expert 'gamma'")
     code, _, err = run_cli(monkeypatch, capsys, "generate", large_project, "x", "--alpha", "1")
-    assert_one_line_error(code, err, "add --small")
+    assert_one_line_error(code, err, "add --small SMALL")
     code, _, err = run_cli(monkeypatch, capsys, *args[:-4], "--small", tmp_path, "--model", "fusion")
     assert_one_line_error(code, err, "is not an expert library")
 

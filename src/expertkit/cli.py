@@ -81,6 +81,8 @@ def generate(config: Path = ConfigArg, prompt: str = typer.Argument(..., help="t
              alpha: Optional[float] = typer.Option(None, help="proxy/fusion: strength of the small expert's shift"),
              threshold: Optional[float] = typer.Option(None, help="defer: entropy (nats) above which a token goes "
                                                                   "to the large model; card: relevance gate"),
+             token_map: Optional[str] = typer.Option(None, help="when the vocabularies differ: 'vocab' (map shared "
+                                                                "token strings) or a JSON file {large id: small id}"),
              device: Optional[str] = typer.Option(None)):
     """Continue a prompt with one composition (or a small expert steering this model, with --small)."""
     _setup()
@@ -93,8 +95,8 @@ def generate(config: Path = ConfigArg, prompt: str = typer.Argument(..., help="t
                             stop=tuple(stop or ()))
     cfg, base = load_project_base(config, device, build_missing=False)
     if small is None:
-        if alpha is not None or threshold is not None:
-            raise ExpertkitError("--alpha and --threshold steer a collaboration; add --small SMALL_PROJECT")
+        if alpha is not None or threshold is not None or token_map is not None:
+            raise ExpertkitError("--alpha, --threshold and --token-map steer a collaboration; add --small SMALL")
         pool = ExpertPool(base, Library(cfg.library), names=None if model == "base" else [model])
         (composition,) = build_compositions(pool, [model])
         context = pool.context_length
@@ -102,7 +104,8 @@ def generate(config: Path = ConfigArg, prompt: str = typer.Argument(..., help="t
         from expertkit.compose.collaborate import build_collaboration, load_small_pool
 
         large, small_pool = ExpertPool(base), load_small_pool(small, device)
-        composition = build_collaboration(model, large, small_pool, alpha=alpha, threshold=threshold)
+        composition = build_collaboration(model, large, small_pool, alpha=alpha, threshold=threshold,
+                                          token_map=token_map)
         context = min(filter(None, [large.context_length, small_pool.context_length]), default=None)
     text = run_generate(composition, base.tokenizer, [prompt], params, context_length=context)[0]
     typer.echo(prompt + text)

@@ -29,26 +29,35 @@ from expertkit.base import tokenizer_hash
 from expertkit.compose.base import Composition, DecodeState
 from expertkit.compose.mix import next_evidence, prefix_evidence
 from expertkit.compose.pool import BASE_ADAPTER, ExpertPool
+from expertkit.compose.vocab import TokenMap, resolve_token_map
 from expertkit.errors import ExpertkitError
 
+DEFER_THRESHOLD = 3.0  # nats: the small expert keeps a token while it is about as sure as a choice among ~20 tokens
 
-def check_collaborators(large: ExpertPool, small: ExpertPool, experts: list[str]) -> None:
-    """Same vocabulary (token i is the same string in both), and every expert loaded on the small base."""
-    if tokenizer_hash(large.tokenizer) != tokenizer_hash(small.tokenizer):
-        raise ExpertkitError(f"the large model '{large.base.name}' and the small model '{small.base.name}' have "
-                             "different vocabularies, so their logits cannot be combined; build the small base "
-                             "with base.build.tokenizer pointing at the large model")
+def check_collaborators(large: ExpertPool, small: ExpertPool, experts: list[str],
+                        token_map: TokenMap | str | Path | None = None) -> TokenMap | None:
+    """Every expert loaded on the small base, and one vocabulary: the same one (-> None) or a token map."""
     missing = [e for e in experts if e not in small.adapter_names]
     if missing:
         raise ExpertkitError(f"expert(s) {missing} are not loaded on the small model '{small.base.name}' "
                              f"(loaded: {small.adapter_names}); use experts trained on that small base")
+    if tokenizer_hash(large.tokenizer) == tokenizer_hash(small.tokenizer):
+        return None
+    if token_map is None:
+        raise ExpertkitError(f"the large model '{large.base.name}' and the small model '{small.base.name}' have "
+                             "different vocabularies, so their logits cannot be combined; build the small base "
+                             "with base.build.tokenizer pointing at the large model, or supply a token mapping "
+                             "(token_map='vocab' maps shared token strings, or a JSON file of large id -> small id)")
+    return resolve_token_map(token_map, large, small)
 
 
 class Collaboration(Composition):
     """The large model (bare) and the small model on `small_adapters`, one batched small forward per step."""
 
-    def __init__(self, large: ExpertPool, small: ExpertPool, small_adapters: list[str], name: str):
-        check_collaborators(large, small, [a for a in small_adapters if a != BASE_ADAPTER])
+    def __init__(self, large: ExpertPool, small: ExpertPool, small_adapters: list[str], name: str,
+                 token_map: TokenMap | str | Path | None = None):
+        self.token_map = check_collaborators(large, small, [a for a in small_adapters if a != BASE_ADAPTER],
+                                             token_map)
         self.large, self.small, self.small_adapters, self.name = large, small, small_adapters, name
 
     @abstractmethod
@@ -61,14 +70,19 @@ class Collaboration(Composition):
     def _finish(self, large_logits, small_logits, rows: int, extra: dict):
         k = len(self.small_adapters)
         small_lp = torch.log_softmax(small_logits.float(), -1).view(k, rows, *small_logits.shape[1:])
+        if self.token_map is not None:
+            small_lp = self.token_map.to_large(small_lp)
         out = self.combine(torch.log_softmax(large_logits.float(), -1), small_lp.to(large_logits.device), extra)
+        if self.token_map is not None:  # generate only tokens both models can read
+            out = self.token_map.mask_unmapped(out)
         large_state = extra["large"]
         return out, DecodeState(None, large_state.attention_mask, large_state.next_position, extra)
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         rows, k = input_ids.shape[0], len(self.small_adapters)
         large_logits, large_state = self.large.prefill(input_ids, attention_mask, [BASE_ADAPTER] * rows)
-        small_logits, small_state = self.small.prefill(input_ids.repeat(k, 1), attention_mask.repeat(k, 1),
+        small_ids = self.token_map.to_small(input_ids) if self.token_map is not None else input_ids
+        small_logits, small_state = self.small.prefill(small_ids.repeat(k, 1), attention_mask.repeat(k, 1),
                                                         self._small_rows(rows))
         extra = {"large": large_state, "small": small_state, "mask": attention_mask.to(large_logits.device).bool(),
                  "input_ids": input_ids}
@@ -79,7 +93,8 @@ class Collaboration(Composition):
         extra = {**state.extra, "next_ids": next_ids}
         extra.pop("input_ids", None)
         large_logits, extra["large"] = self.large.step(extra["large"], next_ids, [BASE_ADAPTER] * rows)
-        small_logits, extra["small"] = self.small.step(extra["small"], next_ids.repeat(k), self._small_rows(rows))
+        small_ids = self.token_map.to_small(next_ids) if self.token_map is not None else next_ids
+        small_logits, extra["small"] = self.small.step(extra["small"], small_ids.repeat(k), self._small_rows(rows))
         extra["mask"] = torch.ones(rows, dtype=torch.bool, device=large_logits.device)
         return self._finish(large_logits, small_logits, rows, extra)
 
@@ -88,10 +103,10 @@ class ProxyComposition(Collaboration):
     """Proxy-tuning: the large model shifted by α times what tuning changed in the small model."""
 
     def __init__(self, large: ExpertPool, small: ExpertPool, expert: str, alpha: float = 1.0,
-                 name: str | None = None):
+                 name: str | None = None, token_map: TokenMap | str | Path | None = None):
         if alpha < 0:
             raise ExpertkitError(f"proxy alpha must be >= 0 (0 = the large model alone), got {alpha}")
-        super().__init__(large, small, [expert, BASE_ADAPTER], name or f"proxy:{expert}")
+        super().__init__(large, small, [expert, BASE_ADAPTER], name or f"proxy:{expert}", token_map)
         self.alpha = alpha
 
     def combine(self, large_lp, small_lp, extra):
@@ -103,18 +118,20 @@ class FusionComposition(Collaboration):
     """Several small experts steer the large model, each weighted by its posterior given the prefix."""
 
     def __init__(self, large: ExpertPool, small: ExpertPool, experts: list[str], alpha: float = 1.0,
-                 name: str = "fusion"):
+                 name: str = "fusion", token_map: TokenMap | str | Path | None = None):
         if alpha < 0:
             raise ExpertkitError(f"fusion alpha must be >= 0 (0 = the large model alone), got {alpha}")
         if not experts:
             raise ExpertkitError("fusion needs at least one expert")
-        super().__init__(large, small, [*experts, BASE_ADAPTER], name)
+        super().__init__(large, small, [*experts, BASE_ADAPTER], name, token_map)
         self.alpha = alpha
         self.log_prior = torch.full((len(experts),), -torch.log(torch.tensor(float(len(experts)))).item())
 
     def combine(self, large_lp, small_lp, extra):
         experts, anti_expert = small_lp[:-1], small_lp[-1]  # [K, B, ..., V], [B, ..., V]
         by_row = experts.transpose(0, 1)  # [B, K, ..., V]
+        if self.token_map is not None:  # a token no expert can express is no evidence for any of them
+            by_row = by_row.masked_fill(by_row == float("-inf"), 0.0)
         if "next_ids" in extra:  # one step: update the running evidence with the token just chosen
             evidence = next_evidence(extra["evidence"], extra["last_log_probs"], extra["next_ids"])
             extra["evidence"] = evidence
@@ -130,11 +147,11 @@ class FusionComposition(Collaboration):
 class DeferComposition(Collaboration):
     """The small expert decodes; tokens where its entropy exceeds `threshold` (nats) go to the large model."""
 
-    def __init__(self, large: ExpertPool, small: ExpertPool, expert: str, threshold: float,
-                 name: str | None = None):
+    def __init__(self, large: ExpertPool, small: ExpertPool, expert: str, threshold: float = DEFER_THRESHOLD,
+                 name: str | None = None, token_map: TokenMap | str | Path | None = None):
         if threshold < 0:
             raise ExpertkitError(f"defer threshold is an entropy in nats and must be >= 0, got {threshold}")
-        super().__init__(large, small, [expert], name or f"defer:{expert}")
+        super().__init__(large, small, [expert], name or f"defer:{expert}", token_map)
         self.threshold = threshold
         self.deferred = self.decided = 0  # running counts: the fraction of tokens handed to the large model
 
@@ -147,7 +164,7 @@ class DeferComposition(Collaboration):
 
     def combine(self, large_lp, small_lp, extra):
         expert = small_lp[0]
-        entropy = -(expert.exp() * expert).sum(-1)
+        entropy = torch.special.entr(expert.exp()).sum(-1)  # 0·log 0 = 0 on tokens a token map leaves out
         defer = entropy > self.threshold
         real = extra["mask"]
         self.deferred += int((defer & real).sum())
@@ -156,8 +173,6 @@ class DeferComposition(Collaboration):
 
 
 # --- the strategy registry: "<strategy>:<expert>" or "fusion" -> a Composition ---------------------------------
-
-DEFER_THRESHOLD = 3.0  # nats: the small expert keeps a token while it is about as sure as a choice among ~20 tokens
 
 
 @dataclass(frozen=True)
@@ -253,19 +268,19 @@ def build_collaboration(spec: str, large: ExpertPool, small: ExpertPool, **param
     return strategy.factory(large, small, expert or None, name=spec, **{**strategy.defaults, **given})
 
 
-@collaboration("proxy", alpha=1.0)
-def _proxy(large, small, expert, name, alpha):
-    return ProxyComposition(large, small, expert, alpha=alpha, name=name)
+@collaboration("proxy", alpha=1.0, token_map=None)
+def _proxy(large, small, expert, name, alpha, token_map):
+    return ProxyComposition(large, small, expert, alpha=alpha, name=name, token_map=token_map)
 
 
-@collaboration("fusion", per_expert=False, alpha=1.0)
-def _fusion(large, small, expert, name, alpha):
-    return FusionComposition(large, small, small_experts(small), alpha=alpha, name=name)
+@collaboration("fusion", per_expert=False, alpha=1.0, token_map=None)
+def _fusion(large, small, expert, name, alpha, token_map):
+    return FusionComposition(large, small, small_experts(small), alpha=alpha, name=name, token_map=token_map)
 
 
-@collaboration("defer", threshold=DEFER_THRESHOLD)
-def _defer(large, small, expert, name, threshold):
-    return DeferComposition(large, small, expert, threshold=threshold, name=name)
+@collaboration("defer", threshold=DEFER_THRESHOLD, token_map=None)
+def _defer(large, small, expert, name, threshold, token_map):
+    return DeferComposition(large, small, expert, threshold=threshold, name=name, token_map=token_map)
 
 
 from expertkit.compose import card as _card  # noqa: E402,F401  (registers "card"; it builds on this module)
