@@ -70,6 +70,7 @@ class Router(ABC):
     """Probabilities over `labels` (experts..., "base"); state is tensors + JSON so it saves without pickle."""
 
     kind: ClassVar[str]
+    needs_model: ClassVar[bool] = True  # False: routes from text alone, so a routing-only front needs no weights
 
     def __init__(self, labels: list[str], tensors: dict[str, torch.Tensor], params: dict):
         if labels[-1] != BASE_LABEL:

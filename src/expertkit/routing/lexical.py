@@ -36,6 +36,8 @@ def _tfidf(counts, idf: np.ndarray):
 
 @register_router("lexical")
 class LexicalRouter(Router):
+    needs_model = False
+
     @classmethod
     def fit(cls, pool, data: TrainingData, settings) -> "LexicalRouter":
         from sklearn.feature_extraction.text import TfidfVectorizer

@@ -19,6 +19,7 @@ class ServeOptions:
     device: str | None = None
     models: tuple[str, ...] | None = None  # library entries to serve (default: all)
     router: str | None = None  # the entry `auto` uses (default: the library's only router)
+    small: str | None = None  # a small model's project or library: serve its collaborations too
     max_batch: int = 64
     max_queue: int = 256
     max_prompt_tokens: int | None = None  # default: the model's context
@@ -54,6 +55,12 @@ def build_local_service(library_path: Path, options: ServeOptions):
     names = list(options.models) if options.models else None
     pool = ExpertPool(base, library, names=names)
     compositions = {c.name: c for c in build_compositions(pool)}
+    if options.small:
+        from expertkit.compose.collaborate import build_collaboration, collaboration_names, load_small_pool
+
+        small = load_small_pool(options.small, options.device)
+        for spec in collaboration_names(small):
+            compositions[spec] = build_collaboration(spec, pool, small)
     router = pick_router(pool.entries, options.router)
     context = pool.context_length
     limits = Limits(max_prompt_tokens=options.max_prompt_tokens or context or 2048,
