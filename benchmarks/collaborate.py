@@ -110,7 +110,9 @@ def speed(large_path: str, small_pool, expert: str, prompt_ids: torch.Tensor) ->
     expert_dir = next(e.path for e in small_pool.entries if e.name == expert)
     small_expert_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(small_path),
                                                    str(expert_dir)).merge_and_unload().eval()
-    proxy = ProxyComposition(ExpertPool(load_base(large_path, "cpu")), small_pool, expert, alpha=1.0)
+    large_pool = ExpertPool(load_base(large_path, "cpu"))
+    proxy = ProxyComposition(large_pool, small_pool, expert, alpha=1.0)
+    proxy_hf = ProxyComposition(large_pool, small_pool, expert, alpha=1.0, fast_small=False)
     mask = torch.ones_like(prompt_ids)
 
     def generate_large() -> float:
@@ -119,8 +121,8 @@ def speed(large_path: str, small_pool, expert: str, prompt_ids: torch.Tensor) ->
                                    min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
         return (out.shape[1] - prompt_ids.shape[1]) / (time.perf_counter() - started)
 
-    def proxy_run() -> float:
-        return _greedy_tok_s(lambda ids: proxy.prefill(ids, mask), proxy.step, prompt_ids)
+    def proxy_run(composition=proxy) -> float:
+        return _greedy_tok_s(lambda ids: composition.prefill(ids, mask), composition.step, prompt_ids)
 
     def three_models() -> float:
         """The reference design: three separate cached models, three forwards per token."""
@@ -138,10 +140,11 @@ def speed(large_path: str, small_pool, expert: str, prompt_ids: torch.Tensor) ->
 
         return _greedy_tok_s(prefill, lambda _, token: (combined(token.view(1, 1))[:, -1], None), prompt_ids)
 
-    runs = {"large_generate_tok_s": [], "proxy_tok_s": [], "three_model_tok_s": []}
+    fns = {"large_generate_tok_s": generate_large, "proxy_tok_s": proxy_run, "three_model_tok_s": three_models,
+           "proxy_hf_small_step_tok_s": lambda: proxy_run(proxy_hf)}  # the last: PEFT adapter_names steps
+    runs = {key: [] for key in fns}
     for _ in range(REPEATS + 1):  # the first round warms up and is dropped
-        for key, fn in (("large_generate_tok_s", generate_large), ("proxy_tok_s", proxy_run),
-                        ("three_model_tok_s", three_models)):
+        for key, fn in fns.items():
             runs[key].append(fn())
     result = {k: statistics.median(v[1:]) for k, v in runs.items()}
     result["proxy_vs_large_generate"] = result["proxy_tok_s"] / result["large_generate_tok_s"]

@@ -216,3 +216,28 @@ def test_card_bad_params(pools, params, message):
     with pytest.raises(ExpertkitError) as info:
         build_collaboration("card:alpha", large, small, **params)
     assert message in str(info.value)
+
+
+def test_lean_small_steps_equal_the_hf_steps(pools):
+    """The collaboration's fast small-model step (compose.lean) is the HF/PEFT step, padding and growth included."""
+    from expertkit.compose.lean import LeanDecoder
+
+    _, small = pools
+    adapters = ["alpha", "alpha", BASE_ADAPTER, BASE_ADAPTER]
+    ids = torch.randint(3, 250, (4, 7), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = mask[3, :5] = 0
+    _, hf = small.prefill(ids, mask, adapters)
+    _, start = small.prefill(ids, mask, adapters)
+    lean = LeanDecoder.build(small.base.model, adapters)
+    state = lean.start(start.past, start.attention_mask, start.next_position, adapters, room=2)  # grows twice
+    token = ids[:, -1]
+    for _ in range(6):
+        expected, hf = small.step(hf, token, adapters)
+        got, state = lean.step(state, token)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        token = expected.argmax(-1)
+    slow = ProxyComposition(pools[0], small, "alpha", fast_small=False)
+    assert generate(slow, pools[0].tokenizer, ["patient dose"], SamplingParams(max_new_tokens=12)) == \
+        generate(ProxyComposition(pools[0], small, "alpha"), pools[0].tokenizer, ["patient dose"],
+                 SamplingParams(max_new_tokens=12))

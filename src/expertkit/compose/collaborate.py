@@ -28,6 +28,7 @@ import torch
 from expertkit.base import tokenizer_hash
 from expertkit.compose.base import Composition, DecodeState
 from expertkit.compose.mix import next_evidence, prefix_evidence
+from expertkit.compose.lean import LeanDecoder, LeanState
 from expertkit.compose.pool import BASE_ADAPTER, ExpertPool
 from expertkit.compose.vocab import TokenMap, resolve_token_map
 from expertkit.errors import ExpertkitError
@@ -52,13 +53,18 @@ def check_collaborators(large: ExpertPool, small: ExpertPool, experts: list[str]
 
 
 class Collaboration(Composition):
-    """The large model (bare) and the small model on `small_adapters`, one batched small forward per step."""
+    """The large model (bare) and the small model on `small_adapters`, one batched small forward per step.
+
+    Options every strategy takes: `token_map` (when the vocabularies differ, see compose.vocab) and
+    `fast_small` (decode steps of the small model with compose.lean; False keeps the HF/PEFT step).
+    """
 
     def __init__(self, large: ExpertPool, small: ExpertPool, small_adapters: list[str], name: str,
-                 token_map: TokenMap | str | Path | None = None):
+                 token_map: TokenMap | str | Path | None = None, fast_small: bool = True):
         self.token_map = check_collaborators(large, small, [a for a in small_adapters if a != BASE_ADAPTER],
                                              token_map)
         self.large, self.small, self.small_adapters, self.name = large, small, small_adapters, name
+        self.fast_small = fast_small  # decode steps of the small model with compose.lean (HF when unsupported)
 
     @abstractmethod
     def combine(self, large_lp: torch.Tensor, small_lp: torch.Tensor, extra: dict) -> torch.Tensor:
@@ -94,19 +100,30 @@ class Collaboration(Composition):
         extra.pop("input_ids", None)
         large_logits, extra["large"] = self.large.step(extra["large"], next_ids, [BASE_ADAPTER] * rows)
         small_ids = self.token_map.to_small(next_ids) if self.token_map is not None else next_ids
-        small_logits, extra["small"] = self.small.step(extra["small"], small_ids.repeat(k), self._small_rows(rows))
-        extra["mask"] = torch.ones(rows, dtype=torch.bool, device=large_logits.device)
+        small_logits, extra["small"] = self._small_step(extra["small"], small_ids.repeat(k), rows)
+        if extra["mask"].dim() > 1:  # after prefill every row is real
+            extra["mask"] = torch.ones(rows, dtype=torch.bool, device=large_logits.device)
         return self._finish(large_logits, small_logits, rows, extra)
+
+    def _small_step(self, state, ids: torch.Tensor, rows: int):
+        """One small step: on the first one, move the HF prefill cache into the lean decoder when it applies."""
+        if isinstance(state, DecodeState) and self.fast_small:
+            lean = LeanDecoder.build(self.small.base.model, self.small_adapters)
+            if lean is not None:
+                state = lean.start(state.past, state.attention_mask, state.next_position, self._small_rows(rows))
+        if isinstance(state, LeanState):
+            return state.decoder.step(state, ids)
+        return self.small.step(state, ids, self._small_rows(rows))
 
 
 class ProxyComposition(Collaboration):
     """Proxy-tuning: the large model shifted by α times what tuning changed in the small model."""
 
     def __init__(self, large: ExpertPool, small: ExpertPool, expert: str, alpha: float = 1.0,
-                 name: str | None = None, token_map: TokenMap | str | Path | None = None):
+                 name: str | None = None, **options):
         if alpha < 0:
             raise ExpertkitError(f"proxy alpha must be >= 0 (0 = the large model alone), got {alpha}")
-        super().__init__(large, small, [expert, BASE_ADAPTER], name or f"proxy:{expert}", token_map)
+        super().__init__(large, small, [expert, BASE_ADAPTER], name or f"proxy:{expert}", **options)
         self.alpha = alpha
 
     def combine(self, large_lp, small_lp, extra):
@@ -118,12 +135,12 @@ class FusionComposition(Collaboration):
     """Several small experts steer the large model, each weighted by its posterior given the prefix."""
 
     def __init__(self, large: ExpertPool, small: ExpertPool, experts: list[str], alpha: float = 1.0,
-                 name: str = "fusion", token_map: TokenMap | str | Path | None = None):
+                 name: str = "fusion", **options):
         if alpha < 0:
             raise ExpertkitError(f"fusion alpha must be >= 0 (0 = the large model alone), got {alpha}")
         if not experts:
             raise ExpertkitError("fusion needs at least one expert")
-        super().__init__(large, small, [*experts, BASE_ADAPTER], name, token_map)
+        super().__init__(large, small, [*experts, BASE_ADAPTER], name, **options)
         self.alpha = alpha
         self.log_prior = torch.full((len(experts),), -torch.log(torch.tensor(float(len(experts)))).item())
 
@@ -148,10 +165,10 @@ class DeferComposition(Collaboration):
     """The small expert decodes; tokens where its entropy exceeds `threshold` (nats) go to the large model."""
 
     def __init__(self, large: ExpertPool, small: ExpertPool, expert: str, threshold: float = DEFER_THRESHOLD,
-                 name: str | None = None, token_map: TokenMap | str | Path | None = None):
+                 name: str | None = None, **options):
         if threshold < 0:
             raise ExpertkitError(f"defer threshold is an entropy in nats and must be >= 0, got {threshold}")
-        super().__init__(large, small, [expert], name or f"defer:{expert}", token_map)
+        super().__init__(large, small, [expert], name or f"defer:{expert}", **options)
         self.threshold = threshold
         self.deferred = self.decided = 0  # running counts: the fraction of tokens handed to the large model
 
