@@ -230,3 +230,17 @@ def test_export_vllm_names_every_adapter(served_library):
     command = vllm_command(library)
     assert command.startswith("vllm serve ") and "--enable-lora" in command and "--max-lora-rank 8" in command
     assert f"alpha={(library / 'experts' / 'alpha').resolve()}" in command and "beta=" in command
+
+
+def test_cli_errors_before_serving(monkeypatch, capsys, served_library, tmp_path):
+    from test_cli import assert_one_line_error, run_cli
+
+    code, _, err = run_cli(monkeypatch, capsys, "serve", tmp_path / "nowhere")
+    assert_one_line_error(code, err, "no expert library at")
+    _, library = served_library
+    code, _, err = run_cli(monkeypatch, capsys, "serve", library, "--router", "router-missing")
+    assert_one_line_error(code, err, "router 'router-missing' is not in the library")
+    code, _, err = run_cli(monkeypatch, capsys, "serve", library, "--backend", "http://127.0.0.1:9")
+    assert_one_line_error(code, err, "did not answer GET /v1/models")
+    code, out, err = run_cli(monkeypatch, capsys, "export", "vllm", library)
+    assert code == 0 and out.startswith("vllm serve") and "--lora-modules" in out

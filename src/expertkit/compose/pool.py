@@ -49,15 +49,17 @@ class ExpertPool:
                 continue  # a full model (merged_model) brings its own weights; its composition loads them
             version = entry.manifest.get("created")
             if model is None:
-                model = PeftModel.from_pretrained(self.base.model, str(entry.path), adapter_name=entry.name)
+                model = PeftModel.from_pretrained(self.base.model, str(entry.path), adapter_name=entry.name,
+                                                  low_cpu_mem_usage=True)
                 self.base.peft_model = model
             elif loaded.get(entry.name) != version:
                 if entry.name in model.peft_config:  # rewritten on disk since it was loaded: drop the stale copy
                     model.delete_adapter(entry.name)
-                model.load_adapter(str(entry.path), adapter_name=entry.name)
+                model.load_adapter(str(entry.path), adapter_name=entry.name, low_cpu_mem_usage=True)
             loaded[entry.name] = version
         if model is not None:
             self.model = model.eval()
+            model._expertkit_active = None  # loading may touch PEFT's active set: re-set it on the next forward
 
     def ensure(self, names: list[str]) -> None:
         """Attach library entries this pool does not hold yet (a router or a mixture needs its experts)."""
@@ -95,12 +97,25 @@ class ExpertPool:
         unknown = sorted(set(adapters) - set(self.adapter_names) - {BASE_ADAPTER})
         if unknown:
             raise ExpertkitError(f"adapter(s) {unknown} are not loaded; loaded: {self.adapter_names}")
-        # With adapters attached, PEFT routes each row (BASE_ADAPTER rows skip every adapter);
-        # without any, the pool is just the base model.
-        kwargs = {"adapter_names": list(adapters)} if self.model is not self.base.model else {}
+        # Without adapters the pool is just the base model. With them, a batch whose rows all want one
+        # adapter runs it as PEFT's active adapter (switching when needed); a mixed batch has PEFT route
+        # each row (`adapter_names`), which costs about twice as much per step at small batch sizes.
+        kwargs = {}
+        if self.model is not self.base.model:
+            if len(set(adapters)) == 1:
+                self._activate(adapters[0])
+            else:
+                kwargs = {"adapter_names": list(adapters)}
         return self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
                           position_ids=position_ids.to(self.device) if position_ids is not None else None,
                           past_key_values=past, use_cache=True, **kwargs, **model_kwargs)
+
+    def _activate(self, adapter: str) -> None:
+        """Make `adapter` the one PEFT applies to every row (none at all for BASE_ADAPTER)."""
+        wanted = [] if adapter == BASE_ADAPTER else [adapter]
+        if getattr(self.model, "_expertkit_active", None) != wanted:  # the PeftModel is shared by every pool
+            self.model.base_model.set_adapter(wanted, inference_mode=True)
+            self.model._expertkit_active = wanted
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: list[str], **model_kwargs):
         positions = position_ids(attention_mask)

@@ -31,7 +31,11 @@ from expertkit.serve.kvcache import check_joinable, join, keep_rows
 from expertkit.serve.text import TextStream
 
 log = logging.getLogger("expertkit.serve")
-PREFILL_ROWS = 16  # prompts prefilled in one forward when many arrive at once
+PREFILL_ROWS = 64  # prompts prefilled in one forward when many arrive at once
+# A running batch takes newcomers once a quarter of it is free (or a newcomer has waited this long):
+# every admission costs a prefill and a cache re-layout, so admitting one row per step would halve throughput.
+ADMIT_SHARE = 0.25
+ADMIT_WAIT_S = 0.2
 _ids = itertools.count()
 
 
@@ -50,6 +54,7 @@ class Job:
     top_logprobs: int | None = None  # per generated token; None = no logprobs
     prompt_logprobs: bool = False  # echo with logprobs: the prompt's own token logprobs too
     id: int = field(default_factory=lambda: next(_ids))
+    submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     generated: list[int] = field(default_factory=list)
     stream: TextStream | None = None
@@ -205,7 +210,11 @@ class Engine:
                 self._fail_everything("internal error while decoding; see the server log")
 
     def _take_arrivals(self) -> list[Job]:
-        room = self.max_batch - self.active_rows
+        active = self.active_rows
+        room = self.max_batch - active
+        if active and self.pending and room < max(1, ADMIT_SHARE * self.max_batch) and \
+                time.monotonic() - self.pending[0].submitted < ADMIT_WAIT_S:
+            return []  # let the running batch free more rows first
         arrivals = []
         while self.pending and len(arrivals) < room:
             arrivals.append(self.pending.popleft())

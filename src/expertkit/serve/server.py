@@ -52,7 +52,7 @@ def build_local_service(library_path: Path, options: ServeOptions):
     if not Path(base_path).exists() and options.base is None:
         raise ExpertkitError(f"the library's base '{base_path}' is not on this machine; pass --base PATH")
     base = load_base(base_path, options.device)
-    names = list(options.models) if options.models else None
+    names = [m for m in options.models if m != "base"] if options.models else None  # [] = the base alone
     pool = ExpertPool(base, library, names=names)
     compositions = {c.name: c for c in build_compositions(pool)}
     if options.small:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -108,7 +110,7 @@ class LocalService:
         want_logprobs = req.logprobs is not None
         jobs = [dict(composition=composition, prompt_ids=ids, params=self._params(req, new_tokens),
                      top_logprobs=req.logprobs, prompt_logprobs=req.echo and want_logprobs) for ids in prompts]
-        run = await Run.start(self.engine, jobs)
+        run = await Run.start(self.engine, jobs, req.stream)
         shape = CompletionShape(self.tokenizer, req, prompts)
         return await run.respond(shape, req.stream, req.include_usage)
 
@@ -124,8 +126,44 @@ class LocalService:
         top = (req.top_logprobs or 0) if req.logprobs else None
         jobs = [dict(composition=composition, prompt_ids=ids, params=self._params(req, new_tokens, template_stops),
                      top_logprobs=top)]
-        run = await Run.start(self.engine, jobs)
+        run = await Run.start(self.engine, jobs, req.stream)
         return await run.respond(ChatShape(req), req.stream, req.include_usage)
+
+
+class EventSink:
+    """Carries engine events into asyncio queues with one event-loop wake-up per burst.
+
+    The engine thread emits an event per token per row; waking the loop for each one would have
+    the HTTP side and the engine fight over the GIL at every step.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.lock = loop, threading.Lock()
+        self.items: list[tuple[asyncio.Queue, object]] = []
+        self.scheduled = False
+
+    def put(self, queue: asyncio.Queue, items: list) -> None:
+        with self.lock:
+            self.items.extend((queue, item) for item in items)
+            if self.scheduled:
+                return
+            self.scheduled = True
+        self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self.lock:
+            items, self.items, self.scheduled = self.items, [], False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
+_SINKS: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, EventSink]" = weakref.WeakKeyDictionary()
+
+
+def sink_for(loop: asyncio.AbstractEventLoop) -> EventSink:
+    if loop not in _SINKS:
+        _SINKS[loop] = EventSink(loop)
+    return _SINKS[loop]
 
 
 class Run:
@@ -136,14 +174,26 @@ class Run:
         self.events: asyncio.Queue = asyncio.Queue()
         self.experts: list[str | None] = [None] * len(jobs)
 
+    def _emitter(self, index: int, sink: EventSink, streaming: bool):
+        """The job's `emit`: a whole (non-streamed) answer is delivered in one go when it ends."""
+        held: list = []
+
+        def emit(event: dict) -> None:
+            if not streaming and event["type"] in ("token", "prompt_logprobs"):
+                held.append((index, event))
+                return
+            sink.put(self.events, [*held, (index, event)])
+            held.clear()
+
+        return emit
+
     @classmethod
-    async def start(cls, engine: Engine, job_kwargs: list[dict]) -> "Run":
-        loop = asyncio.get_running_loop()
+    async def start(cls, engine: Engine, job_kwargs: list[dict], streaming: bool) -> "Run":
+        sink = sink_for(asyncio.get_running_loop())
         run = cls(engine, [])
         run.experts = [None] * len(job_kwargs)
         for index, kwargs in enumerate(job_kwargs):
-            sink = (lambda i: lambda event: loop.call_soon_threadsafe(run.events.put_nowait, (i, event)))(index)
-            run.jobs.append(Job(emit=sink, **kwargs))
+            run.jobs.append(Job(emit=run._emitter(index, sink, streaming), **kwargs))
         try:
             for job in run.jobs:
                 engine.submit(job)

@@ -1,0 +1,256 @@
+"""Serving: cross-expert continuous batching vs one request at a time, memory per expert, and a fuzz run.
+
+Every figure comes from real `expertkit serve` processes on 127.0.0.1, measured in this one run:
+- load: 200 concurrent completions (64 new tokens each) spread over 4 experts, sent to a server
+  that batches across experts (--max-batch 64) and to the same server answering one request at a
+  time (--max-batch 1, so each request runs alone with its own adapter);
+- memory: resident memory of the server with 4 experts vs the same server with the base only,
+  against the 4 adapters' file sizes;
+- fuzz: 500 malformed or hostile requests; every answer must be a 4xx, the server must stay up and
+  its resident memory must grow by less than 10%.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import psutil
+
+from common import bench_config
+from suites import suite
+
+N_REQUESTS = 200
+NEW_TOKENS = 64
+N_EXPERTS = 4
+N_FUZZ = 500
+PROMPT_CHARS = 120
+SPEEDUP_TARGET = 3.0
+MEMORY_SLACK = 0.20
+FUZZ_GROWTH_LIMIT = 0.10
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server(library: Path, models: list[str], max_batch: int, device: str | None):
+    """An `expertkit serve` process; yields (url, psutil.Process). Stopped on exit, whatever happens."""
+    port = free_port()
+    cli = Path(sys.executable).parent / "expertkit"
+    args = [str(cli), "serve", str(library), "--port", str(port), "--max-batch", str(max_batch),
+            "--max-queue", str(N_REQUESTS + 50), "--max-tokens", str(NEW_TOKENS)]
+    args += [a for m in models for a in ("--model", m)] + (["--device", device] if device else [])
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not start in 180 s")
+            time.sleep(0.2)
+        yield url, psutil.Process(proc.pid)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def rss_mib(process: psutil.Process) -> float:
+    return process.memory_info().rss / 2**20
+
+
+def prompts_for(cfg, experts: list[str], n: int) -> list[tuple[str, str]]:
+    """n (expert, prompt) pairs, round-robin over the experts; prompts are consecutive slices of test text."""
+    from expertkit.data import load_corpus
+
+    slices = {}
+    for e in experts:
+        text = " ".join(ex.full_text for ex in load_corpus(cfg.domain(e)).splits["test"])
+        slices[e] = [text[i:i + PROMPT_CHARS] for i in range(0, len(text) - PROMPT_CHARS, PROMPT_CHARS)]
+    return [(experts[i % len(experts)], slices[experts[i % len(experts)]][i // len(experts)]) for i in range(n)]
+
+
+async def _load(url: str, requests: list[tuple[str, str]]) -> dict:
+    limits = httpx.Limits(max_connections=len(requests) + 10, max_keepalive_connections=len(requests) + 10)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        async def one(model: str, prompt: str):
+            start = time.perf_counter()
+            reply = await client.post("/v1/completions", json={"model": model, "prompt": prompt,
+                                                                "max_tokens": NEW_TOKENS, "temperature": 0})
+            elapsed = (time.perf_counter() - start) * 1000
+            tokens = reply.json()["usage"]["completion_tokens"] if reply.status_code == 200 else 0
+            return reply.status_code, elapsed, tokens
+
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one(m, p) for m, p in requests))
+        wall = time.perf_counter() - start
+    latencies = sorted(r[1] for r in results)
+    tokens = sum(r[2] for r in results)
+    return {"errors": sum(r[0] != 200 for r in results), "tokens": tokens, "wall_s": round(wall, 2),
+            "tok_s": round(tokens / wall, 1), "p50_ms": round(statistics.median(latencies), 1),
+            "p99_ms": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 1)}
+
+
+def hostile_requests(n: int, models: list[str], seed: int = 0) -> list[tuple[str, bytes, dict]]:
+    """(path, body, headers) triples: malformed JSON, wrong types, absurd numbers, unknown fields,
+    path-like model names, 1 MB prompts, bad token ids, oversize bodies, bad chat messages."""
+    rng = random.Random(seed)
+    json_headers = {"Content-Type": "application/json"}
+    model = lambda: rng.choice(models)
+    makers = [
+        lambda: ("/v1/completions", b'{"model": "' + model().encode() + b'", "prompt": ', json_headers),
+        lambda: ("/v1/completions", rng.randbytes(rng.randint(1, 400)), json_headers),
+        lambda: ("/v1/completions", json.dumps({"model": model(), "prompt": "hi", "max_tokens": -rng.randint(1, 10**6)
+                                                }).encode(), json_headers),
+        lambda: ("/v1/completions", json.dumps({"model": model(), "prompt": "hi", "max_tokens": 10**rng.randint(5, 80)
+                                                }).encode(), json_headers),
+        lambda: ("/v1/completions", json.dumps({"model": model(), "prompt": "hi",
+                                                "temperature": rng.choice([-1, 1e308, "hot", None, [1]])}).encode(),
+                 json_headers),
+        lambda: ("/v1/completions", json.dumps({"model": model(), "prompt": "hi", f"x_{rng.randint(0, 99)}": 1}
+                                               ).encode(), json_headers),
+        lambda: ("/v1/completions", json.dumps({"model": rng.choice(["../../etc/passwd", "/tmp/adapter",
+                                                                     "..\\evil", "experts/code", "C:\\x", "~/.ssh"]),
+                                                "prompt": "hi"}).encode(), json_headers),
+        lambda: ("/v1/completions", json.dumps({"model": model(), "prompt": "x" * 1_000_000}).encode(), json_headers),
+        lambda: ("/v1/completions", json.dumps({"model": model(), "prompt": [rng.randint(10**6, 10**9)]}).encode(),
+                 json_headers),
+        lambda: ("/v1/completions", json.dumps({"model": model(), "prompt": "hi", "logprobs": 10**9}).encode(),
+                 json_headers),
+        lambda: ("/v1/completions", json.dumps({"model": model(), "prompt": "hi", "n": rng.randint(2, 100)}).encode(),
+                 json_headers),
+        lambda: ("/v1/completions", json.dumps({"model": model(), "prompt": "hi", "stop": ["s"] * 100}).encode(),
+                 json_headers),
+        lambda: ("/v1/completions", json.dumps(rng.choice([[], "text", 42, None, {"prompt": "no model"}])).encode(),
+                 json_headers),
+        lambda: ("/v1/completions", json.dumps({"model": model(), "prompt": [[1, 2], "mixed", 3]}).encode(),
+                 json_headers),
+        lambda: ("/v1/completions", b"x" * (5 * 2**20), json_headers),
+        lambda: ("/v1/chat/completions", json.dumps({"model": model(), "messages": [{"role": "wizard",
+                                                                                    "content": "hi"}]}).encode(),
+                 json_headers),
+        lambda: ("/v1/chat/completions", json.dumps({"model": model(), "messages": []}).encode(), json_headers),
+        lambda: ("/v1/chat/completions", json.dumps({"model": model(), "messages": "hello",
+                                                     "max_tokens": "many"}).encode(), json_headers),
+        lambda: ("/v1/chat/completions", json.dumps({"model": model(), "messages": [{"role": "user",
+                                                                                    "content": "y" * 1_000_000}]}
+                                                    ).encode(), json_headers),
+        lambda: ("/v1/completions", b'{"model": "base", "prompt": "hi", "seed": 1e999}', json_headers),
+    ]
+    return [makers[i % len(makers)]() for i in range(n)]
+
+
+async def _fuzz(url: str, requests) -> dict:
+    statuses: dict[int, int] = {}
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        semaphore = asyncio.Semaphore(16)
+
+        async def one(path, body, headers):
+            async with semaphore:
+                try:
+                    return (await client.post(path, content=body, headers=headers)).status_code
+                except httpx.HTTPError:
+                    return -1  # connection dropped: counts as a failure
+
+        for status in await asyncio.gather(*(one(*r) for r in requests)):
+            statuses[status] = statuses.get(status, 0) + 1
+    return {"statuses": {str(k): v for k, v in sorted(statuses.items())},
+            "non_4xx": sum(v for k, v in statuses.items() if not 400 <= k < 500)}
+
+
+def adapter_bytes(library, experts: list[str]) -> int:
+    return sum(f.stat().st_size for e in experts for f in library.get(e).path.glob("adapter_model.*"))
+
+
+def warm_rss(url: str, process: psutil.Process) -> float:
+    httpx.post(url + "/v1/completions", json={"model": "base", "prompt": "warm up", "max_tokens": 8}, timeout=60)
+    return rss_mib(process)
+
+
+def print_table(result: dict) -> None:
+    load, memory, fuzz = result["load"], result["memory"], result["fuzz"]
+    print(f"\n| serving ({N_REQUESTS} requests x {NEW_TOKENS} tokens, {N_EXPERTS} experts) | tok/s | p50 ms | "
+          "p99 ms | errors |\n|---|---:|---:|---:|---:|")
+    for name in ("batched", "sequential"):
+        row = load[name]
+        print(f"| {name} | {row['tok_s']} | {row['p50_ms']} | {row['p99_ms']} | {row['errors']} |")
+    print(f"speedup {result['speedup']:.2f}x (target >= {SPEEDUP_TARGET}x)")
+    print(f"memory: base only {memory['base_only_mib']:.1f} MiB, with {N_EXPERTS} experts "
+          f"{memory['with_experts_mib']:.1f} MiB: +{memory['growth_mib']:.2f} MiB vs adapters "
+          f"{memory['adapter_mib']:.2f} MiB (limit {memory['limit_mib']:.2f} MiB)")
+    print(f"fuzz: {N_FUZZ} requests -> statuses {fuzz['statuses']}; non-4xx {fuzz['non_4xx']}; server up "
+          f"{fuzz['server_up']}; memory {fuzz['rss_before_mib']:.1f} -> {fuzz['rss_after_mib']:.1f} MiB "
+          f"({fuzz['rss_growth']:+.1%})")
+
+
+@suite("serve")
+def run(data: Path, device: str | None) -> dict:
+    from expertkit.library import Library
+    from expertkit.train import train_all
+    from expertkit.workflow import load_project_base
+
+    cfg, base = load_project_base(bench_config(data), device)
+    train_all(cfg, base)
+    library = Library(cfg.library)
+    experts = [e.name for e in library.entries() if e.kind == "expert"][:N_EXPERTS]
+    requests = prompts_for(cfg, experts, N_REQUESTS)
+    del base
+
+    with server(library.root, ["base"], 64, device) as (url, process):
+        base_only = warm_rss(url, process)
+    result: dict = {"experts": experts, "requests": N_REQUESTS, "new_tokens": NEW_TOKENS, "load": {}}
+    with server(library.root, experts, 64, device) as (url, process):
+        with_experts = warm_rss(url, process)
+        result["load"]["batched"] = asyncio.run(_load(url, requests))
+        before = rss_mib(process)
+        fuzz = asyncio.run(_fuzz(url, hostile_requests(N_FUZZ, experts + ["base", "auto"])))
+        up = httpx.get(url + "/health", timeout=10).status_code == 200
+        after = rss_mib(process)
+    with server(library.root, experts, 1, device) as (url, process):
+        result["load"]["sequential"] = asyncio.run(_load(url, requests))
+
+    adapters = adapter_bytes(library, experts) / 2**20
+    batched, sequential = result["load"]["batched"], result["load"]["sequential"]
+    result.update({
+        "errors": batched["errors"] + sequential["errors"],
+        "batched_tok_s": batched["tok_s"], "sequential_tok_s": sequential["tok_s"],
+        "speedup": round(batched["tok_s"] / sequential["tok_s"], 2),
+        "p50_ms": batched["p50_ms"], "p99_ms": batched["p99_ms"],
+        "memory": {"base_only_mib": round(base_only, 2), "with_experts_mib": round(with_experts, 2),
+                   "growth_mib": round(with_experts - base_only, 2), "adapter_mib": round(adapters, 2),
+                   "limit_mib": round(adapters * (1 + MEMORY_SLACK), 2)},
+        "fuzz": {**fuzz, "requests": N_FUZZ, "server_up": up, "rss_before_mib": round(before, 2),
+                 "rss_after_mib": round(after, 2), "rss_growth": round(after / before - 1, 4)},
+    })
+    result["checks"] = {
+        "no_errors": result["errors"] == 0,
+        "speedup": result["speedup"] >= SPEEDUP_TARGET,
+        "memory": result["memory"]["growth_mib"] <= result["memory"]["limit_mib"],
+        "fuzz_only_4xx": fuzz["non_4xx"] == 0 and up,
+        "fuzz_memory": result["fuzz"]["rss_growth"] < FUZZ_GROWTH_LIMIT,
+    }
+    print_table(result)
+    print("checks:", result["checks"])
+    return result
