@@ -18,4 +18,5 @@ def suite(name: str):
 import collaborate  # noqa: E402,F401  (each suite module registers itself)
 import merge  # noqa: E402,F401
 import route  # noqa: E402,F401
+import scale  # noqa: E402,F401
 import specialize  # noqa: E402,F401

@@ -99,3 +99,45 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
+
+
+_WORKER_BASES: dict[tuple, Base] = {}  # in a worker process: the base its jobs share (one at a time)
+
+
+@dataclass
+class BaseSpec:
+    """How a job gets the base: in this process the loaded Base itself, elsewhere its path + identity.
+
+    The `local` reference is dropped when the spec is pickled for another process, which loads the
+    base from `path` once (then reuses it) and checks that it is the driver's base, hash for hash.
+    """
+
+    path: str
+    identity: dict
+    device: str | None = None  # None: the worker picks (the GPU its executor gave it, else the CPU)
+    local: Base | None = None
+
+    @classmethod
+    def of(cls, base: Base) -> "BaseSpec":
+        path = Path(base.name)
+        return cls(str(path.resolve()) if path.exists() else base.name, base.identity(), local=base)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "local": None}
+
+    def load(self, clean: bool = False) -> Base:
+        """The base; `clean`: without library adapters attached (training needs the bare model)."""
+        if self.local is not None:
+            return self.local
+        key = (self.path, self.device, self.identity.get("weights_hash"))
+        cached = _WORKER_BASES.get(key)
+        if cached is None or (clean and cached.peft_model is not None):
+            _WORKER_BASES.clear()
+            cached = load_base(self.path, self.device)
+            mismatch = [k for k in ("config_hash", "weights_hash", "tokenizer_hash")
+                        if cached.identity().get(k) != self.identity.get(k)]
+            if mismatch:
+                raise ExpertkitError(f"the base at {self.path} on this worker differs from the driver's "
+                                     f"({mismatch[0][:-5]} hash); every node must see the same base files")
+            _WORKER_BASES[key] = cached
+        return cached

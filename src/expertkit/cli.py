@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from expertkit.errors import ExpertkitError
 from expertkit.progress import console
@@ -22,12 +23,24 @@ app.add_typer(base_app, name="base")
 app.add_typer(library_app, name="library")
 
 ConfigArg = typer.Argument(..., help="project YAML (base, domains, training, library)")
+ExecutorOpt = typer.Option("local", "--executor", help="where the jobs run: local (here, one after another) or ray")
+AddressOpt = typer.Option(None, "--address", help="Ray cluster address (host:6379, ray://host:10001, auto); "
+                                                  "default: start Ray on this machine")
+CpusOpt = typer.Option(None, "--cpus-per-job", help="Ray: CPUs (= torch threads) per job (default 1)")
+GpusOpt = typer.Option(None, "--gpus-per-job", help="Ray: GPUs per job (default 0)")
 
 
 def _setup():
     from expertkit.quiet import quiet_libraries
 
     quiet_libraries()
+
+
+def _executor(name: str, address: Optional[str], cpus: Optional[float], gpus: Optional[float]):
+    """The chosen executor, connected and checked before any model is loaded."""
+    from expertkit.executors import get_executor
+
+    return get_executor(name, address=address, cpus_per_job=cpus, gpus_per_job=gpus)
 
 
 @base_app.command("build")
@@ -46,27 +59,33 @@ def base_build(config: Path = ConfigArg, force: bool = typer.Option(False, help=
 def train(config: Path = ConfigArg,
           only: Optional[list[str]] = typer.Option(None, help="train just these domains (repeatable)"),
           force: bool = typer.Option(False, help="retrain experts that are already in the library"),
-          device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ...")):
+          device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ..."),
+          executor: str = ExecutorOpt, address: Optional[str] = AddressOpt,
+          cpus_per_job: Optional[float] = CpusOpt, gpus_per_job: Optional[float] = GpusOpt):
     """Train one LoRA expert per domain (skipping finished ones; resuming interrupted ones)."""
     _setup()
     from expertkit.workflow import load_project_base
     from expertkit.train import train_all
 
-    cfg, base = load_project_base(config, device)
-    for entry in train_all(cfg, base, only=only, force=force):
-        console.print(f"expert '{entry.name}' -> {entry.path}")
+    with _executor(executor, address, cpus_per_job, gpus_per_job) as runner:
+        cfg, base = load_project_base(config, device)
+        for entry in train_all(cfg, base, only=only, force=force, executor=runner):
+            console.print(f"expert '{entry.name}' -> {entry.path}")
 
 
 @app.command("eval")
 def evaluate(config: Path = ConfigArg,
              out: Optional[Path] = typer.Option(None, help="report folder (default: beside the library)"),
-             device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ...")):
+             device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ..."),
+             executor: str = ExecutorOpt, address: Optional[str] = AddressOpt,
+             cpus_per_job: Optional[float] = CpusOpt, gpus_per_job: Optional[float] = GpusOpt):
     """Perplexity of the base and every library entry on every domain's test split."""
     _setup()
     from expertkit.workflow import load_project_base, run_scorecard
 
-    cfg, base = load_project_base(config, device, build_missing=False)
-    run_scorecard(cfg, base, out)
+    with _executor(executor, address, cpus_per_job, gpus_per_job) as runner:
+        cfg, base = load_project_base(config, device, build_missing=False)
+        run_scorecard(cfg, base, out, executor=runner)
 
 
 @app.command()
@@ -129,7 +148,10 @@ def merge(config: Path = ConfigArg,
           search: bool = typer.Option(False, "--search", help="choose method and parameters on validation data"),
           budget: float = typer.Option(300.0, help="--search time budget in seconds"),
           force: bool = typer.Option(False, help="overwrite an entry of the same name"),
-          device: Optional[str] = typer.Option(None)):
+          device: Optional[str] = typer.Option(None),
+          executor: str = typer.Option("local", "--executor", help="where --search trials run: local or ray"),
+          address: Optional[str] = AddressOpt, cpus_per_job: Optional[float] = CpusOpt,
+          gpus_per_job: Optional[float] = GpusOpt):
     """Merge experts into one LoRA adapter or one full model (exact ΔW-space merges)."""
     _setup()
     from expertkit.compose import ExpertPool
@@ -137,10 +159,14 @@ def merge(config: Path = ConfigArg,
     from expertkit.merging import make_recipe, merge_experts
     from expertkit.workflow import expert_names, load_project_base, run_merge_search
 
-    cfg, base = load_project_base(config, device, build_missing=False)
     if search:
-        run_merge_search(cfg, base, expert, name or "merge-searched", budget, output, seed, force)
+        with _executor(executor, address, cpus_per_job, gpus_per_job) as runner:
+            cfg, base = load_project_base(config, device, build_missing=False)
+            run_merge_search(cfg, base, expert, name or "merge-searched", budget, output, seed, force, runner)
         return
+    if executor != "local" or address:
+        raise ExpertkitError("--executor and --address apply to `merge --search` only (one merge is one job)")
+    cfg, base = load_project_base(config, device, build_missing=False)
     library = Library(cfg.library)
     pool = ExpertPool(base, library)
     recipe = make_recipe(method=method, experts=expert_names(pool, expert), weights=weight or None,
@@ -240,7 +266,7 @@ def main() -> None:
     try:
         app()
     except ExpertkitError as e:
-        console.print(f"[red]error:[/red] {e}", soft_wrap=True, highlight=False)
+        console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
         sys.exit(1)
     except KeyboardInterrupt:
         console.print("[red]interrupted[/red] (finished experts and the last checkpoint are kept)")

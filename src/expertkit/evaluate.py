@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,7 +18,6 @@ from expertkit.compose import Composition
 from expertkit.config import ProjectConfig
 from expertkit.data import Blocks, load_corpus, make_blocks
 from expertkit.fsutil import atomic_write_text, ensure_writable_dir
-from expertkit.progress import progress_bar
 
 
 def shifted_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
@@ -45,21 +45,48 @@ def test_blocks(config: ProjectConfig, tokenizer) -> dict[str, Blocks]:
     return out
 
 
+@dataclass
+class ScoreState:
+    """What the scorecard's jobs share in a process: the compositions by name and the test blocks."""
+
+    compositions: dict[str, Composition]
+    blocks: dict[str, Blocks]
+    batch_size: int
+
+
+def score_cell(cell: tuple[str, str], state: ScoreState, advance) -> tuple[float, int]:
+    """One (composition, domain) cell of the scorecard: summed NLL and token count."""
+    name, domain = cell
+    composition, blocks = state.compositions[name], state.blocks[domain]
+    total, count = 0.0, 0
+    for i in range(0, len(blocks), state.batch_size):
+        t, c = nll_sum(composition, blocks.take(slice(i, i + state.batch_size)))
+        total, count = total + t, count + c
+        advance(info=f"{name} on {domain}")
+    return total, count
+
+
 def score(compositions: list[Composition], blocks_by_domain: dict[str, Blocks], batch_size: int) -> dict:
-    """{"ppl": {composition: {domain: ppl}}, "tokens": {domain: n}}."""
-    ppl: dict[str, dict[str, float]] = {c.name: {} for c in compositions}
+    """{"ppl": {composition: {domain: ppl}}, "tokens": {domain: n}}, computed here on built compositions."""
+    from expertkit.executors import Context, LocalExecutor
+
+    state = ScoreState({c.name: c for c in compositions}, blocks_by_domain, batch_size)
+    return score_on(LocalExecutor(), Context(lambda: state), [c.name for c in compositions], blocks_by_domain,
+                    batch_size)
+
+
+def score_on(executor, context, names: list[str], blocks_by_domain: dict[str, Blocks], batch_size: int) -> dict:
+    """The scorecard as composition x domain jobs of `executor`; `context` builds a ScoreState per worker."""
+    from expertkit.executors import Job
+
+    cells = [(name, domain) for domain in blocks_by_domain for name in names]
+    jobs = [Job(f"{n} on {d}", (n, d), total=math.ceil(len(blocks_by_domain[d]) / batch_size)) for n, d in cells]
+    results = executor.map(score_cell, jobs, context, title="scorecard")
+    ppl: dict[str, dict[str, float]] = {name: {} for name in names}
     tokens = {}
-    n_batches = sum(math.ceil(len(b) / batch_size) for b in blocks_by_domain.values()) * len(compositions)
-    with progress_bar("scorecard", n_batches) as advance:
-        for domain, blocks in blocks_by_domain.items():
-            for comp in compositions:
-                total, count = 0.0, 0
-                for i in range(0, len(blocks), batch_size):
-                    t, c = nll_sum(comp, blocks.take(slice(i, i + batch_size)))
-                    total, count = total + t, count + c
-                    advance(info=f"{comp.name} on {domain}")
-                ppl[comp.name][domain] = math.exp(total / max(count, 1))
-                tokens[domain] = count
+    for (name, domain), (total, count) in zip(cells, results):
+        ppl[name][domain] = math.exp(total / max(count, 1))
+        tokens[domain] = count
     return {"ppl": ppl, "tokens": tokens}
 
 

@@ -42,3 +42,52 @@ def _log_lines(description: str, total: int):
                           highlight=False)
 
     return advance
+
+
+@contextmanager
+def progress_board():
+    """Several bars updated to absolute values: jobs running in parallel elsewhere report their step counts.
+
+    Yields a board with `add(description, total) -> key` and `update(key, completed, info="")`; a
+    job restarted from a checkpoint may move its bar back.
+    """
+    if not console.is_terminal:
+        yield _LogBoard()
+        return
+    columns = [
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=console, transient=False) as progress:
+        yield _RichBoard(progress)
+
+
+class _RichBoard:
+    def __init__(self, progress: Progress):
+        self.progress = progress
+
+    def add(self, description: str, total: int):
+        return self.progress.add_task(description, total=total, info="")
+
+    def update(self, key, completed: int, info: str = "") -> None:
+        self.progress.update(key, completed=completed, info=info)
+
+
+class _LogBoard:
+    """One line per bar every 10% (and at the end), as `progress_bar` does in logs."""
+
+    def __init__(self):
+        self.started = time.time()
+        self.bars: dict[int, dict] = {}
+
+    def add(self, description: str, total: int) -> int:
+        key = len(self.bars)
+        self.bars[key] = {"description": description, "total": total, "next": max(1, total // 10)}
+        return key
+
+    def update(self, key: int, completed: int, info: str = "") -> None:
+        bar = self.bars[key]
+        if completed >= bar["next"]:
+            bar["next"] = completed + max(1, bar["total"] // 10)
+            console.print(f"{bar['description']}: {completed}/{bar['total']} {info} "
+                          f"({time.time() - self.started:.0f}s)", highlight=False)

@@ -5,6 +5,11 @@ checkpoint (adapter weights, AdamW moments, schedule, RNG) or a pure function
 of (seed, step) (the batch, see data.TrainingStream). A run killed at any point
 restarts from its last checkpoint and ends with the same weights as a run that
 was never interrupted.
+
+Each expert is one job of an executor (expertkit.executors: here in sequence, or
+one Ray task each). A job writes only under its own checkpoint folder, staging the
+finished adapter there; the driver adds it to the library, so the library has
+one writer however many workers train.
 """
 
 from __future__ import annotations
@@ -13,22 +18,26 @@ import hashlib
 import json
 import shutil
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from expertkit import __version__
-from expertkit.base import Base, perplexity
+from expertkit.base import Base, BaseSpec, perplexity
 from expertkit.config import DomainConfig, ProjectConfig, TrainConfig
-from expertkit.data import Blocks, Corpus, TrainingStream, load_corpus, make_blocks
+from expertkit.data import Blocks, TrainingStream, load_corpus, make_blocks
 from expertkit.errors import ExpertkitError
+from expertkit.executors import Context, Executor, Job, LocalExecutor
 from expertkit.fsutil import atomic_dir
 from expertkit.library import Entry, Library
 from expertkit.optim import make_optimizer, train_step
-from expertkit.progress import console, progress_bar
+from expertkit.progress import console
 
 TRAINER_STATE = "trainer.pt"
 ADAPTER_STATE = "adapter.safetensors"
+FINAL = "final"  # the finished adapter, staged beside the checkpoints until the driver adds it to the library
 
 
 def lora_config(recipe: TrainConfig):
@@ -109,8 +118,8 @@ def mean_loss(model, blocks: Blocks, device, batch_size: int = 16) -> float:
 
 
 def _run_steps(peft_model, stream: TrainingStream, recipe: TrainConfig, name: str, ckpt_dir: Path, rhash: str,
-               device) -> list[float]:
-    """The training loop from the last checkpoint (if any) to recipe.steps; returns this run's losses."""
+               device, advance) -> tuple[list[float], int]:
+    """The training loop from the last checkpoint (if any) to recipe.steps; this run's losses and first step."""
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(params, recipe.learning_rate, recipe.weight_decay, recipe.schedule,
                                           recipe.warmup_steps, recipe.steps)
@@ -120,53 +129,91 @@ def _run_steps(peft_model, stream: TrainingStream, recipe: TrainConfig, name: st
         start = _load_checkpoint(ckpt, peft_model, optimizer, scheduler)
         console.print(f"[yellow]resuming expert '{name}' from step {start}[/yellow]")
     losses = []
-    with progress_bar(f"expert {name}", recipe.steps) as advance:
-        advance(start)
-        for step in range(start, recipe.steps):
-            losses.append(train_step(peft_model, stream.batch(step), optimizer, scheduler, recipe.max_grad_norm,
-                                     device))
-            advance(info=f"loss {losses[-1]:.3f}")
-            done = step + 1
-            if done % recipe.checkpoint_every == 0 and done < recipe.steps:
-                _save_checkpoint(ckpt_dir, done, peft_model, optimizer, scheduler, rhash)
-    return losses
+    advance(start)
+    for step in range(start, recipe.steps):
+        losses.append(train_step(peft_model, stream.batch(step), optimizer, scheduler, recipe.max_grad_norm, device))
+        advance(info=f"loss {losses[-1]:.3f}")
+        done = step + 1
+        if done % recipe.checkpoint_every == 0 and done < recipe.steps:
+            _save_checkpoint(ckpt_dir, done, peft_model, optimizer, scheduler, rhash)
+    return losses, start
 
 
-def train_expert(base: Base, library: Library, domain: DomainConfig, corpus: Corpus, blocks: Blocks,
-                 recipe: TrainConfig, general_blocks: Blocks | None, overwrite: bool = False) -> Entry:
-    """Train (or resume) one expert on its packed `blocks` and write it into the library atomically."""
+@dataclass(frozen=True)
+class ExpertJob:
+    """One expert to train: its data (packed by the driver) and where its checkpoints live."""
+
+    domain: DomainConfig
+    fingerprint: str
+    blocks: Blocks
+    valid: Blocks | None
+    recipe: TrainConfig
+    checkpoints: str  # on a filesystem every worker sees; a retried job resumes from here
+
+
+@dataclass
+class TrainState:
+    """What every training job of a run shares: the bare base and the general (replay) blocks."""
+
+    base: Base
+    general_blocks: Blocks | None
+
+
+def train_state(spec: BaseSpec, general_blocks: Blocks | None) -> TrainState:
+    return TrainState(spec.load(clean=True), general_blocks)
+
+
+def train_expert_job(job: ExpertJob, state: TrainState, advance) -> dict:
+    """Train (or resume) one expert and stage it in `<checkpoints>/final`; the driver adds it to the library.
+
+    Runs wherever the executor puts it: it writes only under its own checkpoint folder.
+    """
     from peft import get_peft_model
 
     started = time.time()
-    fingerprint = corpus.fingerprint()
-    rhash = recipe_hash(recipe, domain.task, fingerprint)
-    stream = TrainingStream.with_replay(blocks, general_blocks, recipe.replay, recipe.batch_size, recipe.seed)
+    base, recipe, domain = state.base, job.recipe, job.domain
+    rhash = recipe_hash(recipe, domain.task, job.fingerprint)
+    stream = TrainingStream.with_replay(job.blocks, state.general_blocks, recipe.replay, recipe.batch_size,
+                                        recipe.seed)
+    ckpt_dir = Path(job.checkpoints)
     torch.manual_seed(recipe.seed)
     peft_model = get_peft_model(base.model, lora_config(recipe))
     try:
-        losses = _run_steps(peft_model, stream, recipe, domain.name, library.checkpoint_dir(domain.name), rhash,
-                            base.device)
+        losses, start = _run_steps(peft_model, stream, recipe, domain.name, ckpt_dir, rhash, base.device, advance)
         metrics = {"train_loss_last": losses[-1] if losses else None}
-        if corpus.splits["valid"]:
-            valid = make_blocks(base.tokenizer, corpus, "valid", recipe.block_size, domain.task).take(slice(0, 32))
-            metrics["valid_ppl"] = perplexity(mean_loss(peft_model, valid, base.device))
-        manifest = {
-            "domain": domain.name, "task": domain.task, "data_fingerprint": fingerprint, "recipe": recipe.model_dump(),
-            "recipe_hash": rhash, "steps": recipe.steps, "train_blocks": len(blocks), "metrics": metrics,
-            "train_seconds": round(time.time() - started, 1), "expertkit_version": __version__,
-        }
-        entry = library.add_entry("expert", domain.name, peft_model.save_pretrained, manifest, overwrite=overwrite)
+        if job.valid is not None:
+            metrics["valid_ppl"] = perplexity(mean_loss(peft_model, job.valid, base.device))
+        with atomic_dir(ckpt_dir / FINAL, overwrite=True) as tmp:
+            peft_model.save_pretrained(tmp)
     finally:
         peft_model.unload()  # take the LoRA layers out so the next expert starts from the clean base
-    shutil.rmtree(library.checkpoint_dir(domain.name), ignore_errors=True)
+    manifest = {
+        "domain": domain.name, "task": domain.task, "data_fingerprint": job.fingerprint, "recipe": recipe.model_dump(),
+        "recipe_hash": rhash, "steps": recipe.steps, "train_blocks": len(job.blocks), "metrics": metrics,
+        "resumed_from_step": start, "train_seconds": round(time.time() - started, 1), "expertkit_version": __version__,
+    }
+    return {"staged": str(ckpt_dir / FINAL), "manifest": manifest}
+
+
+def _add_expert(library: Library, name: str, result: dict, overwrite: bool) -> Entry:
+    """Driver side: copy a staged expert into the library atomically, then drop its checkpoints."""
+    staged = Path(result["staged"])
+    entry = library.add_entry("expert", name, lambda tmp: shutil.copytree(staged, tmp, dirs_exist_ok=True),
+                              result["manifest"], overwrite=overwrite)
+    shutil.rmtree(library.checkpoint_dir(name), ignore_errors=True)
     return entry
 
 
-def train_all(config: ProjectConfig, base: Base, only: list[str] | None = None, force: bool = False) -> list[Entry]:
-    """Train every domain's expert that is not yet in the library (all of `only` with --force)."""
+def train_all(config: ProjectConfig, base: Base, only: list[str] | None = None, force: bool = False,
+              executor: Executor | None = None) -> list[Entry]:
+    """Train every domain's expert that is not yet in the library (all of `only` with --force).
+
+    Each expert is one job of `executor` (default: this process, one after another); as each
+    finishes, it is written into the library here, atomically.
+    """
     if base.peft_model is not None:
         raise ExpertkitError("this base already has library adapters attached; train on a freshly loaded base")
-    library = Library(config.library)
+    library = Library(Path(config.library).resolve())
     if library.exists():
         library.check_base(base.identity(), what=f"library {library.root}")
     unknown = sorted(set(only or []) - {d.name for d in config.domains})
@@ -181,11 +228,29 @@ def train_all(config: ProjectConfig, base: Base, only: list[str] | None = None, 
         return []
     recipe = config.training
     # Read and pack every domain's data before training any: bad data fails fast and writes nothing.
-    corpora = {d.name: load_corpus(d) for d in todo}
-    blocks = {d.name: make_blocks(base.tokenizer, corpora[d.name], "train", recipe.block_size, d.task) for d in todo}
+    jobs = [Job(f"expert {d.name}", _expert_job(d, base.tokenizer, recipe, library), total=recipe.steps)
+            for d in todo]
     general_blocks = None
     if recipe.replay > 0:
         general_blocks = make_blocks(base.tokenizer, load_corpus(config.general), "train", recipe.block_size)
     library.create_or_check(base.identity())
-    return [train_expert(base, library, d, corpora[d.name], blocks[d.name], recipe, general_blocks, overwrite=force)
-            for d in todo]
+    executor = executor or LocalExecutor()
+    executor.check_shared({"library": library.root, "base model": Path(base.name)})
+    entries: dict[str, Entry] = {}
+
+    def finished(job: Job, result: dict) -> None:
+        entries[job.payload.domain.name] = _add_expert(library, job.payload.domain.name, result, force)
+
+    executor.map(train_expert_job, jobs, Context(partial(train_state, BaseSpec.of(base), general_blocks)),
+                 on_result=finished)
+    return [entries[d.name] for d in todo]
+
+
+def _expert_job(domain: DomainConfig, tokenizer, recipe: TrainConfig, library: Library) -> ExpertJob:
+    corpus = load_corpus(domain)
+    valid = None
+    if corpus.splits["valid"]:
+        valid = make_blocks(tokenizer, corpus, "valid", recipe.block_size, domain.task).take(slice(0, 32))
+    return ExpertJob(domain, corpus.fingerprint(), make_blocks(tokenizer, corpus, "train", recipe.block_size,
+                                                               domain.task),
+                     valid, recipe, str(library.checkpoint_dir(domain.name)))

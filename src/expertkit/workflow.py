@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
-from expertkit.base import Base, load_base
+from expertkit.base import Base, BaseSpec, load_base
 from expertkit.config import ProjectConfig, load_config
 from expertkit.errors import ExpertkitError
+from expertkit.executors import Context, Executor, LocalExecutor
 from expertkit.progress import console
 
 
@@ -23,17 +25,25 @@ def load_project_base(config_path: Path | ProjectConfig, device: str | None = No
     return cfg, load_base(cfg.base.path, device)
 
 
-def run_scorecard(cfg: ProjectConfig, base: Base, out: Path | None = None, names: list[str] | None = None) -> dict:
-    """Score the base and every library entry on every domain; print and write the report."""
-    from expertkit.compose import ExpertPool, build_compositions
-    from expertkit.evaluate import markdown_table, score, test_blocks, verdicts, write_report
+def run_scorecard(cfg: ProjectConfig, base: Base, out: Path | None = None, names: list[str] | None = None,
+                  executor: Executor | None = None) -> dict:
+    """Score the base and every library entry on every domain; print and write the report.
+
+    The composition x domain cells are jobs of `executor` (default: here, one after another).
+    """
+    from expertkit.evaluate import markdown_table, score_on, test_blocks, verdicts, write_report
     from expertkit.library import Library
 
-    library = Library(cfg.library)
-    pool = ExpertPool(base, library)
-    compositions = build_compositions(pool, names)
-    card = score(compositions, test_blocks(cfg, base.tokenizer), cfg.evaluation.batch_size)
-    experts = {e.name: e.domain for e in pool.entries if e.kind == "expert"}
+    library = Library(Path(cfg.library).resolve())
+    entries = library.entries()
+    names = ["base", *(e.name for e in entries)] if names is None else names
+    executor = executor or LocalExecutor()
+    executor.check_shared({"library": library.root, "base model": Path(base.name)})
+    blocks = test_blocks(cfg, base.tokenizer)
+    context = Context(partial(library_score_state, BaseSpec.of(base), str(library.root), names, blocks,
+                              cfg.evaluation.batch_size))
+    card = score_on(executor, context, names, blocks, cfg.evaluation.batch_size)
+    experts = {e.name: e.domain for e in entries if e.kind == "expert"}
     card["verdicts"] = verdicts(card, experts, cfg.general.name if cfg.general else None)
     out = Path(out) if out else Path(cfg.library).parent / "scorecard"
     paths = write_report(card, out)
@@ -43,6 +53,25 @@ def run_scorecard(cfg: ProjectConfig, base: Base, out: Path | None = None, names
     console.print(f"scorecard written to {paths['json']}, {paths['md']}, {paths['png']}")
     card["paths"] = {k: str(v) for k, v in paths.items()}
     return card
+
+
+def library_score_state(spec: BaseSpec, library_root: str, names: list[str], blocks: dict, batch_size: int):
+    """A worker's scorecard state: the base with the library attached and the named compositions built."""
+    from expertkit.compose import ExpertPool, build_compositions
+    from expertkit.evaluate import ScoreState
+    from expertkit.library import Library
+
+    pool = ExpertPool(spec.load(), Library(library_root))
+    return ScoreState({c.name: c for c in build_compositions(pool, names)}, blocks, batch_size)
+
+
+def library_trial_state(spec: BaseSpec, library_root: str, experts: list[str], valid: dict, batch_size: int):
+    """A worker's merge-search state: the experts attached and their ΔW read once."""
+    from expertkit.compose import ExpertPool
+    from expertkit.library import Library
+    from expertkit.merging.search import trial_state
+
+    return trial_state(ExpertPool(spec.load(), Library(library_root), names=experts), experts, valid, batch_size)
 
 
 def expert_names(pool, requested: list[str] | None) -> list[str]:
@@ -70,20 +99,25 @@ def validation_blocks(cfg: ProjectConfig, tokenizer, domains: list[str], max_blo
 
 
 def run_merge_search(cfg: ProjectConfig, base: Base, experts: list[str] | None, name: str, budget_seconds: float,
-                     output: str = "adapter", seed: int = 0, overwrite: bool = False) -> dict:
-    """Search a recipe on validation data, write the best one into the library, print the trials."""
+                     output: str = "adapter", seed: int = 0, overwrite: bool = False,
+                     executor: Executor | None = None) -> dict:
+    """Search a recipe on validation data (trials are jobs of `executor`), write the best one, print the trials."""
     from expertkit.compose import ExpertPool
     from expertkit.library import Library
     from expertkit.merging import merge_experts
     from expertkit.merging.search import search
 
-    library = Library(cfg.library)
+    library = Library(Path(cfg.library).resolve())
     pool = ExpertPool(base, library)
     names = expert_names(pool, experts)
     domains = [pool_entry.domain for pool_entry in pool.entries if pool_entry.name in names and pool_entry.domain]
     valid = validation_blocks(cfg, base.tokenizer, domains)
+    executor = executor or LocalExecutor()
+    executor.check_shared({"library": library.root, "base model": Path(base.name)})
+    context = Context(partial(library_trial_state, BaseSpec.of(base), str(library.root), names, valid,
+                              cfg.evaluation.batch_size))
     console.print(f"searching merge recipes for {names} on validation data ({budget_seconds:.0f}s budget)")
-    result = search(pool, names, valid, budget_seconds, cfg.evaluation.batch_size, seed)
+    result = search(names, context, budget_seconds, seed, executor)
     best = result.best.recipe.model_copy(update={"output": output})
     info = {"search": {"validation_ppl": result.best.ppl, "score": result.best.score, "trials": len(result.trials),
                        "seconds": round(result.seconds, 1)}}

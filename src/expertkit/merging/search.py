@@ -4,7 +4,8 @@ First a small grid over every registered method (the settings the merging papers
 recommend), then an evolutionary refinement (mutate λ, density and the per-expert
 weights of one of the best few recipes so far), as mergekit-evolve does with CMA-ES,
 until the budget is spent. A trial applies the merged ΔW to the base weights in
-place, scores it, and restores the weights, so no files are written.
+place, scores it, and restores the weights, so no files are written. Trials are
+jobs of an executor, so a Ray cluster scores as many at once as it has slots.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from expertkit.compose.adapters import AdapterComposition
 from expertkit.compose.pool import BASE_ADAPTER
 from expertkit.evaluate import nll_sum
+from expertkit.executors import Context, Executor, Job, LocalExecutor
 from expertkit.merging.deltas import expert_deltas
 from expertkit.merging.methods import METHODS
 from expertkit.merging.recipe import MergeRecipe
@@ -105,36 +107,63 @@ def _mutate(recipe: MergeRecipe, rng: random.Random) -> MergeRecipe:
     return recipe.model_copy(update=changes)
 
 
-def search(pool, experts: list[str], valid_blocks: dict, budget_seconds: float, batch_size: int = 16,
-           seed: int = 0) -> SearchResult:
-    """Grid then (1+1) evolution until `budget_seconds`; returns the best trial and the history."""
+@dataclass
+class TrialState:
+    """What every trial of a search shares in a process: the pool, the experts' ΔW, the validation blocks."""
+
+    pool: object
+    deltas: dict
+    valid_blocks: dict
+    batch_size: int
+
+
+def trial_state(pool, experts: list[str], valid_blocks: dict, batch_size: int) -> TrialState:
+    return TrialState(pool, expert_deltas(pool, experts), valid_blocks, batch_size)
+
+
+def run_trial(recipe: MergeRecipe, state: TrialState, advance) -> dict[str, float]:
+    """One trial: validation perplexity per domain of the base with this recipe's merged ΔW added."""
+    from expertkit.merging import merge_deltas
+
+    with applied(state.pool, merge_deltas(state.deltas, recipe)):
+        return validation_ppl(state.pool, state.valid_blocks, state.batch_size)
+
+
+def search(experts: list[str], context: Context, budget_seconds: float, seed: int = 0,
+           executor: Executor | None = None) -> SearchResult:
+    """Grid then evolution until `budget_seconds`; returns the best trial and the history.
+
+    Trials run as jobs of `executor` (`context` builds a TrialState per worker), `executor.slots`
+    at a time: the grid in chunks, then generations of that many children. With one slot (the
+    local executor) this is a (1+1) evolution, trial after trial.
+    """
+    executor = executor or LocalExecutor()
     started = time.time()
-    deltas = expert_deltas(pool, experts)
     rng = random.Random(seed)
     result: SearchResult | None = None
 
-    def run(recipe: MergeRecipe) -> Trial:
+    def record(job: Job, ppl: dict[str, float]) -> None:
         nonlocal result
-        from expertkit.merging import merge_deltas
-
-        with applied(pool, merge_deltas(deltas, recipe)):
-            trial = Trial(recipe, validation_ppl(pool, valid_blocks, batch_size))
+        trial = Trial(job.payload, ppl)
         if result is None:
             result = SearchResult(trial)
         result.trials.append(trial)
         if trial.score < result.best.score:
             result.best = trial
-        console.print(f"  trial {len(result.trials):>3} {recipe.method:<16} score {trial.score:.4f} "
+        console.print(f"  trial {len(result.trials):>3} {trial.recipe.method:<16} score {trial.score:.4f} "
                       f"(best {result.best.recipe.method} {result.best.score:.4f}) {time.time() - started:.0f}s",
                       highlight=False)
-        return trial
 
-    for recipe in _grid(experts, seed):
+    def run(recipes: list[MergeRecipe]) -> None:
+        executor.map(run_trial, [Job(f"merge trial {r.method}", r) for r in recipes], context, on_result=record)
+
+    grid, slots = list(_grid(experts, seed)), executor.slots
+    for i in range(0, len(grid), slots):
         if result is not None and time.time() - started > budget_seconds:
             break
-        run(recipe)
+        run(grid[i:i + slots])
     while time.time() - started < budget_seconds:
         parents = sorted(result.trials, key=lambda t: t.score)[:TOURNAMENT]
-        run(_mutate(rng.choice(parents).recipe, rng))
+        run([_mutate(rng.choice(parents).recipe, rng) for _ in range(slots)])
     result.seconds = time.time() - started
     return result
