@@ -1,7 +1,7 @@
 """Serving: cross-expert continuous batching vs one request at a time, memory per expert, and a fuzz run.
 
 Every figure comes from real `expertkit serve` processes on 127.0.0.1, measured in this one run:
-- load: 200 concurrent completions (64 new tokens each) spread over 4 experts, sent to a server
+- load: 200 concurrent completions (exactly 64 new tokens each: `ignore_eos`) spread over 4 experts, sent to a server
   that batches across experts (--max-batch 64) and to the same server answering one request at a
   time (--max-batch 1, so each request runs alone with its own adapter);
 - memory: resident memory of the server with 4 experts vs the same server with the base only,
@@ -98,7 +98,8 @@ async def _load(url: str, requests: list[tuple[str, str]]) -> dict:
         async def one(model: str, prompt: str):
             start = time.perf_counter()
             reply = await client.post("/v1/completions", json={"model": model, "prompt": prompt,
-                                                                "max_tokens": NEW_TOKENS, "temperature": 0})
+                                                                "max_tokens": NEW_TOKENS, "temperature": 0,
+                                                                "ignore_eos": True})
             elapsed = (time.perf_counter() - start) * 1000
             tokens = reply.json()["usage"]["completion_tokens"] if reply.status_code == 200 else 0
             return reply.status_code, elapsed, tokens
@@ -111,6 +112,15 @@ async def _load(url: str, requests: list[tuple[str, str]]) -> dict:
     return {"errors": sum(r[0] != 200 for r in results), "tokens": tokens, "wall_s": round(wall, 2),
             "tok_s": round(tokens / wall, 1), "p50_ms": round(statistics.median(latencies), 1),
             "p99_ms": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 1)}
+
+
+def engine_metrics(url: str) -> dict:
+    """The server's own gauges (steps, mean rows per step, prefills ...) from GET /metrics."""
+    wanted = ("expertkit_decode_steps", "expertkit_mean_batch_rows", "expertkit_prefills",
+              "expertkit_generated_tokens")
+    lines = httpx.get(url + "/metrics", timeout=10).text.splitlines()
+    return {name: round(float(line.split()[-1]), 2) for line in lines for name in wanted
+            if line.startswith(name + " ")}
 
 
 def hostile_requests(n: int, models: list[str], seed: int = 0) -> list[tuple[str, bytes, dict]]:
@@ -196,7 +206,8 @@ def print_table(result: dict) -> None:
     for name in ("batched", "sequential"):
         row = load[name]
         print(f"| {name} | {row['tok_s']} | {row['p50_ms']} | {row['p99_ms']} | {row['errors']} |")
-    print(f"speedup {result['speedup']:.2f}x (target >= {SPEEDUP_TARGET}x)")
+    print(f"speedup {result['speedup']:.2f}x (target >= {SPEEDUP_TARGET}x); batched engine: "
+          f"{load['batched']['engine']}")
     print(f"memory: base only {memory['base_only_mib']:.1f} MiB, with {N_EXPERTS} experts "
           f"{memory['with_experts_mib']:.1f} MiB: +{memory['growth_mib']:.2f} MiB vs adapters "
           f"{memory['adapter_mib']:.2f} MiB (limit {memory['limit_mib']:.2f} MiB)")
@@ -223,13 +234,13 @@ def run(data: Path, device: str | None) -> dict:
     result: dict = {"experts": experts, "requests": N_REQUESTS, "new_tokens": NEW_TOKENS, "load": {}}
     with server(library.root, experts, 64, device) as (url, process):
         with_experts = warm_rss(url, process)
-        result["load"]["batched"] = asyncio.run(_load(url, requests))
+        result["load"]["batched"] = {**asyncio.run(_load(url, requests)), "engine": engine_metrics(url)}
         before = rss_mib(process)
         fuzz = asyncio.run(_fuzz(url, hostile_requests(N_FUZZ, experts + ["base", "auto"])))
         up = httpx.get(url + "/health", timeout=10).status_code == 200
         after = rss_mib(process)
     with server(library.root, experts, 1, device) as (url, process):
-        result["load"]["sequential"] = asyncio.run(_load(url, requests))
+        result["load"]["sequential"] = {**asyncio.run(_load(url, requests)), "engine": engine_metrics(url)}
 
     adapters = adapter_bytes(library, experts) / 2**20
     batched, sequential = result["load"]["batched"], result["load"]["sequential"]

@@ -31,6 +31,7 @@ class Base:
     _identity: dict | None = None
     peft_model: object | None = None  # set once library adapters are attached (see compose.pool)
     adapter_versions: dict = field(default_factory=dict)  # adapter name -> manifest "created" of the loaded copy
+    row_lora: object | None = None  # compose.row_lora.RowLoRA for peft_model, when its layers allow it
 
     def identity(self) -> dict:
         """Computed once, before adapters are attached (they live inside the same modules)."""

@@ -1,11 +1,13 @@
 """One base model in memory with every library adapter attached by name.
 
-Rows of one batch may use different adapters (PEFT's per-sample
-`adapter_names`), which is what makes many experts cheap: the base weights are
-held once and one forward serves a mixed batch.
+Rows of one batch may use different adapters, which is what makes many experts
+cheap: the base weights are held once and one forward serves a mixed batch (each
+adapter's delta on its own rows: row_lora.py, or PEFT's per-row `adapter_names`).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -60,6 +62,16 @@ class ExpertPool:
         if model is not None:
             self.model = model.eval()
             model._expertkit_active = None  # loading may touch PEFT's active set: re-set it on the next forward
+            self._hook_rows(model)
+
+    def _hook_rows(self, model) -> None:
+        """Mixed batches through RowLoRA when every LoRA layer allows it (PEFT's `adapter_names` otherwise)."""
+        from expertkit.compose.row_lora import RowLoRA
+
+        if self.base.row_lora is None:
+            self.base.row_lora = RowLoRA.build(model) or False
+        elif self.base.row_lora and not self.base.row_lora.refresh(model):
+            self.base.row_lora = False
 
     def ensure(self, names: list[str]) -> None:
         """Attach library entries this pool does not hold yet (a router or a mixture needs its experts)."""
@@ -98,17 +110,22 @@ class ExpertPool:
         if unknown:
             raise ExpertkitError(f"adapter(s) {unknown} are not loaded; loaded: {self.adapter_names}")
         # Without adapters the pool is just the base model. With them, a batch whose rows all want one
-        # adapter runs it as PEFT's active adapter (switching when needed); a mixed batch has PEFT route
-        # each row (`adapter_names`), which costs about twice as much per step at small batch sizes.
+        # adapter runs it as PEFT's active adapter (switching when needed); a mixed batch adds each
+        # adapter's delta to its own rows (RowLoRA, or PEFT's slower `adapter_names` routing).
         kwargs = {}
+        rows = contextlib.nullcontext()
         if self.model is not self.base.model:
             if len(set(adapters)) == 1:
                 self._activate(adapters[0])
+            elif self.base.row_lora:  # the base for every row, plus each adapter's delta on its own rows
+                self._activate(BASE_ADAPTER)
+                rows = self.base.row_lora.rows(adapters, BASE_ADAPTER, self.device)
             else:
                 kwargs = {"adapter_names": list(adapters)}
-        return self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                          position_ids=position_ids.to(self.device) if position_ids is not None else None,
-                          past_key_values=past, use_cache=True, **kwargs, **model_kwargs)
+        with rows:
+            return self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                              position_ids=position_ids.to(self.device) if position_ids is not None else None,
+                              past_key_values=past, use_cache=True, **kwargs, **model_kwargs)
 
     def _activate(self, adapter: str) -> None:
         """Make `adapter` the one PEFT applies to every row (none at all for BASE_ADAPTER)."""

@@ -32,10 +32,13 @@ from expertkit.serve.text import TextStream
 
 log = logging.getLogger("expertkit.serve")
 PREFILL_ROWS = 64  # prompts prefilled in one forward when many arrive at once
-# A running batch takes newcomers once a quarter of it is free (or a newcomer has waited this long):
-# every admission costs a prefill and a cache re-layout, so admitting one row per step would halve throughput.
+# Every admission costs one prefill forward (about 20 ms of fixed overhead on a small CPU model, plus
+# ~2 ms a row) and a re-layout of the running cache, so newcomers are admitted in groups: once a quarter
+# of the batch can be filled, or once the oldest has waited ADMIT_WAIT_S (IDLE_WAIT_S when nothing
+# runs: enough to gather a burst of requests that arrive together, too short for a person to notice).
 ADMIT_SHARE = 0.25
-ADMIT_WAIT_S = 0.2
+ADMIT_WAIT_S = 0.1
+IDLE_WAIT_S = 0.02
 _ids = itertools.count()
 
 
@@ -53,6 +56,8 @@ class Job:
     emit: Callable[[dict], None]
     top_logprobs: int | None = None  # per generated token; None = no logprobs
     prompt_logprobs: bool = False  # echo with logprobs: the prompt's own token logprobs too
+    streaming: bool = True  # False: no per-token events unless logprobs are asked; the text comes at the end
+    ignore_eos: bool = False  # end-of-text is a token like any other (exactly max_new_tokens are generated)
     id: int = field(default_factory=lambda: next(_ids))
     submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False
@@ -199,9 +204,9 @@ class Engine:
         torch.set_grad_enabled(False)
         while self._running:
             with self._wake:
-                while self._running and not self.pending and not self.active_rows:
-                    self._wake.wait()
-                arrivals = self._take_arrivals()
+                while self._running and not self._admissible() and not self.active_rows:
+                    self._wake.wait(timeout=self._admission_wait())
+                arrivals = self._take_arrivals() if self._admissible() else []
             try:
                 self._admit(arrivals)
                 self._step_all()
@@ -209,12 +214,24 @@ class Engine:
                 log.error("engine step failed:\n%s", traceback.format_exc())
                 self._fail_everything("internal error while decoding; see the server log")
 
+    def _admissible(self) -> bool:
+        """Whether the waiting requests should join now (see ADMIT_SHARE)."""
+        room = self.max_batch - self.active_rows
+        if not self.pending or room <= 0:
+            return False
+        group = min(len(self.pending), room)
+        limit = ADMIT_WAIT_S if self.active_rows else IDLE_WAIT_S
+        return group >= max(1, ADMIT_SHARE * self.max_batch) or group == room or \
+            time.monotonic() - self.pending[0].submitted >= limit
+
+    def _admission_wait(self) -> float | None:
+        """How long the idle engine may sleep: until the oldest waiting request is due, or until woken."""
+        if not self.pending:
+            return None
+        return max(IDLE_WAIT_S - (time.monotonic() - self.pending[0].submitted), 0.001)
+
     def _take_arrivals(self) -> list[Job]:
-        active = self.active_rows
-        room = self.max_batch - active
-        if active and self.pending and room < max(1, ADMIT_SHARE * self.max_batch) and \
-                time.monotonic() - self.pending[0].submitted < ADMIT_WAIT_S:
-            return []  # let the running batch free more rows first
+        room = self.max_batch - self.active_rows
         arrivals = []
         while self.pending and len(arrivals) < room:
             arrivals.append(self.pending.popleft())
@@ -234,7 +251,7 @@ class Engine:
 
     def _admit_group(self, composition: Composition, jobs: list[Job]) -> None:
         for job in jobs:
-            job.stream = TextStream(self.tokenizer, job.params.stop)
+            job.stream = TextStream(self.tokenizer, job.params.stop, incremental=job.streaming)
             job.generator = torch.Generator().manual_seed(job.params.seed)
             self.stats.prompt_tokens += len(job.prompt_ids)
         adapters = composition.row_adapters([job.prompt_ids for job in jobs])
@@ -311,16 +328,17 @@ class Engine:
                 continue
             token = greedy[i] if job.params.temperature == 0 else int(
                 choose_next(logits[i:i + 1], job.params, job.generator)[0])
-            if token == self.eos:
+            if token == self.eos and not job.ignore_eos:
                 self._finish(job, "stop", stop_string=False)
                 continue
             job.generated.append(token)
             self.stats.generated_tokens += 1
             text, stopped = job.stream.push(token)
-            event = {"type": "token", "text": text, "token": token}
-            if job.top_logprobs is not None:
-                event.update(self._token_logprobs(logits[i], token, job.top_logprobs))
-            job.emit(event)
+            if job.streaming or job.top_logprobs is not None:
+                event = {"type": "token", "text": text, "token": token}
+                if job.top_logprobs is not None:
+                    event.update(self._token_logprobs(logits[i], token, job.top_logprobs))
+                job.emit(event)
             if stopped:
                 self._finish(job, "stop", stop_string=True)
             elif len(job.generated) >= job.params.max_new_tokens:
@@ -336,8 +354,8 @@ class Engine:
     def _finish(self, job: Job, reason: str, stop_string: bool = False) -> None:
         tail = "" if stop_string else job.stream.finish()  # after a stop string, the rest is cut
         self.stats.finished += 1
-        job.emit({"type": "end", "text": tail, "finish_reason": reason, "prompt_tokens": len(job.prompt_ids),
-                  "completion_tokens": len(job.generated)})
+        job.emit({"type": "end", "text": tail, "full_text": job.stream.out, "finish_reason": reason,
+                  "prompt_tokens": len(job.prompt_ids), "completion_tokens": len(job.generated)})
 
     def _fail(self, job: Job, status: int, message: str) -> None:
         self.stats.failed += 1

@@ -43,6 +43,8 @@ class _Request(BaseModel):
     frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0, description="not supported: must be 0")
     logit_bias: Optional[dict] = None
     user: Optional[str] = Field(default=None, max_length=256)
+    ignore_eos: bool = Field(default=False, description="vLLM's extension: keep going past end-of-text "
+                                                        "(exactly max_tokens new tokens, for load tests)")
 
     @field_validator("stop")
     @classmethod

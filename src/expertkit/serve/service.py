@@ -65,6 +65,7 @@ class LocalService:
             "expertkit_generated_tokens": ("Tokens generated since start.", stats.generated_tokens),
             "expertkit_prompt_tokens": ("Prompt tokens prefilled since start.", stats.prompt_tokens),
             "expertkit_decode_steps": ("Batched decoding steps since start.", stats.steps),
+            "expertkit_prefills": ("Prefill forwards since start (newcomers join in groups).", stats.prefills),
             "expertkit_mean_batch_rows": ("Mean rows per decoding step.", stats.rows_stepped / max(stats.steps, 1)),
         }
 
@@ -109,7 +110,8 @@ class LocalService:
             self._check_lengths(ids, new_tokens)
         want_logprobs = req.logprobs is not None
         jobs = [dict(composition=composition, prompt_ids=ids, params=self._params(req, new_tokens),
-                     top_logprobs=req.logprobs, prompt_logprobs=req.echo and want_logprobs) for ids in prompts]
+                     top_logprobs=req.logprobs, prompt_logprobs=req.echo and want_logprobs, ignore_eos=req.ignore_eos)
+                for ids in prompts]
         run = await Run.start(self.engine, jobs, req.stream)
         shape = CompletionShape(self.tokenizer, req, prompts)
         return await run.respond(shape, req.stream, req.include_usage)
@@ -125,7 +127,7 @@ class LocalService:
         self._check_lengths(ids, new_tokens)
         top = (req.top_logprobs or 0) if req.logprobs else None
         jobs = [dict(composition=composition, prompt_ids=ids, params=self._params(req, new_tokens, template_stops),
-                     top_logprobs=top)]
+                     top_logprobs=top, ignore_eos=req.ignore_eos)]
         run = await Run.start(self.engine, jobs, req.stream)
         return await run.respond(ChatShape(req), req.stream, req.include_usage)
 
@@ -193,7 +195,7 @@ class Run:
         run = cls(engine, [])
         run.experts = [None] * len(job_kwargs)
         for index, kwargs in enumerate(job_kwargs):
-            run.jobs.append(Job(emit=run._emitter(index, sink, streaming), **kwargs))
+            run.jobs.append(Job(emit=run._emitter(index, sink, streaming), streaming=streaming, **kwargs))
         try:
             for job in run.jobs:
                 engine.submit(job)
@@ -290,10 +292,9 @@ class _Shape:
 
     def _record(self, index: int, event: dict) -> None:
         if event["type"] == "token":
-            self.texts[index] += event["text"]
             self.token_events[index].append(event)
         elif event["type"] == "end":
-            self.texts[index] += event["text"]
+            self.texts[index] = event["full_text"]
             self.finish[index] = event["finish_reason"]
             self.usage["prompt_tokens"] += event["prompt_tokens"]
             self.usage["completion_tokens"] += event["completion_tokens"]
