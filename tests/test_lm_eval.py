@@ -63,4 +63,6 @@ def test_lm_eval_perplexity_matches_expertkit(served_library, micro_base_dir, tm
     assert run.returncode == 0, run.stderr[-3000:]
     (results_file,) = (tmp_path / "out").rglob("results_*.json")
     reported = json.loads(results_file.read_text())["results"]["expertkit_ppl"]["word_perplexity,none"]
+    print(f"lm-eval word perplexity {reported:.4f}; expertkit {expected:.4f}; "
+          f"relative difference {abs(reported - expected) / expected:.2e}")
     assert abs(reported - expected) / expected < 0.01, (reported, expected)

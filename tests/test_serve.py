@@ -18,6 +18,7 @@ from expertkit.serve.engine import Engine, Job, QueueFull
 from expertkit.serve.server import BackgroundServer, ServeOptions, build_local_service
 
 from conftest import synthetic_documents, write_project
+from test_collaborate import small_project  # noqa: F401  (module fixture reused)
 
 KEY = "test-key"
 
@@ -244,3 +245,28 @@ def test_cli_errors_before_serving(monkeypatch, capsys, served_library, tmp_path
     assert_one_line_error(code, err, "did not answer GET /v1/models")
     code, out, err = run_cli(monkeypatch, capsys, "export", "vllm", library)
     assert code == 0 and out.startswith("vllm serve") and "--lora-modules" in out
+
+
+def test_collaborations_are_served_by_name(served_library, small_project):  # noqa: F811
+    """With --small, `proxy:<expert>` and friends are models too, decoded in lanes beside the shared batch."""
+    _, library = served_library
+    service = build_local_service(library, ServeOptions(small=str(small_project), max_batch=4))
+    assert {"proxy:alpha", "defer:alpha", "fusion"} <= set(service.model_names())
+    prompts = {"proxy:alpha": "patient dose", "alpha": "trial cohort", "defer:alpha": "serum renal"}
+    answers = {}
+    with BackgroundServer(create_app(service)) as srv:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+
+        def ask(model):
+            answers[model] = c.completions.create(model=model, prompt=prompts[model], max_tokens=8,
+                                                  temperature=0).choices[0].text
+
+        threads = [threading.Thread(target=ask, args=(m,)) for m in prompts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    for model, prompt in prompts.items():
+        composition = service.engine.compositions[model]
+        assert answers[model] == generate(composition, service.tokenizer, [prompt],
+                                          SamplingParams(max_new_tokens=8))[0], model

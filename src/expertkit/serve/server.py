@@ -28,14 +28,21 @@ class ServeOptions:
 
 
 def pick_router(entries, requested: str | None) -> str | None:
-    routers = [e.name for e in entries if e.kind == "router"]
+    """The router `auto` uses: the one asked for, else the library's best on its own validation prompts."""
+    routers = [e for e in entries if e.kind == "router"]
     if requested is not None:
-        if requested not in routers:
-            raise ExpertkitError(f"router '{requested}' is not in the library; routers there: {routers or 'none'}")
+        if requested not in [e.name for e in routers]:
+            raise ExpertkitError(f"router '{requested}' is not in the library; routers there: "
+                                 f"{[e.name for e in routers] or 'none'}")
         return requested
+    if not routers:
+        return None
+    accuracy = lambda e: e.manifest.get("validation", {}).get("accuracy") or 0.0
+    best = max(routers, key=lambda e: (accuracy(e), e.name))
     if len(routers) > 1:
-        raise ExpertkitError(f"the library has several routers {routers}; choose the one `auto` uses with --router")
-    return routers[0] if routers else None
+        log.warning("model 'auto' uses router '%s' (validation accuracy %.1f%%, the best of %d); choose another "
+                    "with --router", best.name, 100 * accuracy(best), len(routers))
+    return best.name
 
 
 def build_local_service(library_path: Path, options: ServeOptions):
