@@ -19,4 +19,5 @@ import collaborate  # noqa: E402,F401  (each suite module registers itself)
 import merge  # noqa: E402,F401
 import route  # noqa: E402,F401
 import scale  # noqa: E402,F401
+import serve  # noqa: E402,F401
 import specialize  # noqa: E402,F401

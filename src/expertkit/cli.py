@@ -262,6 +262,65 @@ def mixture_add(config: Path = ConfigArg, name: str = typer.Option("mixture", he
                   + (" + base" if base else "") + f" -> {entry.path}", highlight=False)
 
 
+export_app = typer.Typer(no_args_is_help=True, help="Hand the library to other serving stacks.")
+app.add_typer(export_app, name="export")
+
+
+@app.command()
+def serve(library: Path = typer.Argument(..., help="library folder"),
+          host: str = typer.Option("127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)"),
+          port: int = typer.Option(8000, min=0, max=65535),
+          base: Optional[str] = typer.Option(None, help="base model dir (default: the one the library records)"),
+          model: Optional[list[str]] = typer.Option(None, help="serve just these library entries (repeatable)"),
+          router: Optional[str] = typer.Option(None, help="router entry that model 'auto' uses (default: the "
+                                                          "library's most accurate one)"),
+          small: Optional[Path] = typer.Option(None, help="a small model's project YAML or library: also serve "
+                                                          "collaborations such as proxy:EXPERT"),
+          backend: Optional[str] = typer.Option(None, help="URL of an OpenAI-compatible server (vLLM, LoRAX) that "
+                                                           "decodes; this process then only routes and forwards"),
+          backend_base_model: str = typer.Option("base", help="the backend's name for the bare base model"),
+          max_batch: int = typer.Option(64, min=1, help="most requests decoding together"),
+          max_queue: int = typer.Option(256, min=1, help="most requests waiting; more are answered 429"),
+          max_prompt_tokens: Optional[int] = typer.Option(None, min=1, help="default: the model's context"),
+          max_tokens: int = typer.Option(512, min=1, help="largest max_tokens a request may ask for"),
+          api_key: Optional[str] = typer.Option(None, envvar="EXPERTKIT_API_KEY",
+                                                help="require 'Authorization: Bearer KEY' (or set "
+                                                     "EXPERTKIT_API_KEY)"),
+          device: Optional[str] = typer.Option(None)):
+    """Serve the library behind an OpenAI-compatible API (completions, chat, streaming, model 'auto')."""
+    _setup()
+    import os
+
+    from expertkit.serve.app import create_app
+    from expertkit.serve.server import ServeOptions, build_local_service, run
+
+    if backend:
+        from expertkit.serve.forward import build_forwarding_service
+
+        if small:
+            raise ExpertkitError("--small decodes locally; it cannot be combined with --backend")
+        service = build_forwarding_service(library, backend, router, base, device, backend_base_model,
+                                           os.environ.get("EXPERTKIT_BACKEND_API_KEY"))
+    else:
+        options = ServeOptions(base=base, device=device, models=tuple(model) if model else None, router=router,
+                               small=str(small) if small else None, max_batch=max_batch, max_queue=max_queue,
+                               max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens)
+        service = build_local_service(library, options)
+    console.print(f"serving {service.model_names()} on http://{host}:{port}/v1"
+                  + (" (API key required)" if api_key else ""), highlight=False)
+    run(create_app(service, api_key=api_key), host, port)
+
+
+@export_app.command("vllm")
+def export_vllm(library: Path = typer.Argument(..., help="library folder"),
+                base: Optional[str] = typer.Option(None, help="base model dir or hub id (default: the library's)"),
+                port: int = typer.Option(8000, help="port for vLLM to listen on")):
+    """Print the `vllm serve` command that serves every adapter of the library under its library name."""
+    from expertkit.serve.vllm_export import vllm_command
+
+    typer.echo(vllm_command(library, base=base, port=port))
+
+
 def main() -> None:
     try:
         app()
