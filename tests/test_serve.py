@@ -11,7 +11,6 @@ import openai
 import pytest
 import torch
 
-from expertkit.compose import ExpertPool, build_compositions
 from expertkit.decoding import SamplingParams, generate
 from expertkit.serve.app import create_app
 from expertkit.serve.engine import Engine, Job, QueueFull

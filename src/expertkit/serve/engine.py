@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 import traceback
+from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -67,18 +68,19 @@ class Job:
     expert: str | None = None
 
 
-class Lane:
+class Lane(ABC):
     """Rows decoding together: their jobs, the decode state, and the token each row feeds next."""
 
     def __init__(self, jobs: list[Job], state: DecodeState, next_ids: torch.Tensor):
         self.jobs, self.state, self.next_ids = jobs, state, next_ids
 
+    @abstractmethod
     def step(self) -> torch.Tensor:
-        raise NotImplementedError
+        """Next-token logits [rows, V] of the live rows, feeding `next_ids`."""
 
+    @abstractmethod
     def keep(self, rows: list[int]) -> None:
         """Drop every row not in `rows` (finished or cancelled)."""
-        raise NotImplementedError
 
 
 class PoolLane(Lane):
@@ -396,6 +398,3 @@ class Engine:
                             "top": self._top(row, top or 0)})
         return entries
 
-
-def wall_ms(start: float) -> float:
-    return (time.perf_counter() - start) * 1000
