@@ -1,7 +1,8 @@
-"""Suite `collaborate`: small domain experts steer a large general model (proxy-tuning, fusion, deferral).
+"""Suite `collaborate`: small domain experts steer a large general model (proxy, fusion, defer, knowledge card).
 
 Large = the cached `specialize` base (its LoRA experts are the "truly tuned" reference); small = a base over
-4x smaller pretrained on the same mix with the same tokenizer, with one LoRA expert per domain.
+4x smaller pretrained on the same mix with the same tokenizer, with one LoRA expert per domain trained on the
+same data as the reference. The proxy's α is chosen on the validation split and then scored on test.
 Acceptance: mean gap closed (loss_large - loss_proxy) / (loss_large - loss_large_tuned) >= 90%; at batch 1,
 greedy, 128 new tokens: proxy tok/s >= 0.75 x the large model's own generate() and >= 1.3 x a
 three-separate-models cached implementation.
@@ -20,8 +21,13 @@ from common import GENERAL, bench_config
 from suites import suite
 
 SMALL_BUILD = {"hidden_size": 96, "intermediate_size": 256, "num_layers": 2, "num_heads": 4}
-MAX_BLOCKS = 48
-DEFER_THRESHOLDS = [0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+# The small experts see exactly the data of the large-tuned reference (same steps, batch, replay, rank);
+# only the learning rate is the small base's own (chosen on validation among 2e-3, 6e-3).
+SMALL_RECIPE = {"learning_rate": 6e-3}
+MAX_BLOCKS, VALID_BLOCKS = 48, 32
+ALPHAS = [0.25, 0.5, 0.75, 1.0, 1.25, 1.5]  # proxy strengths tried on the validation split
+DEFER_THRESHOLDS = [0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.5]  # nats; ln(4096) = 8.3: 8.5 defers nothing
+CARD = {"query_tokens": 32, "card_tokens": 32}  # the card is written from a block's first 32 tokens
 NEW_TOKENS, PROMPT_TOKENS, REPEATS = 128, 32, 3
 GAP_TARGET, LARGE_SPEED_TARGET, REFERENCE_SPEED_TARGET = 0.90, 0.75, 1.3
 
@@ -33,8 +39,8 @@ def _bases(data: Path, device):
 
     large_cfg, large = load_project_base(bench_config(data), device)
     train_all(large_cfg, large)
-    small_cfg, small = load_project_base(bench_config(data, build={**SMALL_BUILD, "tokenizer": large_cfg.base.path}),
-                                         device)
+    small_cfg, small = load_project_base(bench_config(data, build={**SMALL_BUILD, "tokenizer": large_cfg.base.path},
+                                                      recipe=SMALL_RECIPE), device)
     train_all(small_cfg, small)
     sizes = {"large_params": count_parameters(large.model), "small_params": count_parameters(small.model)}
     return large_cfg, large, small_cfg, small, sizes
@@ -48,27 +54,58 @@ def _score(compositions, domain: str, blocks, batch_size: int) -> dict[str, floa
     return {c.name: card["ppl"][c.name][domain] for c in compositions}
 
 
-def quality(large_cfg, large_pool, small_pool, experts: list[str]) -> dict:
-    """Per-domain perplexity of large, large tuned, small expert, proxy, fusion and the defer sweep."""
+def _gap(ppl: dict, key: str) -> float:
+    """(loss_large - loss_key) / (loss_large - loss_large_tuned)."""
+    large, tuned = math.log(ppl["large"]), math.log(ppl["large_tuned"])
+    return (large - math.log(ppl[key])) / (large - tuned)
+
+
+def _references(large_pool, domain: str):
     from expertkit.compose import BASE_ADAPTER
     from expertkit.compose.adapters import AdapterComposition
+
+    return [AdapterComposition(large_pool, BASE_ADAPTER, "large"), AdapterComposition(large_pool, domain, "large_tuned")]
+
+
+def choose_alpha(large_cfg, large_pool, small_pool, experts: list[str]) -> dict:
+    """The proxy's α: the best mean gap closed on the VALIDATION split (the test text is never looked at)."""
+    from expertkit.compose.collaborate import ProxyComposition
+    from expertkit.workflow import validation_blocks
+
+    valid = validation_blocks(large_cfg, large_pool.tokenizer, experts, max_blocks=VALID_BLOCKS)
+    bs = large_cfg.evaluation.batch_size
+    gaps = {a: {} for a in ALPHAS}
+    for d in experts:
+        ppl = _score(_references(large_pool, d) + [ProxyComposition(large_pool, small_pool, d, alpha=a, name=f"a{a}")
+                                                   for a in ALPHAS], d, valid[d], bs)
+        for a in ALPHAS:
+            gaps[a][d] = _gap(ppl, f"a{a}")
+    mean = {a: statistics.mean(g.values()) for a, g in gaps.items()}
+    return {"alpha": max(mean, key=mean.get), "valid_mean_gap_closed": mean, "valid_gap_closed": gaps}
+
+
+def quality(large_cfg, large_pool, small_pool, experts: list[str], alpha: float) -> dict:
+    """Per-domain test perplexity of large, large tuned, small expert, proxy, fusion, card; the defer sweep."""
+    from expertkit.compose.adapters import AdapterComposition
+    from expertkit.compose.card import KnowledgeCardComposition
     from expertkit.compose.collaborate import DeferComposition, FusionComposition, ProxyComposition
     from expertkit.evaluate import test_blocks
 
     blocks = {d: b.take(slice(0, MAX_BLOCKS)) for d, b in test_blocks(large_cfg, large_pool.tokenizer).items()}
     bs = large_cfg.evaluation.batch_size
-    out = {"domains": {}, "defer": []}
-    fusion = FusionComposition(large_pool, small_pool, experts, name="fusion")
+    out = {"domains": {}, "defer": [], "card_fraction": {}}
+    fusion = FusionComposition(large_pool, small_pool, experts, alpha=alpha, name="fusion")
     for d in experts:
-        rows = _score([AdapterComposition(large_pool, BASE_ADAPTER, "large"),
-                       AdapterComposition(large_pool, d, "large_tuned"),
-                       AdapterComposition(small_pool, d, "small_expert"),
-                       ProxyComposition(large_pool, small_pool, d, alpha=1.0, name="proxy"), fusion],
-                      d, blocks[d], bs)
-        loss = {k: math.log(v) for k, v in rows.items()}
-        rows["gap_closed"] = (loss["large"] - loss["proxy"]) / (loss["large"] - loss["large_tuned"])
+        card = KnowledgeCardComposition(large_pool, small_pool, d, name="card", **CARD)
+        rows = _score(_references(large_pool, d) + [
+            AdapterComposition(small_pool, d, "small_expert"),
+            ProxyComposition(large_pool, small_pool, d, alpha=alpha, name="proxy"), fusion, card], d, blocks[d], bs)
+        for key in ("proxy", "fusion", "card"):
+            rows[f"{key}_gap_closed"] = _gap(rows, key)
+        rows["gap_closed"] = rows["proxy_gap_closed"]
         out["domains"][d] = rows
-    out["fusion_general"] = _score([fusion, AdapterComposition(large_pool, BASE_ADAPTER, "large")],
+        out["card_fraction"][d] = card.stats()["card_fraction"]
+    out["fusion_general"] = _score([fusion, _references(large_pool, GENERAL)[0]],
                                    GENERAL, blocks[GENERAL], bs)
     for threshold in DEFER_THRESHOLDS:
         point = {"threshold": threshold, "ppl": {}, "deferred": {}}
@@ -95,7 +132,7 @@ def _greedy_tok_s(prefill, step, ids: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def speed(large_path: str, small_pool, expert: str, prompt_ids: torch.Tensor) -> dict:
+def speed(large_path: str, small_pool, expert: str, prompt_ids: torch.Tensor, alpha: float = 1.0) -> dict:
     """Side by side, one run after another, median of REPEATS: large generate(), proxy, three-model reference."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, DynamicCache
@@ -111,8 +148,8 @@ def speed(large_path: str, small_pool, expert: str, prompt_ids: torch.Tensor) ->
     small_expert_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(small_path),
                                                    str(expert_dir)).merge_and_unload().eval()
     large_pool = ExpertPool(load_base(large_path, "cpu"))
-    proxy = ProxyComposition(large_pool, small_pool, expert, alpha=1.0)
-    proxy_hf = ProxyComposition(large_pool, small_pool, expert, alpha=1.0, fast_small=False)
+    proxy = ProxyComposition(large_pool, small_pool, expert, alpha=alpha)
+    proxy_hf = ProxyComposition(large_pool, small_pool, expert, alpha=alpha, fast_small=False)
     mask = torch.ones_like(prompt_ids)
 
     def generate_large() -> float:
@@ -132,7 +169,7 @@ def speed(large_path: str, small_pool, expert: str, prompt_ids: torch.Tensor) ->
             outs = [m(input_ids=ids, past_key_values=c, use_cache=True) for m, c in zip(models, caches)]
             caches[:] = [o.past_key_values for o in outs]
             large_lp, expert_lp, base_lp = (torch.log_softmax(o.logits.float(), -1) for o in outs)
-            return large_lp + (expert_lp - base_lp)
+            return large_lp + alpha * (expert_lp - base_lp)
 
         def prefill(ids):
             caches[:] = [DynamicCache() for _ in models]
@@ -152,7 +189,8 @@ def speed(large_path: str, small_pool, expert: str, prompt_ids: torch.Tensor) ->
     return result
 
 
-def plot_defer(points: list[dict], path: Path) -> None:
+def plot_defer(points: list[dict], path: Path, references: dict[str, float]) -> None:
+    """Perplexity vs fraction deferred; the large model (alone and tuned), the proxy and the small expert as lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -162,6 +200,9 @@ def plot_defer(points: list[dict], path: Path) -> None:
     ax.plot([p["mean_deferred"] for p in points], [math.exp(p["mean_log_ppl"]) for p in points], "o-")
     for p in points:
         ax.annotate(f"τ={p['threshold']}", (p["mean_deferred"], math.exp(p["mean_log_ppl"])), fontsize=7)
+    for (label, ppl), style in zip(references.items(), ("k--", "b-.", "g--", "r:")):
+        ax.axhline(ppl, color=style[0], linestyle=style[1:], linewidth=1, label=label)
+    ax.legend(fontsize=7)
     ax.set_xlabel("fraction of tokens deferred to the large model")
     ax.set_ylabel("perplexity (geometric mean over domains)")
     ax.set_title("defer: quality vs tokens deferred")
@@ -173,37 +214,48 @@ def plot_defer(points: list[dict], path: Path) -> None:
 @suite("collaborate")
 def run(data: Path, device: str | None) -> dict:
     from expertkit.compose import ExpertPool
+    from expertkit.data import load_corpus
     from expertkit.library import Library
 
     large_cfg, large, small_cfg, small, sizes = _bases(data, device)
     experts = [d.name for d in large_cfg.domains]
     large_pool = ExpertPool(large, Library(large_cfg.library), names=experts)
     small_pool = ExpertPool(small, Library(small_cfg.library), names=experts)
-    q = quality(large_cfg, large_pool, small_pool, experts)
-    from expertkit.data import load_corpus
-
+    chosen = choose_alpha(large_cfg, large_pool, small_pool, experts)
+    alpha = chosen["alpha"]
+    q = quality(large_cfg, large_pool, small_pool, experts, alpha)
     text = load_corpus(large_cfg.domain(experts[0])).splits["test"][0].full_text
     prompt = torch.tensor([large.tokenizer(text, add_special_tokens=False)["input_ids"][:PROMPT_TOKENS]])
-    s = speed(large_cfg.base.path, small_pool, experts[0], prompt)
+    s = speed(large_cfg.base.path, small_pool, experts[0], prompt, alpha)
     png = Path(__file__).resolve().parent / "results" / "collaborate_defer.png"
     png.parent.mkdir(parents=True, exist_ok=True)
-    plot_defer(q["defer"], png)
+    geo = lambda key: math.exp(statistics.mean(math.log(r[key]) for r in q["domains"].values()))  # noqa: E731
+    plot_defer(q["defer"], png, {"large": geo("large"), "large tuned": geo("large_tuned"), f"proxy (α={alpha})": geo("proxy"),
+                                 "small expert alone": geo("small_expert")})
     gaps = {d: r["gap_closed"] for d, r in q["domains"].items()}
-    result = {"gap_closed": gaps, "mean_gap_closed": statistics.mean(gaps.values()), "speed": s, "defer": q["defer"],
-              "fusion": {d: r["fusion"] for d, r in q["domains"].items()} | {GENERAL: q["fusion_general"]["fusion"]},
-              "ppl": q["domains"], "sizes": sizes, "defer_plot": str(png)}
+    mean_of = lambda key: statistics.mean(r[key] for r in q["domains"].values())  # noqa: E731
+    result = {"gap_closed": gaps, "mean_gap_closed": statistics.mean(gaps.values()), "alpha": alpha,
+              "alpha_selection": chosen, "speed": s, "defer": q["defer"],
+              "fusion": {d: r["fusion"] for d, r in q["domains"].items()} | {GENERAL: q["fusion_general"]["fusion"],
+                                                                             "mean_gap_closed": mean_of("fusion_gap_closed")},
+              "card": {"params": CARD, "card_fraction": q["card_fraction"], "mean_gap_closed": mean_of("card_gap_closed")},
+              "ppl": q["domains"], "sizes": sizes, "small_recipe": SMALL_RECIPE, "defer_plot": str(png)}
     print(f"\nlarge {sizes['large_params'] / 1e6:.2f}M params, small {sizes['small_params'] / 1e6:.2f}M "
-          f"({sizes['large_params'] / sizes['small_params']:.1f}x)")
-    print(f"{'domain':<12}{'large':>9}{'tuned':>9}{'small exp':>10}{'proxy':>9}{'fusion':>9}{'gap closed':>12}")
+          f"({sizes['large_params'] / sizes['small_params']:.1f}x); α = {alpha} (best mean gap closed on validation: "
+          + ", ".join(f"{a}: {g:.1%}" for a, g in chosen["valid_mean_gap_closed"].items()) + ")")
+    print(f"{'domain':<12}{'large':>9}{'tuned':>9}{'small exp':>10}{'proxy':>9}{'fusion':>9}{'card':>9}"
+          f"{'gap closed':>12}")
     for d, r in q["domains"].items():
         print(f"{d:<12}{r['large']:>9.2f}{r['large_tuned']:>9.2f}{r['small_expert']:>10.2f}{r['proxy']:>9.2f}"
-              f"{r['fusion']:>9.2f}{r['gap_closed']:>12.1%}")
-    print(f"mean gap closed {result['mean_gap_closed']:.1%} (target >= {GAP_TARGET:.0%}); fusion on {GENERAL}: "
+              f"{r['fusion']:>9.2f}{r['card']:>9.2f}{r['gap_closed']:>12.1%}")
+    print(f"mean gap closed: proxy {result['mean_gap_closed']:.1%} (target >= {GAP_TARGET:.0%}), fusion "
+          f"{mean_of('fusion_gap_closed'):.1%}, card {mean_of('card_gap_closed'):.1%}; fusion on {GENERAL}: "
           f"{q['fusion_general']['fusion']:.2f} vs large {q['fusion_general']['large']:.2f}")
     print("defer: " + ", ".join(f"τ={p['threshold']}: {p['mean_deferred']:.0%} deferred, ppl "
                                 f"{math.exp(p['mean_log_ppl']):.2f}" for p in q["defer"]))
     print(f"speed (batch 1, greedy, {NEW_TOKENS} tokens): large generate() {s['large_generate_tok_s']:.1f} tok/s, "
           f"proxy {s['proxy_tok_s']:.1f} tok/s ({s['proxy_vs_large_generate']:.2f}x, target >= "
           f"{LARGE_SPEED_TARGET}), three separate models {s['three_model_tok_s']:.1f} tok/s (proxy "
-          f"{s['proxy_vs_three_models']:.2f}x, target >= {REFERENCE_SPEED_TARGET})")
+          f"{s['proxy_vs_three_models']:.2f}x, target >= {REFERENCE_SPEED_TARGET}); proxy with HF/PEFT small steps "
+          f"{s['proxy_hf_small_step_tok_s']:.1f} tok/s")
     return result

@@ -2,8 +2,8 @@
 
 Why by hand: a collaboration pays the small model once per generated token, and at the sizes where a
 small model steers a large one on CPU a Hugging Face decode step is mostly per-op Python overhead: the
-cache object concatenates every layer's keys, the causal mask is rebuilt, and PEFT's per-row
-`adapter_names` path re-groups the rows and gathers/scatters them in every LoRA layer. The step here
+cache object concatenates every layer's keys, the causal mask is rebuilt, and mixed expert/base rows go
+through per-layer hooks (the pool's RowLoRA) or PEFT's `adapter_names` regrouping. The step here
 is the same math as transformers' LlamaDecoderLayer (RMSNorm, rotary, SDPA with grouped KV heads,
 SiLU MLP) with:
 - KV buffers preallocated and written in place (grown by doubling), masks only when rows are padded;
