@@ -28,7 +28,7 @@ MAX_BLOCKS, VALID_BLOCKS = 48, 32
 ALPHAS = [0.25, 0.5, 0.75, 1.0, 1.25, 1.5]  # proxy strengths tried on the validation split
 DEFER_THRESHOLDS = [0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.5]  # nats; ln(4096) = 8.3: 8.5 defers nothing
 CARD = {"query_tokens": 32, "card_tokens": 32}  # the card is written from a block's first 32 tokens
-NEW_TOKENS, PROMPT_TOKENS, REPEATS = 128, 32, 3
+NEW_TOKENS, PROMPT_TOKENS, REPEATS = 128, 32, 5
 GAP_TARGET, LARGE_SPEED_TARGET, REFERENCE_SPEED_TARGET = 0.90, 0.75, 1.3
 
 
