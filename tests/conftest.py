@@ -91,6 +91,34 @@ def trained(project):
     return cfg, base, Library(cfg.library)
 
 
+@pytest.fixture(scope="session")
+def small_project(tmp_path_factory, micro_base_dir) -> Path:
+    """The project of a 16-wide small base sharing the micro base's tokenizer, with expert 'alpha' trained."""
+    from expertkit.train import train_all
+    from expertkit.workflow import load_project_base
+
+    root = tmp_path_factory.mktemp("collab")
+    small_build = {**MICRO_BUILD, "hidden_size": 16, "intermediate_size": 32, "tokenizer": str(micro_base_dir)}
+    project = write_project(root, str(root / "small"), domains=("alpha",), base={"build": small_build},
+                            training={"steps": 20})
+    cfg, small = load_project_base(project)
+    train_all(cfg, small)
+    return project
+
+
+@pytest.fixture(scope="session")
+def served_library(tmp_path_factory, micro_base_dir):
+    """(config, library path): two micro experts and a lexical router on the micro base (read-only users)."""
+    from expertkit.train import train_all
+    from expertkit.workflow import load_project_base, run_router_train
+
+    root = tmp_path_factory.mktemp("serve")
+    cfg, base = load_project_base(write_project(root, str(micro_base_dir)))
+    train_all(cfg, base)
+    run_router_train(cfg, base, "lexical", "router-lexical")
+    return cfg, Path(cfg.library)
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 

@@ -12,23 +12,10 @@ from expertkit.config import load_config
 from expertkit.decoding import SamplingParams, generate, left_pad
 from expertkit.errors import ExpertkitError
 from expertkit.library import Library
-from expertkit.train import train_all
 from expertkit.workflow import load_project_base
 
 from conftest import MICRO_BUILD, assert_cached_steps_match, write_project
 from test_cli import assert_one_line_error, run_cli
-
-
-@pytest.fixture(scope="module")
-def small_project(tmp_path_factory, micro_base_dir):
-    """The project of a 16-wide small base sharing the micro base's tokenizer, with expert 'alpha' trained."""
-    root = tmp_path_factory.mktemp("collab")
-    small_build = {**MICRO_BUILD, "hidden_size": 16, "intermediate_size": 32, "tokenizer": str(micro_base_dir)}
-    project = write_project(root, str(root / "small"), domains=("alpha",), base={"build": small_build},
-                            training={"steps": 20})
-    cfg, small = load_project_base(project)
-    train_all(cfg, small)
-    return project
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from expertkit.evaluate import shifted_nll
 from expertkit.serve.app import create_app
 from expertkit.serve.server import BackgroundServer, ServeOptions, build_local_service
 
-from test_serve import KEY, served_library  # noqa: F401  (module fixture reused)
+from test_serve import KEY
 
 CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 TASK_DIR = Path(__file__).parent / "lm_eval"
@@ -45,7 +45,7 @@ def expertkit_word_perplexity(composition, tokenizer, docs: list[str]) -> float:
     return math.exp(total_nll / words)
 
 
-def test_lm_eval_perplexity_matches_expertkit(served_library, micro_base_dir, tmp_path):  # noqa: F811
+def test_lm_eval_perplexity_matches_expertkit(served_library, micro_base_dir, tmp_path):
     _, library = served_library
     service = build_local_service(library, ServeOptions(max_batch=8))
     tokenizer, context = service.tokenizer, service.context_length

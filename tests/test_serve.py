@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-from pathlib import Path
 
 import httpx
 import openai
@@ -16,23 +15,9 @@ from expertkit.serve.app import create_app
 from expertkit.serve.engine import Engine, Job, QueueFull
 from expertkit.serve.server import BackgroundServer, ServeOptions, build_local_service
 
-from conftest import synthetic_documents, write_project
-from test_collaborate import small_project  # noqa: F401  (module fixture reused)
+from conftest import synthetic_documents
 
 KEY = "test-key"
-
-
-@pytest.fixture(scope="module")
-def served_library(tmp_path_factory, micro_base_dir):
-    """(config, library path): two micro experts and a lexical router, trained once for this module."""
-    from expertkit.train import train_all
-    from expertkit.workflow import load_project_base, run_router_train
-
-    root = tmp_path_factory.mktemp("serve")
-    cfg, base = load_project_base(write_project(root, str(micro_base_dir)))
-    train_all(cfg, base)
-    run_router_train(cfg, base, "lexical", "router-lexical")
-    return cfg, Path(cfg.library)
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +231,7 @@ def test_cli_errors_before_serving(monkeypatch, capsys, served_library, tmp_path
     assert code == 0 and out.startswith("vllm serve") and "--lora-modules" in out
 
 
-def test_collaborations_are_served_by_name(served_library, small_project):  # noqa: F811
+def test_collaborations_are_served_by_name(served_library, small_project):
     """With --small, `proxy:<expert>` and friends are models too, decoded in lanes beside the shared batch."""
     _, library = served_library
     service = build_local_service(library, ServeOptions(small=str(small_project), max_batch=4))
