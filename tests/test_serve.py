@@ -147,6 +147,8 @@ def test_unknown_model_is_404_and_missing_key_is_401(client, server):
     (json.dumps({"model": "base", "prompt": "x" * 300_000}).encode(), 400),
     (json.dumps({"model": "base", "prompt": "x", "n": 2}).encode(), 400),
     (json.dumps([1, 2, 3]).encode(), 400),
+    (json.dumps({"model": "base", "prompt": [[1, 2], []]}).encode(), 400),
+    (json.dumps({"model": "base", "prompt": ["x"] * 500}).encode(), 400),
     (json.dumps({"model": "base", "prompt": "word " * 60, "max_tokens": 40}).encode(), 400),  # over the context
 ])
 def test_bad_requests_are_4xx_in_the_openai_shape(server, body, status):

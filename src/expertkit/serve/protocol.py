@@ -12,6 +12,7 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_STRINGS = 16
+MAX_PROMPTS = 128  # prompts in one completions request
 MAX_TOP_LOGPROBS = 20
 
 
@@ -88,6 +89,10 @@ class CompletionRequest(_Request):
     def _prompt(cls, v):
         if isinstance(v, list) and not v:
             raise ValueError("prompt is an empty list")
+        if isinstance(v, list) and any(isinstance(p, list) and not p for p in v):
+            raise ValueError("a token-id prompt is empty")
+        if isinstance(v, list) and not isinstance(v[0], int) and len(v) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
         return v
 
     def prompts(self) -> list[Union[str, list[int]]]:
