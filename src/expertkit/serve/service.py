@@ -229,13 +229,14 @@ class Run:
         return {EXPERT_HEADER: ",".join(experts)} if experts else {}
 
     async def _events(self, early):
-        for item in early:
-            yield item
+        """Every event until each job has ended, starting with those that came before the last start."""
         ended = 0
+        for index, event in early:
+            ended += event["type"] in ("end", "error")
+            yield index, event
         while ended < len(self.jobs):
             index, event = await self.events.get()
-            if event["type"] in ("end", "error"):
-                ended += 1
+            ended += event["type"] in ("end", "error")
             yield index, event
 
     async def respond(self, shape, stream: bool, include_usage: bool):
