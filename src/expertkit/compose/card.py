@@ -29,7 +29,7 @@ from expertkit.base import tokenizer_hash
 from expertkit.compose.base import Composition, DecodeState
 from expertkit.compose.collaborate import collaboration
 from expertkit.compose.pool import BASE_ADAPTER, ExpertPool
-from expertkit.decoding import pad_left
+from expertkit.decoding import pad_id, pad_left
 from expertkit.errors import ExpertkitError
 
 CARD_THRESHOLD = 0.1  # nats/token: the expert must know the query clearly better than its base (≈10% lower ppl)
@@ -81,8 +81,7 @@ class KnowledgeCardComposition(Composition):
     @torch.no_grad()
     def relevance(self, queries: list[list[int]]) -> list[float]:
         """Mean log p_expert − log p_small_base over each query's predicted tokens (0 when it has one token)."""
-        pad = self.small.tokenizer.pad_token_id or 0
-        ids, mask = pad_left(queries, pad)
+        ids, mask = pad_left(queries, pad_id(self.small.tokenizer))
         n = len(queries)
         logits, _ = self.small.prefill(ids.repeat(2, 1), mask.repeat(2, 1), [self.expert] * n + [BASE_ADAPTER] * n)
         lp = torch.log_softmax(logits[:, :-1].float(), -1)
@@ -95,7 +94,7 @@ class KnowledgeCardComposition(Composition):
     def write_cards(self, queries: list[list[int]]) -> list[str]:
         """The expert's greedy continuation of each query, `card_tokens` long at most (stops at EOS)."""
         eos = self.small.tokenizer.eos_token_id
-        ids, mask = pad_left(queries, self.small.tokenizer.pad_token_id or 0)
+        ids, mask = pad_left(queries, pad_id(self.small.tokenizer))
         adapters = [self.expert] * len(queries)
         logits, state = self.small.prefill(ids, mask, adapters)
         token = logits[:, -1].argmax(-1)
@@ -130,7 +129,7 @@ class KnowledgeCardComposition(Composition):
         if self.large.context_length and width > self.large.context_length:
             raise ExpertkitError(f"card + prompt is {width} tokens, over the large model's context of "
                                  f"{self.large.context_length}; lower card_tokens or shorten the prompt")
-        ids, mask = pad_left(rows, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        ids, mask = pad_left(rows, pad_id(tok))
         logits, state = self.large.prefill(ids, mask, [BASE_ADAPTER] * len(rows))
         logits = logits[:, -input_ids.shape[1]:]  # rows are right-aligned: the original prompt's columns
         if chosen:  # positions before the query's last token must not see a card written from later tokens

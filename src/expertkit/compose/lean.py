@@ -62,7 +62,7 @@ def _linear_parts(module, adapters: list[str]):
 
 
 class _Unsupported(Exception):
-    pass
+    """A layer the lean step does not cover; `LeanDecoder.build` turns it into None (use the HF step)."""
 
 
 @dataclass

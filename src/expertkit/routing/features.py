@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from expertkit.compose.pool import BASE_ADAPTER, position_ids
-from expertkit.decoding import pad_left
+from expertkit.decoding import pad_id, pad_left
 from expertkit.routing.base import Prompts
 
 
@@ -28,8 +28,7 @@ def map_batches(pool, prompts: Prompts, settings, fn: Callable, per_prompt_rows:
     a batch holds at most batch_size rows once each prompt is repeated `per_prompt_rows` times.
     """
     budget = token_budget(pool, settings)
-    tok = pool.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(pool.tokenizer)
     rows = [r[-budget:] for r in prompts.ids]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     step = max(1, settings.batch_size // per_prompt_rows)

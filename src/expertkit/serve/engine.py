@@ -26,7 +26,7 @@ import torch
 
 from expertkit.compose.base import Composition, DecodeState
 from expertkit.compose.pool import BASE_ADAPTER, ExpertPool
-from expertkit.decoding import SamplingParams, choose_next, pad_left
+from expertkit.decoding import SamplingParams, choose_next, pad_id, pad_left
 from expertkit.errors import ExpertkitError
 from expertkit.serve.kvcache import check_joinable, join, keep_rows
 from expertkit.serve.text import TextStream
@@ -113,11 +113,11 @@ class PoolLane(Lane):
 class CompositionLane(Lane):
     """Requests of one composition admitted together; its state is opaque, so finished rows ride along."""
 
-    def __init__(self, composition: Composition, jobs, state, pad_id: int):
+    def __init__(self, composition: Composition, jobs, state, pad: int):
         super().__init__(jobs, state, torch.zeros(len(jobs), dtype=torch.long))
         self.composition = composition
         self.live = list(range(len(jobs)))  # rows still decoding, as indices into the admitted batch
-        self.fed = torch.full((len(jobs),), pad_id, dtype=torch.long)  # what every row of the batch feeds
+        self.fed = torch.full((len(jobs),), pad, dtype=torch.long)  # what every row of the batch feeds
 
     def step(self) -> torch.Tensor:
         logits, self.state = self.composition.step(self.state, self.fed)
@@ -266,16 +266,16 @@ class Engine:
             return
         for job in jobs:
             job.emit({"type": "start", "expert": None})
-        ids, mask = pad_left([job.prompt_ids for job in jobs], self._pad_id)
+        ids, mask = pad_left([job.prompt_ids for job in jobs], pad_id(self.tokenizer))
         logits, state = composition.prefill(ids, mask)
         self.stats.prefills += 1
-        lane = CompositionLane(composition, jobs, state, self._pad_id)
+        lane = CompositionLane(composition, jobs, state, pad_id(self.tokenizer))
         self._after_prefill(lane, logits, mask)
         if lane.jobs:
             self.lanes.append(lane)
 
     def _prefill_pool(self, jobs: list[Job], adapters: list[str]) -> None:
-        ids, mask = pad_left([job.prompt_ids for job in jobs], self._pad_id)
+        ids, mask = pad_left([job.prompt_ids for job in jobs], pad_id(self.tokenizer))
         # the logits of every prompt position only when a job echoes the prompt's logprobs (memory: T x vocab)
         last_only = {} if any(job.prompt_logprobs for job in jobs) else {"logits_to_keep": 1}
         logits, state = self.pool.prefill(ids, mask, adapters, **last_only)
@@ -288,11 +288,6 @@ class Engine:
             self.shared = lane
         else:
             self.shared.add(lane)
-
-    @property
-    def _pad_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return pad if pad is not None else (self.eos or 0)
 
     def _after_prefill(self, lane: Lane, logits: torch.Tensor, mask: torch.Tensor) -> None:
         for i, job in enumerate(lane.jobs):
