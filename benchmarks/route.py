@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from common import EVALUATION, GENERAL, bench_config
+from common import GENERAL, bench_config
 from suites import suite
 
 DOCS_PER_DOMAIN = 200

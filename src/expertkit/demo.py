@@ -43,7 +43,6 @@ def _prompt_for(corpus, tokenizer, n_tokens: int = 16) -> str:
 
 def run_demo(workdir: Path, device: str | None = None) -> dict:
     from expertkit.compose import ExpertPool, build_compositions
-    from expertkit.config import load_config
     from expertkit.data import load_corpus
     from expertkit.decoding import SamplingParams, generate
     from expertkit.demo_data import write_demo_corpora

@@ -9,7 +9,6 @@ LoRA biases, modules_to_save, ...) are refused instead of being merged wrongly.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 
