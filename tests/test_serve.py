@@ -258,11 +258,15 @@ def test_collaborations_are_served_by_name(served_library, small_project):
                                           SamplingParams(max_new_tokens=8))[0], model
 
 
-def test_a_request_whose_prompts_finish_at_different_times(client, server):
-    """Several prompts in one request: one may end before another has even started; all come back."""
+def test_a_request_whose_prompts_finish_at_different_times(served_library, server):
+    """Several prompts in one request on a one-row server: the first ends before the next has started."""
+    _, library = served_library
+    service = build_local_service(library, ServeOptions(max_batch=1))
     prompts = ["patient", "def return self import for in if else print list", "trial"]
-    reply = client.completions.create(model="beta", prompt=prompts, max_tokens=3, temperature=0, echo=True,
-                                      logprobs=0)
+    with BackgroundServer(create_app(service)) as srv:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        reply = c.completions.create(model="beta", prompt=prompts, max_tokens=3, temperature=0, echo=True,
+                                     logprobs=0)
     assert [c.index for c in reply.choices] == [0, 1, 2]
     for choice, prompt in zip(reply.choices, prompts):
         assert choice.text == prompt + reference(server, "beta", prompt, max_new_tokens=3)
