@@ -119,6 +119,34 @@ def served_library(tmp_path_factory, micro_base_dir):
     return cfg, Path(cfg.library)
 
 
+@pytest.fixture(scope="session")
+def sentence_library(tmp_path_factory):
+    """Two experts and a linear and a TIES merge of them, on a micro base trained enough to end sentences.
+
+    (The shared micro base is too weak to ever predict end-of-text, the path this test must exercise.)
+    """
+    from expertkit.build import build_base
+    from expertkit.compose import ExpertPool
+    from expertkit.config import load_config
+    from expertkit.library import Library
+    from expertkit.merging import make_recipe, merge_experts
+    from expertkit.train import train_all
+    from expertkit.workflow import load_project_base
+
+    root = tmp_path_factory.mktemp("exact")
+    build = {**MICRO_BUILD, "steps": 200, "corpus": {"general": 0.5, "alpha": 0.25, "beta": 0.25}}
+    project = write_project(root, str(root / "base"), base={"build": build}, training={"steps": 30})
+    build_base(load_config(project))
+    cfg, base = load_project_base(project)
+    train_all(cfg, base)
+    library = Library(cfg.library)
+    pool = ExpertPool(base, library)
+    merge_experts(pool, library, make_recipe(method="linear", experts=["alpha", "beta"], weights=[0.7, 0.3]),
+                  "m-linear")
+    merge_experts(pool, library, make_recipe(method="ties", experts=["alpha", "beta"], density=0.5), "m-ties")
+    return library
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 

@@ -326,7 +326,7 @@ class Engine:
             token = greedy[i] if job.params.temperature == 0 else int(
                 choose_next(logits[i:i + 1], job.params, job.generator)[0])
             if token == self.eos and not job.ignore_eos:
-                self._finish(job, "stop", stop_string=False)
+                self._end_of_text(job, logits[i], token)
                 continue
             job.generated.append(token)
             self.stats.generated_tokens += 1
@@ -348,11 +348,22 @@ class Engine:
             lane.next_ids[keep] = torch.tensor(next_ids, dtype=torch.long)
         lane.keep(keep)
 
-    def _finish(self, job: Job, reason: str, stop_string: bool = False) -> None:
+    def _end_of_text(self, job: Job, logits: torch.Tensor, token: int) -> None:
+        """The model chose end-of-text: it is a generated token (no text) with its logprob, as in vLLM.
+
+        Clients that echo the prompt rely on it: lm-eval's `local-completions` drops the last logprob
+        entry as the generated token, so leaving it out would drop the last prompt token instead.
+        """
+        if job.top_logprobs is not None:
+            job.emit({"type": "token", "text": "", "token": token,
+                      **self._token_logprobs(logits, token, job.top_logprobs)})
+        self._finish(job, "stop", extra_tokens=1)
+
+    def _finish(self, job: Job, reason: str, stop_string: bool = False, extra_tokens: int = 0) -> None:
         tail = "" if stop_string else job.stream.finish()  # after a stop string, the rest is cut
         self.stats.finished += 1
         job.emit({"type": "end", "text": tail, "full_text": job.stream.out, "finish_reason": reason,
-                  "prompt_tokens": len(job.prompt_ids), "completion_tokens": len(job.generated)})
+                  "prompt_tokens": len(job.prompt_ids), "completion_tokens": len(job.generated) + extra_tokens})
 
     def _fail(self, job: Job, status: int, message: str) -> None:
         self.stats.failed += 1
