@@ -6,6 +6,8 @@ Every figure comes from real `expertkit serve` processes on 127.0.0.1, measured 
   time (--max-batch 1, so each request runs alone with its own adapter);
 - memory: resident memory of the server with 4 experts vs the same server with the base only,
   against the 4 adapters' file sizes;
+- exactness: a sample of the batched answers against PEFT alone on their expert (fresh model, same
+  greedy tokens), counted as "mismatches" (must be 0);
 - fuzz: 500 malformed or hostile requests; every answer must be a 4xx, the server must stay up and
   its resident memory must grow by less than 10%.
 """
@@ -33,6 +35,7 @@ N_REQUESTS = 200
 NEW_TOKENS = 64
 N_EXPERTS = 4
 N_FUZZ = 500
+N_CHECKED = 24  # answers under load compared with PEFT alone
 PROMPT_CHARS = 120
 SPEEDUP_TARGET = 3.0
 MEMORY_SLACK = 0.20
@@ -101,8 +104,9 @@ async def _load(url: str, requests: list[tuple[str, str]]) -> dict:
                                                                 "max_tokens": NEW_TOKENS, "temperature": 0,
                                                                 "ignore_eos": True})
             elapsed = (time.perf_counter() - start) * 1000
-            tokens = reply.json()["usage"]["completion_tokens"] if reply.status_code == 200 else 0
-            return reply.status_code, elapsed, tokens
+            ok = reply.status_code == 200
+            tokens = reply.json()["usage"]["completion_tokens"] if ok else 0
+            return reply.status_code, elapsed, tokens, reply.json()["choices"][0]["text"] if ok else None
 
         start = time.perf_counter()
         results = await asyncio.gather(*(one(m, p) for m, p in requests))
@@ -111,7 +115,39 @@ async def _load(url: str, requests: list[tuple[str, str]]) -> dict:
     tokens = sum(r[2] for r in results)
     return {"errors": sum(r[0] != 200 for r in results), "tokens": tokens, "wall_s": round(wall, 2),
             "tok_s": round(tokens / wall, 1), "p50_ms": round(statistics.median(latencies), 1),
-            "p99_ms": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 1)}
+            "p99_ms": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 1),
+            "texts": [r[3] for r in results]}
+
+
+def peft_solo_texts(library, requests: list[tuple[str, str]]) -> list[str]:
+    """Each (expert, prompt) answered alone by PEFT on a fresh copy of the base: greedy, NEW_TOKENS, EOS ignored."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_dir = library.base_identity()["name"]
+    tokenizer, models, texts = AutoTokenizer.from_pretrained(base_dir), {}, []
+    for expert, prompt in requests:
+        if expert not in models:
+            models[expert] = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir),
+                                                       str(library.get(expert).path)).eval()
+        ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+        generated, past = [], None
+        with torch.no_grad():
+            for _ in range(NEW_TOKENS):
+                out = models[expert](input_ids=ids, past_key_values=past, use_cache=True)
+                past, ids = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+                generated.append(int(ids))
+        texts.append(tokenizer.decode(generated))
+    return texts
+
+
+def mismatches(library, requests: list[tuple[str, str]], texts: list[str | None]) -> dict:
+    """Served answers under load vs PEFT alone, on a sample that covers every expert."""
+    sample = sorted(random.Random(0).sample(range(len(requests)), min(N_CHECKED, len(requests))))
+    solo = peft_solo_texts(library, [requests[i] for i in sample])
+    wrong = [i for i, expected in zip(sample, solo) if texts[i] != expected]
+    return {"checked": len(sample), "mismatches": len(wrong), "mismatched_requests": wrong}
 
 
 def engine_metrics(url: str) -> dict:
@@ -206,6 +242,9 @@ def print_table(result: dict) -> None:
     for name in ("batched", "sequential"):
         row = load[name]
         print(f"| {name} | {row['tok_s']} | {row['p50_ms']} | {row['p99_ms']} | {row['errors']} |")
+    exactness = result["exactness"]
+    print(f"exactness under load: {exactness['mismatches']} of {exactness['checked']} sampled answers differ from "
+          "PEFT alone on their expert")
     print(f"speedup {result['speedup']:.2f}x (target >= {SPEEDUP_TARGET}x); batched engine: "
           f"{load['batched']['engine']}")
     print(f"memory: base only {memory['base_only_mib']:.1f} MiB, with {N_EXPERTS} experts "
@@ -235,17 +274,21 @@ def run(data: Path, device: str | None) -> dict:
     with server(library.root, experts, 64, device) as (url, process):
         with_experts = warm_rss(url, process)
         result["load"]["batched"] = {**asyncio.run(_load(url, requests)), "engine": engine_metrics(url)}
+        batched_texts = result["load"]["batched"].pop("texts")
         before = rss_mib(process)
         fuzz = asyncio.run(_fuzz(url, hostile_requests(N_FUZZ, experts + ["base", "auto"])))
         up = httpx.get(url + "/health", timeout=10).status_code == 200
         after = rss_mib(process)
     with server(library.root, experts, 1, device) as (url, process):
         result["load"]["sequential"] = {**asyncio.run(_load(url, requests)), "engine": engine_metrics(url)}
+        result["load"]["sequential"].pop("texts")
+    exactness = mismatches(library, requests, batched_texts)
 
     adapters = adapter_bytes(library, experts) / 2**20
     batched, sequential = result["load"]["batched"], result["load"]["sequential"]
     result.update({
         "errors": batched["errors"] + sequential["errors"],
+        "mismatches": exactness["mismatches"], "exactness": exactness,
         "batched_tok_s": batched["tok_s"], "sequential_tok_s": sequential["tok_s"],
         "speedup": round(batched["tok_s"] / sequential["tok_s"], 2),
         "p50_ms": batched["p50_ms"], "p99_ms": batched["p99_ms"],
@@ -257,6 +300,7 @@ def run(data: Path, device: str | None) -> dict:
     })
     result["checks"] = {
         "no_errors": result["errors"] == 0,
+        "no_mismatches": result["mismatches"] == 0,
         "speedup": result["speedup"] >= SPEEDUP_TARGET,
         "memory": result["memory"]["growth_mib"] <= result["memory"]["limit_mib"],
         "fuzz_only_4xx": fuzz["non_4xx"] == 0 and up,

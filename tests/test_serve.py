@@ -137,25 +137,30 @@ def test_unknown_model_is_404_and_missing_key_is_401(client, server):
         openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
 
 
-@pytest.mark.parametrize("body, status", [
-    (b"{not json", 400),
-    (json.dumps({"model": "base", "prompt": "x", "max_tokens": -1}).encode(), 400),
-    (json.dumps({"model": "base", "prompt": "x", "max_tokens": 10**30}).encode(), 400),
-    (json.dumps({"model": "base", "prompt": "x", "temperature": "hot"}).encode(), 400),
-    (json.dumps({"model": "base", "prompt": "x", "unknown_field": 1}).encode(), 400),
-    (json.dumps({"model": "base", "prompt": [10**9]}).encode(), 400),
-    (json.dumps({"model": "base", "prompt": "x" * 300_000}).encode(), 400),
-    (json.dumps({"model": "base", "prompt": "x", "n": 2}).encode(), 400),
-    (json.dumps([1, 2, 3]).encode(), 400),
-    (json.dumps({"model": "base", "prompt": [[1, 2], []]}).encode(), 400),
-    (json.dumps({"model": "base", "prompt": ["x"] * 500}).encode(), 400),
-    (json.dumps({"model": "base", "prompt": "word " * 60, "max_tokens": 40}).encode(), 400),  # over the context
+@pytest.mark.parametrize("body, param, code", [
+    (b"{not json", None, None),
+    (json.dumps({"model": "base", "prompt": "x", "max_tokens": -1}).encode(), "max_tokens", None),
+    (json.dumps({"model": "base", "prompt": "x", "max_tokens": 10**30}).encode(), "max_tokens", None),
+    (json.dumps({"model": "base", "prompt": "x", "temperature": "hot"}).encode(), "temperature", None),
+    (json.dumps({"model": "base", "prompt": "x", "unknown_field": 1}).encode(), "unknown_field", None),
+    (json.dumps({"model": "base", "prompt": [10**9]}).encode(), "prompt", None),
+    (json.dumps({"model": "base", "prompt": "x" * 300_000}).encode(), "prompt", "context_length_exceeded"),
+    (json.dumps({"model": "base", "prompt": "x", "n": 2}).encode(), "n", None),
+    (json.dumps([1, 2, 3]).encode(), None, None),
+    (json.dumps({"model": "base", "prompt": [[1, 2], []]}).encode(), "prompt", None),
+    (json.dumps({"model": "base", "prompt": ["x"] * 500}).encode(), "prompt", None),
+    (json.dumps({"model": "base", "prompt": "word " * 60, "max_tokens": 40}).encode(), "prompt",
+     "context_length_exceeded"),  # the prompt alone is over the context
+    (json.dumps({"model": "base", "prompt": [5] * 30, "max_tokens": 40}).encode(), "max_tokens",
+     "context_length_exceeded"),  # the prompt fits, but not with max_tokens
 ])
-def test_bad_requests_are_4xx_in_the_openai_shape(server, body, status):
+def test_bad_requests_are_4xx_in_the_openai_shape(server, body, param, code):
     reply = httpx.post(server.url + "/v1/completions", content=body,
                        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
-    assert reply.status_code == status, reply.text
-    assert set(reply.json()["error"]) >= {"message", "type"}
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+    assert (error["param"], error["code"]) == (param, code), error
 
 
 def test_oversized_body_is_413(server):

@@ -8,8 +8,10 @@ both services answer `completion`, `chat`, `model_names`, `health` and `gauges`.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
+import traceback
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,6 +22,7 @@ from expertkit.serve.metrics import Metrics
 from expertkit.serve.protocol import ChatRequest, CompletionRequest, OpenAIError
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+log = logging.getLogger("expertkit.serve")
 
 
 class BodyLimit:
@@ -52,12 +55,15 @@ async def _send_error(send, error: OpenAIError) -> None:
     await response({"type": "http"}, None, send)
 
 
-def _validation_message(exc: RequestValidationError) -> str:
-    parts = []
+def _validation_error(exc: RequestValidationError) -> OpenAIError:
+    """400 naming what is wrong; `param` is the first offending field (None when the body itself is)."""
+    parts, fields = [], []
     for err in exc.errors()[:3]:
-        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
-        parts.append(f"{where}: {err.get('msg', 'invalid')}")
-    return "invalid request: " + "; ".join(parts)
+        loc = [x for x in err.get("loc", ()) if x != "body"]
+        parts.append(f"{'.'.join(str(x) for x in loc) or 'body'}: {err.get('msg', 'invalid')}")
+        if loc and isinstance(loc[0], str) and err.get("type") != "json_invalid":
+            fields.append(loc[0])
+    return OpenAIError(400, "invalid request: " + "; ".join(parts), param=fields[0] if fields else None)
 
 
 def create_app(service, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
@@ -81,7 +87,7 @@ def create_app(service, api_key: str | None = None, max_body_bytes: int = MAX_BO
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
-        return JSONResponse(OpenAIError(400, _validation_message(exc)).body(), status_code=400)
+        return JSONResponse(_validation_error(exc).body(), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -90,7 +96,12 @@ def create_app(service, api_key: str | None = None, max_body_bytes: int = MAX_BO
     @app.middleware("http")
     async def observe(request: Request, call_next):
         start = time.perf_counter()
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception:  # a bug, not the client's fault: still an answer in the shape clients parse
+            log.error("request %s %s failed:\n%s", request.method, request.url.path, traceback.format_exc())
+            error = OpenAIError(500, "internal server error; see the server log", type_="server_error")
+            response = JSONResponse(error.body(), status_code=500)
         if request.url.path.startswith("/v1/"):
             elapsed = time.perf_counter() - start if response.status_code < 400 else None
             model = getattr(request.state, "model", "-")

@@ -12,6 +12,7 @@ The HTTP side talks to the engine only through `submit` and the events a job emi
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -66,6 +67,7 @@ class Job:
     stream: TextStream | None = None
     generator: torch.Generator | None = None
     expert: str | None = None
+    ended: bool = False  # one end or error event per job, never two
 
 
 class Lane(ABC):
@@ -212,9 +214,9 @@ class Engine:
             try:
                 self._admit(arrivals)
                 self._step_all()
-            except Exception:  # a bug must not take the server down: fail the affected requests instead
-                log.error("engine step failed:\n%s", traceback.format_exc())
-                self._fail_everything("internal error while decoding; see the server log")
+            except Exception:  # faults are confined per group and lane below; this is the last resort
+                log.error("engine loop failed:\n%s", traceback.format_exc())
+                self._fail_everything(arrivals, "internal error while decoding; see the server log")
 
     def _admissible(self) -> bool:
         """Whether the waiting requests should join now (see ADMIT_SHARE)."""
@@ -245,11 +247,25 @@ class Engine:
             if not job.cancelled:
                 by_composition.setdefault(job.composition, []).append(job)
         for name, group in by_composition.items():
-            try:
+            with self._confined(group, f"admitting requests for '{name}'"):
                 self._admit_group(self.compositions[name], group)
-            except ExpertkitError as e:  # e.g. a router refusing a prompt: the request's fault, not the server's
-                for job in group:
-                    self._fail(job, 400, str(e))
+
+    @contextlib.contextmanager
+    def _confined(self, jobs: list[Job], what: str):
+        """A fault while working on `jobs` ends those jobs (that have not ended) with an error, and no other.
+
+        ExpertkitError is the request's fault (a router refusing a prompt, say): 400. Anything else
+        (out of memory, a bug in a composition) is the server's: 500, logged with its traceback.
+        """
+        try:
+            yield
+        except ExpertkitError as e:
+            for job in jobs:
+                self._fail(job, 400, str(e))
+        except Exception:
+            log.error("failed while %s:\n%s", what, traceback.format_exc())
+            for job in jobs:
+                self._fail(job, 500, f"internal error while {what}; see the server log")
 
     def _admit_group(self, composition: Composition, jobs: list[Job]) -> None:
         for job in jobs:
@@ -262,7 +278,9 @@ class Engine:
                 job.expert = "base" if adapter == BASE_ADAPTER else adapter
                 job.emit({"type": "start", "expert": job.expert})
             for start in range(0, len(jobs), PREFILL_ROWS):
-                self._prefill_pool(jobs[start:start + PREFILL_ROWS], adapters[start:start + PREFILL_ROWS])
+                chunk = jobs[start:start + PREFILL_ROWS]
+                with self._confined(chunk, f"prefilling requests for '{composition.name}'"):
+                    self._prefill_pool(chunk, adapters[start:start + PREFILL_ROWS])
             return
         for job in jobs:
             job.emit({"type": "start", "expert": None})
@@ -301,16 +319,14 @@ class Engine:
         for lane in [self.shared, *self.lanes]:
             if lane is None or not lane.jobs:
                 continue
-            try:
+            jobs = list(lane.jobs)
+            with self._confined(jobs, "decoding"):
                 logits = lane.step()
-            except ExpertkitError as e:
-                for job in lane.jobs:
-                    self._fail(job, 400, str(e))
+                self.stats.steps += 1
+                self.stats.rows_stepped += len(lane.jobs)
+                self._advance(lane, logits)
+            if any(job.ended for job in lane.jobs):  # the lane failed: its rows are gone with it
                 lane.keep([])
-                continue
-            self.stats.steps += 1
-            self.stats.rows_stepped += len(lane.jobs)
-            self._advance(lane, logits)
         self.lanes = [lane for lane in self.lanes if lane.jobs]
 
     def _advance(self, lane: Lane, logits: torch.Tensor) -> None:
@@ -361,18 +377,21 @@ class Engine:
 
     def _finish(self, job: Job, reason: str, stop_string: bool = False, extra_tokens: int = 0) -> None:
         tail = "" if stop_string else job.stream.finish()  # after a stop string, the rest is cut
+        job.ended = True
         self.stats.finished += 1
         job.emit({"type": "end", "text": tail, "full_text": job.stream.out, "finish_reason": reason,
                   "prompt_tokens": len(job.prompt_ids), "completion_tokens": len(job.generated) + extra_tokens})
 
     def _fail(self, job: Job, status: int, message: str) -> None:
+        if job.ended:
+            return
+        job.ended = True
         self.stats.failed += 1
         job.emit({"type": "error", "status": status, "message": message})
 
-    def _fail_everything(self, message: str) -> None:
-        for lane in [self.shared, *self.lanes]:
-            for job in lane.jobs if lane else []:
-                self._fail(job, 500, message)
+    def _fail_everything(self, arrivals: list[Job], message: str) -> None:
+        for job in [*arrivals, *(job for lane in [self.shared, *self.lanes] if lane for job in lane.jobs)]:
+            self._fail(job, 500, message)
         self.shared, self.lanes = None, []
 
     # ------------------------------------------------------------ logprobs in the OpenAI completions shape

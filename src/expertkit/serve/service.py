@@ -215,8 +215,7 @@ class Run:
             index, event = await self.events.get()
             if event["type"] == "error":
                 self.cancel()
-                raise OpenAIError(event["status"], event["message"], type_="server_error"
-                                  if event["status"] >= 500 else "invalid_request_error")
+                raise engine_error(event)
             if event["type"] == "start":
                 started.add(index)
                 self.experts[index] = event["expert"]
@@ -245,7 +244,7 @@ class Run:
             try:
                 async for index, event in self._events(early):
                     if event["type"] == "error":
-                        raise OpenAIError(event["status"], event["message"], type_="server_error")
+                        raise engine_error(event)
                     shape.add(index, event)
             finally:
                 self.cancel()
@@ -260,7 +259,7 @@ class Run:
                 yield _sse(chunk)
             async for index, event in self._events(early):
                 if event["type"] == "error":
-                    yield _sse(OpenAIError(event["status"], event["message"], type_="server_error").body())
+                    yield _sse(engine_error(event).body())
                     continue
                 chunk = shape.chunk(index, event, self.experts)
                 if chunk is not None:
@@ -270,6 +269,12 @@ class Run:
             yield "data: [DONE]\n\n"
         finally:  # the client went away (or we are done): stop decoding for it
             self.cancel()
+
+
+def engine_error(event: dict) -> OpenAIError:
+    """An engine error event as the OpenAI error a client reads: the request's fault (4xx) or ours (5xx)."""
+    status = event["status"]
+    return OpenAIError(status, event["message"], type_="server_error" if status >= 500 else "invalid_request_error")
 
 
 def _sse(obj: dict) -> str:

@@ -3,6 +3,8 @@ and the prompt a chat request becomes."""
 
 from __future__ import annotations
 
+from expertkit.serve.protocol import OpenAIError
+
 PLAIN_CHAT_STOP = "\nUser:"
 
 
@@ -56,7 +58,13 @@ def chat_prompt(tokenizer, messages: list[dict]) -> tuple[str, tuple[str, ...]]:
     "Assistant:"; generation stops where the model starts a new "User:" turn.
     """
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        from jinja2 import TemplateError
+
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except TemplateError as e:  # templates raise on conversations they do not accept (roles out of order ...)
+            raise OpenAIError(400, f"the model's chat template refused these messages: {e}",
+                              param="messages") from None
         return text, ()
     lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
     return "\n".join(lines) + "\nAssistant:", (PLAIN_CHAT_STOP,)
