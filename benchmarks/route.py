@@ -1,8 +1,9 @@
 """Suite `route`: routers (sequence level) and a mixture (token level) over the cached expert library.
 
 Acceptance: best router >= 98% accurate on whole test documents and >= 90% on 32-token prefixes;
-the best strategy within 2% of the oracle's perplexity on every domain; a domain left out of the
-library loses <= 2% vs the base; routing a 512-token prompt costs < 5% of generating 64 tokens.
+the best strategy within 2% of the oracle's perplexity on every domain, also leak-free (a router
+decides from each block's first 32 tokens and only the rest is scored, for every strategy and the
+oracle alike); a domain left out of the library loses <= 2% vs the base; routing a 512-token prompt costs < 5% of generating 64 tokens.
 Documents are what expertkit reads from the corpora (one per line of the files).
 """
 
@@ -22,6 +23,8 @@ PREFIX_TOKENS = 32
 DOCS_TARGET, PREFIX_TARGET, ORACLE_TOLERANCE, HELD_OUT_TOLERANCE, COST_TARGET = 0.98, 0.90, 0.02, 0.02, 0.05
 ROUTE_PROMPT_TOKENS, GENERATED_TOKENS = 512, 64
 MIXTURE = "mixture"
+# Leak-free scoring: each block's first tokens are the prompt a router decides from; only the rest is scored.
+LEAK_FREE_CONTEXT = 32
 
 
 def build_strategies(cfg, base) -> tuple:
@@ -67,18 +70,19 @@ def routing_accuracy(cfg, pool, routers) -> dict:
     return out
 
 
-def perplexities(cfg, pool, names: list[str], blocks: dict) -> dict:
+def perplexities(cfg, pool, names: list[str], blocks: dict, context_tokens: int = 0) -> dict:
+    """Test perplexity; with context_tokens, only the tokens after them, and routers decide from them alone."""
     from expertkit.compose import build_compositions
     from expertkit.evaluate import score
 
     pool.ensure([n for n in names if n != "base"])
-    return score(build_compositions(pool, names), blocks, cfg.evaluation.batch_size)["ppl"]
+    return score(build_compositions(pool, names), blocks, cfg.evaluation.batch_size, context_tokens)["ppl"]
 
 
-def oracle(cfg, pool, blocks: dict) -> dict:
-    """Each domain scored by its own expert (by the base for the general domain)."""
+def oracle(cfg, pool, blocks: dict, context_tokens: int = 0) -> dict:
+    """Each domain scored by its own expert (by the base for the general domain), on the same tokens."""
     own = {d: d if d != GENERAL else "base" for d in blocks}
-    return {d: perplexities(cfg, pool, [own[d]], {d: blocks[d]})[own[d]][d] for d in blocks}
+    return {d: perplexities(cfg, pool, [own[d]], {d: blocks[d]}, context_tokens)[own[d]][d] for d in blocks}
 
 
 def held_out(data: Path, device, main_cfg) -> dict:
@@ -146,11 +150,13 @@ def print_tables(result: dict, domains: list[str]) -> None:
         cost = result["router_cost"]["routers"][kind]["ratio"]
         print(f"{kind:<12} {acc['documents']:>10.2%} {acc['prefix32']:>9.2%} "
               f"{acc['documents_without_abstaining']:>13.2%} {acc['prefix32_without_abstaining']:>8.2%} {cost:>7.2%}")
-    print(f"\n{'perplexity':<18} " + " ".join(f"{d:>10}" for d in domains) + f" {'worst vs oracle':>16}")
-    rows = {"oracle": result["oracle"], **result["ppl"]}
-    for name, row in rows.items():
-        worst = max(row[d] / result["oracle"][d] - 1 for d in domains)
-        print(f"{name:<18} " + " ".join(f"{row[d]:>10.2f}" for d in domains) + f" {worst:>+16.2%}")
+    for title, ppl, reference in (("perplexity (routed from the whole block)", result["ppl"], result["oracle"]),
+                                  (f"leak-free (routed from the first {result['leak_free_context_tokens']} tokens, "
+                                   "the rest scored)", result["leak_free"], result["leak_free_oracle"])):
+        print(f"\n{title}\n{'composition':<18} " + " ".join(f"{d:>10}" for d in domains) + f" {'worst vs oracle':>16}")
+        for name, row in {"oracle": reference, **ppl}.items():
+            worst = max(row[d] / reference[d] - 1 for d in domains)
+            print(f"{name:<18} " + " ".join(f"{row[d]:>10.2f}" for d in domains) + f" {worst:>+16.2%}")
     held = result["held_out_domain"]
     print(f"\nheld-out domain '{held['domain']}' (library without it): base ppl {held['ppl']['base']:.2f}; "
           + ", ".join(f"{n} {v:+.2%}" for n, v in held["loss_vs_base"].items()))
@@ -169,10 +175,16 @@ def run(data: Path, device: str | None) -> dict:
     blocks = test_blocks(cfg, base.tokenizer)
     result["ppl"] = perplexities(cfg, pool, [*(f"router-{k}" for k in routers), MIXTURE], blocks)
     result["oracle"] = oracle(cfg, pool, blocks)
+    result["leak_free_context_tokens"] = LEAK_FREE_CONTEXT
+    result["leak_free"] = perplexities(cfg, pool, [*(f"router-{k}" for k in routers), MIXTURE], blocks,
+                                       LEAK_FREE_CONTEXT)
+    result["leak_free_oracle"] = oracle(cfg, pool, blocks, LEAK_FREE_CONTEXT)
     result["router_cost"] = router_cost(cfg, pool, routers)
     result["held_out_domain"] = held_out(data, device, cfg)
     domains = list(blocks)
     gaps = {n: max(row[d] / result["oracle"][d] - 1 for d in domains) for n, row in result["ppl"].items()}
+    free_gaps = {n: max(row[d] / result["leak_free_oracle"][d] - 1 for d in domains)
+                 for n, row in result["leak_free"].items()}
     best_router = max(result["accuracy"], key=lambda k: result["accuracy"][k]["documents"])
     cheapest = min(r["ratio"] for r in result["router_cost"]["routers"].values())
     held = result["held_out_domain"]["loss_vs_base"]
@@ -183,6 +195,9 @@ def run(data: Path, device: str | None) -> dict:
         "prefix32": max(a["prefix32"] for a in result["accuracy"].values()) >= PREFIX_TARGET,
         "best_strategy": min(gaps, key=gaps.get), "worst_gap_of_best_strategy": min(gaps.values()),
         "within_oracle": min(gaps.values()) <= ORACLE_TOLERANCE,
+        "leak_free_best_strategy": min(free_gaps, key=free_gaps.get),
+        "leak_free_worst_gap_of_best_strategy": min(free_gaps.values()),
+        "leak_free_within_oracle": min(free_gaps.values()) <= ORACLE_TOLERANCE,
         "held_out": min(held.values()) <= HELD_OUT_TOLERANCE,
         "held_out_best_strategy_loss": held[min(gaps, key=gaps.get)],
         "router_cost": result["router_cost_ratio"] < COST_TARGET, "cheapest_router_cost_ratio": cheapest,

@@ -47,7 +47,7 @@ def project_dict(root: Path, base_path: str, domains=("alpha", "beta"), **overri
         "general": {"name": "general", "source": {"path": str(write_corpus(data, "general"))}},
         "domains": [{"name": d, "source": {"path": str(write_corpus(data, d))}} for d in domains],
         "training": dict(MICRO_TRAIN),
-        "evaluation": {"block_size": 32, "batch_size": 8, "max_blocks": 4},
+        "evaluation": {"block_size": 32, "batch_size": 8, "max_blocks": 4, "context_tokens": 8},
         "library": str(root / "library"),
     }
     for key, value in overrides.items():

@@ -61,3 +61,8 @@ def test_relative_paths_resolve_against_the_config(tmp_path):
     cfg = load_config(path)
     assert cfg.library == str(tmp_path / "sub" / "lib")
     assert cfg.base.path == str(tmp_path / "sub" / "base")
+
+
+def test_context_tokens_must_leave_something_to_score(tmp_path):
+    with pytest.raises(ExpertkitError, match=r"context_tokens \(32\) must be smaller than block_size \(32\)"):
+        config_from_dict(project_dict(tmp_path, "base", evaluation={"block_size": 32, "context_tokens": 32}))

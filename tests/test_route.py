@@ -171,3 +171,26 @@ def test_cli_router_train_and_route(monkeypatch, capsys, setup):
     assert code == 1 and "prompt 0 is empty" in err and "Traceback" not in err
     code, _, err = run_cli(monkeypatch, capsys, "route", project, "patient")
     assert code == 1 and "pass --router NAME" in err
+
+
+def test_routed_scores_are_leak_free(setup, lexical):
+    """With context tokens, a router decides from them alone; the rest is scored step by step, exactly."""
+    from expertkit.evaluate import nll_sum
+
+    cfg, base, pool = setup
+    pool.ensure(["router-lexical"])
+    routed, alpha = build_compositions(pool, ["router-lexical", "alpha"])
+    read: list[int] = []
+    choose = routed.row_adapters
+    routed.row_adapters = lambda rows: (read.extend(len(r) for r in rows), choose(rows))[1]
+    blocks = domain_test_blocks(cfg, base.tokenizer)
+    score([routed], blocks, 8, context_tokens=8)
+    assert read and set(read) == {8}  # never more than the context: not the tokens it is scored on
+    score([routed], blocks, 8)
+    assert max(read) == blocks["alpha"].input_ids.shape[1]  # without context tokens it reads whole blocks
+    batch = blocks["alpha"].take(slice(0, 4))
+    one_prefill = nll_sum(alpha, batch, context_tokens=8)
+    alpha.decides_from_prompt = True  # the same expert through the stepped path scores the same tokens
+    stepped = nll_sum(alpha, batch, context_tokens=8)
+    assert stepped[1] == one_prefill[1] == 4 * (batch.input_ids.shape[1] - 8)
+    assert stepped[0] == pytest.approx(one_prefill[0], rel=1e-5)

@@ -115,6 +115,16 @@ class EvalConfig(Strict):
     block_size: int = Field(128, ge=8)
     batch_size: int = Field(16, ge=1)
     max_blocks: int | None = Field(64, gt=0, description="test blocks per domain; null = all")
+    context_tokens: int = Field(32, ge=0, description="the first N tokens of each test block are context only, "
+                                "scored for no composition: a router decides from them, so no routed score "
+                                "sees the tokens it is scored on")
+
+    @model_validator(mode="after")
+    def _context_fits(self):
+        if self.context_tokens >= self.block_size:
+            raise ValueError(f"context_tokens ({self.context_tokens}) must be smaller than block_size "
+                             f"({self.block_size}): nothing would be left to score")
+        return self
 
 
 class RoutingConfig(Strict):

@@ -29,10 +29,37 @@ def shifted_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]
 
 
 @torch.no_grad()
-def nll_sum(composition: Composition, blocks: Blocks) -> tuple[float, int]:
-    """Summed next-token NLL and token count over one batch of blocks."""
+def nll_sum(composition: Composition, blocks: Blocks, context_tokens: int = 0) -> tuple[float, int]:
+    """Summed next-token NLL and token count over one batch of blocks.
+
+    With `context_tokens`, the first tokens of each block are context only (never scored), and a
+    composition that decides from its prompt (a router) is given just that context: it chooses from
+    it, then steps through the rest, so it never reads the tokens it is scored on. Other compositions
+    score the same tokens in one prefill.
+    """
+    labels = blocks.labels
+    if context_tokens:
+        labels = labels.clone()
+        labels[:, :context_tokens] = -100
+        if composition.decides_from_prompt:
+            return _stepped_nll(composition, blocks.input_ids, blocks.attention_mask, labels, context_tokens)
     logits, _ = composition.prefill(blocks.input_ids, blocks.attention_mask)
-    return shifted_nll(logits, blocks.labels)
+    return shifted_nll(logits, labels)
+
+
+def _stepped_nll(composition: Composition, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+                 context_tokens: int) -> tuple[float, int]:
+    """Prefill the context, then one step per remaining token; the NLL of tokens context_tokens.. ."""
+    logits, state = composition.prefill(ids[:, :context_tokens], mask[:, :context_tokens])
+    predicted, total, count = logits[:, -1], 0.0, 0
+    for t in range(context_tokens, ids.shape[1]):
+        target = labels[:, t].to(predicted.device)
+        total += float(torch.nn.functional.cross_entropy(predicted.float(), target, ignore_index=-100,
+                                                         reduction="sum"))
+        count += int((target != -100).sum())
+        if t + 1 < ids.shape[1]:
+            predicted, state = composition.step(state, ids[:, t])
+    return total, count
 
 
 def test_blocks(config: ProjectConfig, tokenizer) -> dict[str, Blocks]:
@@ -52,6 +79,7 @@ class ScoreState:
     compositions: dict[str, Composition]
     blocks: dict[str, Blocks]
     batch_size: int
+    context_tokens: int = 0  # see nll_sum
 
 
 def score_cell(cell: tuple[str, str], state: ScoreState, advance) -> tuple[float, int]:
@@ -60,17 +88,18 @@ def score_cell(cell: tuple[str, str], state: ScoreState, advance) -> tuple[float
     composition, blocks = state.compositions[name], state.blocks[domain]
     total, count = 0.0, 0
     for i in range(0, len(blocks), state.batch_size):
-        t, c = nll_sum(composition, blocks.take(slice(i, i + state.batch_size)))
+        t, c = nll_sum(composition, blocks.take(slice(i, i + state.batch_size)), state.context_tokens)
         total, count = total + t, count + c
         advance(info=f"{name} on {domain}")
     return total, count
 
 
-def score(compositions: list[Composition], blocks_by_domain: dict[str, Blocks], batch_size: int) -> dict:
+def score(compositions: list[Composition], blocks_by_domain: dict[str, Blocks], batch_size: int,
+          context_tokens: int = 0) -> dict:
     """{"ppl": {composition: {domain: ppl}}, "tokens": {domain: n}}, computed here on built compositions."""
     from expertkit.executors import Context, LocalExecutor
 
-    state = ScoreState({c.name: c for c in compositions}, blocks_by_domain, batch_size)
+    state = ScoreState({c.name: c for c in compositions}, blocks_by_domain, batch_size, context_tokens)
     return score_on(LocalExecutor(), Context(lambda: state), [c.name for c in compositions], blocks_by_domain,
                     batch_size)
 
@@ -145,7 +174,10 @@ def write_report(card: dict, out_dir: str | Path) -> dict[str, Path]:
     card = {**card, "environment": environment()}
     paths = {"json": out / "scorecard.json", "md": out / "scorecard.md", "png": out / "scorecard.png"}
     atomic_write_text(paths["json"], json.dumps(card, indent=2) + "\n")
-    md = "# expertkit scorecard\n\nToken-level test perplexity (lower is better).\n\n" + markdown_table(card)
+    context = card.get("context_tokens")
+    scored = f" of every token after the first {context} of each block (context only: routers decide from it)" \
+        if context else ""
+    md = f"# expertkit scorecard\n\nToken-level test perplexity{scored} (lower is better).\n\n" + markdown_table(card)
     if card.get("verdicts"):
         md += "\n" + "\n".join(f"- {v}" for v in card["verdicts"]) + "\n"
     atomic_write_text(paths["md"], md)

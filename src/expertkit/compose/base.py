@@ -25,6 +25,10 @@ class Composition(ABC):
     """Given token ids, return next-token logits. Rows are left-padded; `attention_mask` marks real tokens."""
 
     name: str
+    # True when the answer for a row depends on that row's whole prompt (a router reads it to choose):
+    # scored on tokens of its own prompt it would see what it is scored on, so scoring feeds it a prefix
+    # and steps through the rest (see evaluate.nll_sum).
+    decides_from_prompt: bool = False
 
     @abstractmethod
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, DecodeState]:

@@ -26,6 +26,8 @@ def real_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, context: in
 
 
 class RoutedComposition(Composition):
+    decides_from_prompt = True
+
     def __init__(self, pool: ExpertPool, calibrated, name: str):
         self.pool, self.router, self.name = pool, calibrated, name
         self.last_routing = None  # the most recent prefill's decisions, for reports
