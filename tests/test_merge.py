@@ -55,7 +55,7 @@ def test_deltas_honour_rank_alpha_and_rslora(mixed_library):
 
 def test_one_expert_at_weight_one_reproduces_it(mixed_library):
     cfg, base, lib, pool = mixed_library
-    recipe = make_recipe(method="linear", experts=["beta"])
+    recipe = make_recipe(method="linear", experts=["beta"], max_error=1e-5)
     entry, report = merge_experts(pool, lib, recipe, "only-beta")
     assert report["rank"] == 2 and report["max_relative_error"] < 1e-5
     reloaded = ExpertPool(base, lib)
@@ -67,7 +67,7 @@ def test_one_expert_at_weight_one_reproduces_it(mixed_library):
 
 def test_full_rank_linear_merge_of_different_ranks_is_lossless(mixed_library):
     cfg, base, lib, pool = mixed_library
-    recipe = make_recipe(method="linear", experts=["alpha", "beta"], weights=[0.3, 0.7])
+    recipe = make_recipe(method="linear", experts=["alpha", "beta"], weights=[0.3, 0.7], max_error=1e-5)
     entry, report = merge_experts(pool, lib, recipe, "avg")
     assert report["rank"] == 6 and report["max_relative_error"] < 1e-5
     manifest = json.loads((entry.path / "expert.json").read_text())
@@ -102,34 +102,167 @@ def test_merge_is_linear_in_its_weights(mixed_library):
         torch.testing.assert_close(avg[m], 0.25 * one[m] + 0.75 * two[m], rtol=1e-5, atol=1e-7)
 
 
-def test_cross_check_against_mergekit():
-    """Same ΔW inputs: expertkit (PEFT arithmetic) equals mergekit's merge_tensors."""
+def random_deltas(n: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"m": {f"e{i}": torch.randn(30, 20, generator=g) for i in range(n)}}
+
+
+def mergekit_merge(method: str, deltas: dict, **parameters) -> torch.Tensor:
+    """mergekit's own merge of the same ΔW tensors (a zero base, so its task vectors are the ΔWs)."""
     from mergekit.merge_methods.api import merge_tensors
 
-    g = torch.Generator().manual_seed(0)
-    deltas = {"m": {"a": torch.randn(30, 20, generator=g), "b": torch.randn(30, 20, generator=g),
-                    "c": torch.randn(30, 20, generator=g)}}
-    tensors = [deltas["m"][k] for k in "abc"]
-    zero = torch.zeros(30, 20)
-    weights = [0.5, 1.0, 0.8]
+    tensors = list(deltas["m"].values())
+    if method == "linear":  # mergekit's linear takes no base
+        return merge_tensors(tensors, "linear", parameters=parameters)
+    return merge_tensors([torch.zeros_like(tensors[0]), *tensors], method, base_index=0, parameters=parameters)
 
-    ours = merge_deltas(deltas, make_recipe(method="task_arithmetic", experts=list("abc"), weights=weights,
-                                            **{"lambda": 0.7}))["m"]
-    theirs = merge_tensors([zero, *tensors], "task_arithmetic", base_index=0,
-                           parameters={"weight": weights, "lambda": 0.7})
-    torch.testing.assert_close(ours, theirs)
 
-    ours = merge_deltas(deltas, make_recipe(method="ties", experts=list("abc"), density=0.4))["m"]
-    theirs = merge_tensors([zero, *tensors], "ties", base_index=0, parameters={"weight": 1.0, "density": 0.4})
-    torch.testing.assert_close(ours, theirs)
+UNEQUAL = [0.7, 0.3, 1.6]
 
-    # DARE, fixed seed: mergekit keeps the same random entries; it rescales by norm, we by 1/density as the paper.
-    ours = merge_deltas(deltas, make_recipe(method="dare_linear", experts=list("abc"), density=0.5, seed=3))["m"]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(3 * 100_003 + 0)
-        theirs = merge_tensors([zero, *tensors], "dare_linear", base_index=0,
-                               parameters={"weight": 1.0, "density": 0.5, "rescale": False})
-    torch.testing.assert_close(ours, theirs / 0.5)
+
+@pytest.mark.parametrize("ours, theirs_method, theirs", [
+    ({"method": "ties", "density": 0.4}, "ties", {"density": 0.4}),  # normalize: mergekit's default (true)
+    ({"method": "ties", "density": 0.4, "normalize": False, "lambda": 0.8}, "ties",
+     {"density": 0.4, "normalize": False, "lambda": 0.8}),
+    ({"method": "breadcrumbs", "density": 0.8, "gamma": 0.05, "lambda": 0.7}, "breadcrumbs",
+     {"density": 0.8, "gamma": 0.05, "lambda": 0.7}),
+    ({"method": "breadcrumbs", "density": 0.8, "gamma": 0.05, "normalize": True}, "breadcrumbs",
+     {"density": 0.8, "gamma": 0.05, "normalize": True}),
+    ({"method": "magnitude_prune", "density": 0.5}, "breadcrumbs", {"density": 0.5, "gamma": 0.0}),
+    ({"method": "task_arithmetic", "lambda": 0.7}, "task_arithmetic", {"lambda": 0.7}),
+    ({"method": "linear"}, "linear", {}),
+])
+def test_weighted_merges_equal_mergekit(ours, theirs_method, theirs):
+    """Unequal weights: expertkit's merge of the ΔWs is mergekit's, weights and normalize included."""
+    deltas = random_deltas(3)
+    mine = merge_deltas(deltas, make_recipe(experts=list(deltas["m"]), weights=UNEQUAL, **ours))["m"]
+    reference = mergekit_merge(theirs_method, deltas, weight=UNEQUAL, **theirs)
+    assert rel_err(mine, reference) < 1e-6
+
+
+def test_ties_normalizes_by_the_agreeing_weights():
+    """mergekit's TIES divides by the sum of agreeing weights: scaling all weights changes nothing."""
+    deltas = random_deltas(3)
+
+    def ties(weights, **fields):
+        return merge_deltas(deltas, make_recipe(method="ties", experts=list(deltas["m"]), weights=weights,
+                                                density=0.5, **fields))["m"]
+
+    torch.testing.assert_close(ties([2.0, 2.0, 2.0]), ties([1.0, 1.0, 1.0]))
+    torch.testing.assert_close(ties([2.0, 2.0, 2.0], normalize=False), 2 * ties([1.0, 1.0, 1.0], normalize=False))
+
+
+def test_ties_frequency_sign_is_mergekits_count_consensus():
+    """majority_sign=frequency: mergekit's TIES pieces (magnitude trim, count consensus), normalized by weights."""
+    from mergekit.merge_methods.generalized_task_arithmetic import get_mask
+    from mergekit.sparsify import magnitude
+
+    deltas = random_deltas(3)
+    weights = torch.tensor(UNEQUAL)[:, None, None]
+    kept = torch.stack([magnitude(d, 0.4) for d in deltas["m"].values()]) * weights
+    mask = get_mask(kept, method="count")
+    divisor = (weights * mask).sum(dim=0)
+    divisor[divisor == 0] = 1
+    mine = merge_deltas(deltas, make_recipe(method="ties", experts=list(deltas["m"]), weights=UNEQUAL, density=0.4,
+                                            majority_sign="frequency"))["m"]
+    assert rel_err(mine, (kept * mask).sum(dim=0) / divisor) < 1e-6
+
+
+@pytest.fixture
+def fixed_masks(monkeypatch):
+    """DARE's random source (torch.bernoulli, in mergekit and in PEFT alike) hands out fixed masks in call order.
+
+    Returns `rewind`: after it, the next calls get the same masks again, so two implementations see one drop.
+    """
+    g = torch.Generator().manual_seed(1)
+    masks, state = [], {"next": 0}
+
+    def bernoulli(p, *args, **kwargs):
+        if state["next"] == len(masks):
+            masks.append((torch.rand(p.shape, generator=g) < p).to(p.dtype))
+        state["next"] += 1
+        return masks[state["next"] - 1]
+
+    monkeypatch.setattr(torch, "bernoulli", bernoulli)
+
+    def rewind() -> int:
+        used, state["next"] = state["next"], 0
+        return used
+
+    return rewind
+
+
+@pytest.mark.parametrize("method, fields", [
+    ("dare_linear", {"lambda": 0.6}),
+    ("dare_ties", {}),
+    ("dare_ties", {"normalize": True, "lambda": 1.3}),
+])
+def test_dare_equals_mergekit_given_the_same_drop_mask(fixed_masks, method, fields):
+    """Same masks: mergekit (rescale off) / density is ours (DARE rescales kept entries by 1/density)."""
+    deltas = random_deltas(3)
+    density = 0.5
+    mine = merge_deltas(deltas, make_recipe(method=method, experts=list(deltas["m"]), weights=UNEQUAL,
+                                            density=density, **fields))["m"]
+    assert fixed_masks() == 3  # one mask per expert was drawn
+    theirs = mergekit_merge(method, deltas, weight=UNEQUAL, density=density, rescale=False, **fields) / density
+    assert fixed_masks() == 3
+    assert rel_err(mine, theirs) < 1e-6
+
+
+@pytest.mark.parametrize("output", ["adapter", "model"])
+def test_a_non_finite_merge_is_refused_before_anything_is_written(mixed_library, output):
+    cfg, base, lib, pool = mixed_library
+    recipe = make_recipe(method="task_arithmetic", experts=["alpha", "beta"], output=output, **{"lambda": 1e300})
+    with pytest.raises(ExpertkitError, match="non-finite") as err:
+        merge_experts(pool, lib, recipe, "overflow")
+    assert "\n" not in str(err.value)
+    assert not lib.has_name("overflow") and not (lib.root / "merges").exists()
+
+
+def test_sparsified_merge_is_stored_within_its_error_bound(mixed_library):
+    """A TIES ΔW is full rank: the adapter gets the smallest rank within max_error, and says so."""
+    cfg, base, lib, pool = mixed_library
+    recipe = make_recipe(method="ties", experts=["alpha", "beta"], weights=[0.7, 0.3], density=0.5)
+    entry, report = merge_experts(pool, lib, recipe, "ties")
+    exact = merge_deltas(expert_deltas(pool, ["alpha", "beta"]), recipe)
+    stored = expert_deltas(ExpertPool(base, lib), ["ties"])
+    worst = max(rel_err(stored[m]["ties"], exact[m]) for m in exact)
+    assert worst <= 0.01
+    record = entry.manifest["reconstruction"]
+    assert record["stored_as"] == "adapter" and record["bound"] == 0.01 and record["chosen_by"] == "max_error"
+    assert record["max_relative_error"] == pytest.approx(worst, abs=1e-6)
+    assert max(factor(d, record["rank"] - 1)[2] for d in exact.values()) > 0.01  # the smallest such rank
+
+
+def test_no_rank_within_the_bound_stores_the_full_model(mixed_library):
+    cfg, base, lib, pool = mixed_library
+    recipe = make_recipe(method="ties", experts=["alpha", "beta"], density=0.5, max_error=1e-12)
+    entry, report = merge_experts(pool, lib, recipe, "ties-exact")
+    record = entry.manifest["reconstruction"]
+    assert entry.kind == "merged_model" and record["stored_as"] == "model" and record["bound"] == 1e-12
+    assert record["chosen_by"] == "no rank up to full is within max_error"
+    assert record["max_relative_error"] < 1e-4  # float32 rounding of base + ΔW only
+
+
+def test_searched_sparsifying_merge_is_stored_within_its_bound(trained, monkeypatch):
+    """`merge --search` stores what it ranked (the exact merge) within the bound, not a lossy re-factoring."""
+    from expertkit.merging import search as search_module
+    from expertkit.merging.methods import METHODS
+    from expertkit.workflow import run_merge_search
+
+    monkeypatch.setattr(search_module, "METHODS", {"ties": METHODS["ties"]})  # the grid's first trial: TIES
+    cfg, base, lib = trained
+    result = run_merge_search(cfg, base, None, "searched", budget_seconds=0)
+    assert result["recipe"]["method"] == "ties"
+    pool = ExpertPool(base, Library(lib.root))
+    recipe = make_recipe(**result["recipe"])
+    exact = merge_deltas(expert_deltas(pool, recipe.experts), recipe)
+    stored = expert_deltas(pool, ["searched"])
+    worst = max(rel_err(stored[m]["searched"], exact[m]) for m in exact)
+    assert worst <= 0.01
+    record = lib.get("searched").manifest["reconstruction"]
+    assert record["stored_as"] == "adapter" and record["bound"] == 0.01
+    assert record["max_relative_error"] == pytest.approx(worst, abs=1e-6)
 
 
 def test_full_model_merge_loads_with_transformers(mixed_library):
@@ -181,6 +314,13 @@ def test_expert_of_another_base_is_refused(mixed_library):
     ({"method": "ties", "experts": ["alpha"], "density": 1.5}, "density must be in (0, 1], got 1.5"),
     ({"method": "linear", "experts": []}, "experts"),
     ({"method": "linear", "experts": ["alpha", "beta"], "weights": [1.0]}, "1 weights for 2 experts"),
+    ({"method": "linear", "experts": ["a", "b"], "weights": [1.0, -1.0]}, "weights [1.0, -1.0] sum to 0"),
+    ({"method": "ties", "experts": ["a", "b"], "weights": [0.5, -0.5]}, "sum to 0"),
+    ({"method": "linear", "experts": ["a"], "density": 0.5},
+     "'linear' does not take density (its parameters: lambda, normalize)"),
+    ({"method": "task_arithmetic", "experts": ["a"], "gamma": 0.1}, "'task_arithmetic' does not take gamma"),
+    ({"method": "ties", "experts": ["a"], "seed": 3}, "'ties' does not take seed"),
+    ({"method": "ties", "experts": ["a"], "rank": 4, "max_error": 0.05}, "rank or max_error"),
 ])
 def test_bad_recipes_are_one_clear_error(fields, message):
     with pytest.raises(ExpertkitError) as err:
@@ -198,6 +338,13 @@ def test_cli_merge_errors_write_nothing(monkeypatch, capsys, trained, project):
     assert_one_line_error(code, err, "unknown merge method 'nope'")
     code, _, err = run_cli(monkeypatch, capsys, "merge", project, "--expert", "gamma")
     assert_one_line_error(code, err, "'gamma' is not a library adapter")
+    code, _, err = run_cli(monkeypatch, capsys, "merge", project, "--method", "linear", "--density", "0.5")
+    assert_one_line_error(code, err, "'linear' does not take density")
+    code, _, err = run_cli(monkeypatch, capsys, "merge", project, "--weight", "1", "--weight", "-1",
+                           "--output", "model")
+    assert_one_line_error(code, err, "weights [1.0, -1.0] sum to 0")
+    code, _, err = run_cli(monkeypatch, capsys, "merge", project, "--search", "--density", "0.5")
+    assert_one_line_error(code, err, "--search chooses")
     assert not (lib.root / "merges").exists()
     code, _, err = run_cli(monkeypatch, capsys, "merge", project, "--method", "dare_ties", "--density", "0.5",
                            "--name", "dt")

@@ -135,14 +135,21 @@ def generate(config: Path = ConfigArg, prompt: str = typer.Argument(..., help="t
 @app.command()
 def merge(config: Path = ConfigArg,
           expert: Optional[list[str]] = typer.Option(None, help="expert to merge (repeatable; default: all experts)"),
-          method: str = typer.Option("linear", help="linear, task_arithmetic, ties, dare_linear, dare_ties, "
-                                                     "magnitude_prune, breadcrumbs"),
+          method: Optional[str] = typer.Option(None, help="linear (default), task_arithmetic, ties, dare_linear, "
+                                                          "dare_ties, magnitude_prune, breadcrumbs"),
           weight: Optional[list[float]] = typer.Option(None, help="one per --expert, in order (default: equal)"),
-          lam: float = typer.Option(1.0, "--lambda", help="scale of the merged task vector"),
-          density: float = typer.Option(1.0, help="share of each ΔW kept (TIES, DARE, pruning, breadcrumbs)"),
-          gamma: float = typer.Option(0.01, help="breadcrumbs: share of the largest entries removed"),
-          seed: int = typer.Option(0, help="DARE's random drop"),
-          rank: Optional[int] = typer.Option(None, help="rank of the merged adapter (default: sum of input ranks)"),
+          lam: Optional[float] = typer.Option(None, "--lambda", help="scale of the merged task vector"),
+          density: Optional[float] = typer.Option(None, help="share of each ΔW kept (TIES, DARE, pruning, "
+                                                             "breadcrumbs)"),
+          gamma: Optional[float] = typer.Option(None, help="breadcrumbs: share of the largest entries removed"),
+          normalize: Optional[bool] = typer.Option(None, "--normalize/--no-normalize",
+                                                   help="divide by the sum of the weights (default: mergekit's "
+                                                        "for the method)"),
+          seed: Optional[int] = typer.Option(None, help="DARE's random drop (and --search's)"),
+          rank: Optional[int] = typer.Option(None, help="rank of the merged adapter (default: the smallest "
+                                                        "within --max-error)"),
+          max_error: Optional[float] = typer.Option(None, help="largest relative reconstruction error of the "
+                                                               "stored adapter; beyond full rank, a full model"),
           output: str = typer.Option("adapter", help="adapter (LoRA) or model (full HF model)"),
           name: Optional[str] = typer.Option(None, help="library entry name (default: merge-<method>)"),
           search: bool = typer.Option(False, "--search", help="choose method and parameters on validation data"),
@@ -156,25 +163,34 @@ def merge(config: Path = ConfigArg,
     _setup()
     from expertkit.compose import ExpertPool
     from expertkit.library import Library
-    from expertkit.merging import make_recipe, merge_experts
+    from expertkit.merging import describe_storage, make_recipe, merge_experts
     from expertkit.workflow import expert_names, load_project_base, run_merge_search
 
+    chosen = {"method": method, "weight": weight, "lambda": lam, "density": density, "gamma": gamma,
+              "normalize": normalize}
+    storage = {"rank": rank, "max_error": max_error}
     if search:
+        given = [f"--{k}" for k, v in chosen.items() if v is not None]
+        if given:
+            raise ExpertkitError(f"--search chooses the method and its parameters itself; drop {', '.join(given)} "
+                                 "(or merge without --search)")
         with _executor(executor, address, cpus_per_job, gpus_per_job) as runner:
             cfg, base = load_project_base(config, device, build_missing=False)
-            run_merge_search(cfg, base, expert, name or "merge-searched", budget, output, seed, force, runner)
+            run_merge_search(cfg, base, expert, name or "merge-searched", budget, output,
+                             **({"seed": seed} if seed is not None else {}), overwrite=force, executor=runner,
+                             **storage)
         return
     if executor != "local" or address:
         raise ExpertkitError("--executor and --address apply to `merge --search` only (one merge is one job)")
     cfg, base = load_project_base(config, device, build_missing=False)
     library = Library(cfg.library)
     pool = ExpertPool(base, library)
-    recipe = make_recipe(method=method, experts=expert_names(pool, expert), weights=weight or None,
-                         **{"lambda": lam}, density=density, gamma=gamma, seed=seed, rank=rank, output=output)
-    entry, report = merge_experts(pool, library, recipe, name or f"merge-{method}", overwrite=force)
-    if "rank" in report:
-        console.print(f"rank {report['rank']}: relative reconstruction error max {report['max_relative_error']:.2e}, "
-                      f"mean {report['mean_relative_error']:.2e} over {report['modules']} modules")
+    given = {"method": method, "weights": weight or None, "lambda": lam, "density": density, "gamma": gamma,
+             "normalize": normalize, "seed": seed, **storage}
+    recipe = make_recipe(experts=expert_names(pool, expert), output=output,
+                         **{k: v for k, v in given.items() if v is not None})
+    entry, report = merge_experts(pool, library, recipe, name or f"merge-{recipe.method}", overwrite=force)
+    console.print(describe_storage(report, report["modules"]), highlight=False)
     console.print(f"{entry.kind} '{entry.name}' -> {entry.path}")
 
 

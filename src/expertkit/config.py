@@ -189,13 +189,16 @@ def format_validation_error(err: ValidationError, origin: str) -> str:
     """One line per problem: the dotted key, what is wrong, and allowed values."""
     parts = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        if e["type"] == "extra_forbidden":
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "value_error":  # our own validators: their message already names the key and the fix
+            message = e["msg"].removeprefix("Value error, ")
+            parts.append(f"{loc}: {message}" if loc else message)
+        elif e["type"] == "extra_forbidden":
             parts.append(f"unknown key '{loc}'")
         elif e["type"] == "literal_error":
             parts.append(f"bad value for '{loc}': {e['msg'].replace('Input should be', 'allowed values are')}")
         else:
-            parts.append(f"bad value for '{loc}': {e['msg']}")
+            parts.append(f"bad value for '{loc or '(top level)'}': {e['msg']}")
     return f"{origin}: " + "; ".join(parts)
 
 

@@ -40,9 +40,11 @@ def run_scorecard(cfg: ProjectConfig, base: Base, out: Path | None = None, names
     executor = executor or LocalExecutor()
     executor.check_shared({"library": library.root, "base model": Path(base.name)})
     blocks = test_blocks(cfg, base.tokenizer)
+    ev = cfg.evaluation
     context = Context(partial(library_score_state, BaseSpec.of(base), str(library.root), names, blocks,
-                              cfg.evaluation.batch_size))
-    card = score_on(executor, context, names, blocks, cfg.evaluation.batch_size)
+                              ev.batch_size, ev.context_tokens))
+    card = score_on(executor, context, names, blocks, ev.batch_size)
+    card["context_tokens"] = ev.context_tokens
     experts = {e.name: e.domain for e in entries if e.kind == "expert"}
     card["verdicts"] = verdicts(card, experts, cfg.general.name if cfg.general else None)
     out = Path(out) if out else Path(cfg.library).parent / "scorecard"
@@ -55,14 +57,15 @@ def run_scorecard(cfg: ProjectConfig, base: Base, out: Path | None = None, names
     return card
 
 
-def library_score_state(spec: BaseSpec, library_root: str, names: list[str], blocks: dict, batch_size: int):
+def library_score_state(spec: BaseSpec, library_root: str, names: list[str], blocks: dict, batch_size: int,
+                        context_tokens: int = 0):
     """A worker's scorecard state: the base with the library attached and the named compositions built."""
     from expertkit.compose import ExpertPool, build_compositions
     from expertkit.evaluate import ScoreState
     from expertkit.library import Library
 
     pool = ExpertPool(spec.load(), Library(library_root))
-    return ScoreState({c.name: c for c in build_compositions(pool, names)}, blocks, batch_size)
+    return ScoreState({c.name: c for c in build_compositions(pool, names)}, blocks, batch_size, context_tokens)
 
 
 def library_trial_state(spec: BaseSpec, library_root: str, experts: list[str], valid: dict, batch_size: int):
@@ -100,11 +103,15 @@ def validation_blocks(cfg: ProjectConfig, tokenizer, domains: list[str], max_blo
 
 def run_merge_search(cfg: ProjectConfig, base: Base, experts: list[str] | None, name: str, budget_seconds: float,
                      output: str = "adapter", seed: int = 0, overwrite: bool = False,
-                     executor: Executor | None = None) -> dict:
-    """Search a recipe on validation data (trials are jobs of `executor`), write the best one, print the trials."""
+                     executor: Executor | None = None, **storage) -> dict:
+    """Search a recipe on validation data (trials are jobs of `executor`), write the best one, print the trials.
+
+    Trials rank exact merges, so the best is stored as close as the recipe's bound asks (`storage`: rank or
+    max_error, as in MergeRecipe), not re-factored at some fixed rank.
+    """
     from expertkit.compose import ExpertPool
     from expertkit.library import Library
-    from expertkit.merging import merge_experts
+    from expertkit.merging import describe_storage, make_recipe, merge_experts
     from expertkit.merging.search import search
 
     library = Library(Path(cfg.library).resolve())
@@ -118,12 +125,14 @@ def run_merge_search(cfg: ProjectConfig, base: Base, experts: list[str] | None, 
                               cfg.evaluation.batch_size))
     console.print(f"searching merge recipes for {names} on validation data ({budget_seconds:.0f}s budget)")
     result = search(names, context, budget_seconds, seed, executor)
-    best = result.best.recipe.model_copy(update={"output": output})
+    merged = {k: v for k, v in result.best.recipe.describe().items() if k not in ("rank", "max_error", "output")}
+    best = make_recipe(**merged, output=output, **{k: v for k, v in storage.items() if v is not None})
     info = {"search": {"validation_ppl": result.best.ppl, "score": result.best.score, "trials": len(result.trials),
                        "seconds": round(result.seconds, 1)}}
     entry, report = merge_experts(pool, library, best, name, overwrite=overwrite, extra_manifest=info)
     console.print(f"best recipe: {best.describe()}\nvalidation perplexity: "
                   + ", ".join(f"{d} {p:.2f}" for d, p in result.best.ppl.items()), highlight=False)
+    console.print(describe_storage(report, report["modules"]), highlight=False)
     console.print(f"written to {entry.path}")
     return {"recipe": best.describe(), "validation_ppl": result.best.ppl, "trials": len(result.trials),
             "seconds": result.seconds, "entry": entry.name, "report": {k: v for k, v in report.items()

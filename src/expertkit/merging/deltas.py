@@ -75,11 +75,3 @@ def expert_deltas(pool, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
                                  f"only in {n}: {only_b}); merge experts trained with the same target_modules")
     return {m: {n: by_expert[n][m] for n in names} for m in modules[first]}
 
-
-def total_rank(pool, names: list[str]) -> int:
-    """Sum of the input ranks: the rank at which a linear merge re-factors losslessly."""
-    ranks = []
-    for name in names:
-        layers = lora_layers(pool.model, name)
-        ranks.append(max(layer.r[name] for layer in layers.values()))
-    return sum(ranks)

@@ -1,4 +1,8 @@
-"""A merge recipe: which experts, which method, which parameters. Validated like the project config."""
+"""A merge recipe: which experts, which method, which parameters, how it is stored. Validated like the config.
+
+A method's parameters are those of its typed signature (merging/methods.py): the recipe refuses any other
+one instead of ignoring it, and resolves `normalize` to mergekit's default for the method when not given.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +13,26 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from expertkit.config import Strict, format_validation_error
 from expertkit.errors import ExpertkitError
 
+# recipe fields that are parameters of some merge method (the rest apply to every merge)
+METHOD_FIELDS = ("lam", "density", "gamma", "majority_sign", "normalize", "seed")
+SPELLING = {"lam": "lambda"}  # what the user writes
+
 
 class MergeRecipe(Strict):
-    method: str
+    method: str = "linear"
     experts: list[str] = Field(min_length=1)
     weights: list[float] | None = Field(None, description="one per expert; default equal")
     lam: float = Field(1.0, alias="lambda", description="scale of the merged task vector")
     density: float = Field(1.0, description="share of each ΔW kept by TIES / DARE / pruning / breadcrumbs")
     gamma: float = Field(0.01, ge=0, lt=1, description="breadcrumbs: share of largest entries removed")
     majority_sign: Literal["total", "frequency"] = "total"
-    seed: int = 0
-    rank: int | None = Field(None, ge=1, description="rank of the merged adapter; default sum of input ranks")
+    normalize: bool | None = Field(None, description="divide by the sum of the weights (TIES: of those whose sign "
+                                                     "agrees, per entry); default: mergekit's for the method")
+    seed: int = Field(0, description="DARE's random drop")
+    rank: int | None = Field(None, ge=1, description="rank of the merged adapter; default: the smallest rank "
+                                                     "within max_error")
+    max_error: float = Field(0.01, gt=0, lt=1, description="largest relative reconstruction error of a stored "
+                                                           "module; when no rank keeps it, a full model is stored")
     output: Literal["adapter", "model"] = "adapter"
 
     model_config = Strict.model_config | {"populate_by_name": True}
@@ -41,18 +54,51 @@ class MergeRecipe(Strict):
         return density
 
     @model_validator(mode="after")
-    def _weights_match(self) -> "MergeRecipe":
+    def _consistent(self) -> "MergeRecipe":
+        from expertkit.merging.methods import METHODS
+
         if self.weights is not None and len(self.weights) != len(self.experts):
             raise ValueError(f"{len(self.weights)} weights for {len(self.experts)} experts; give one per expert")
         if len(set(self.experts)) != len(self.experts):
             raise ValueError("an expert is listed twice")
+        takes = METHODS[self.method].parameters
+        for name in METHOD_FIELDS:
+            if name in self.model_fields_set and name not in takes:
+                users = sorted(m for m, method in METHODS.items() if name in method.parameters)
+                raise ValueError(f"'{self.method}' does not take {spelled(name)} (its parameters: "
+                                 f"{', '.join(map(spelled, takes)) or 'none'}); drop it, or use a method that "
+                                 f"takes it: {', '.join(users)}")
+        if {"rank", "max_error"} <= self.model_fields_set:
+            raise ValueError("give rank or max_error, not both: rank fixes the adapter's rank, max_error lets "
+                             "expertkit choose the smallest rank within it")
+        weights = self.expert_weights()
+        if self.parameters().get("normalize") and abs(sum(weights)) <= 1e-6 * sum(map(abs, weights)):
+            raise ValueError(f"weights {weights} sum to 0, and {self.method} with normalize divides by their sum; "
+                             "give weights with a non-zero sum, or set normalize to false (--no-normalize)")
         return self
 
     def expert_weights(self) -> list[float]:
         return list(self.weights) if self.weights is not None else [1.0] * len(self.experts)
 
+    def parameters(self) -> dict:
+        """The method's own parameters (field names), `normalize` resolved to mergekit's default if not given."""
+        from expertkit.merging.methods import METHODS
+
+        method = METHODS[self.method]
+        values = {name: getattr(self, name) for name in method.parameters}
+        if "normalize" in values and values["normalize"] is None:
+            values["normalize"] = method.normalize_default()
+        return values
+
     def describe(self) -> dict:
-        return self.model_dump(by_alias=True)
+        """What was merged, as `make_recipe` accepts it back: only the fields that apply to this method."""
+        storage = {"rank": self.rank} if self.rank is not None else {"max_error": self.max_error}
+        return {"method": self.method, "experts": list(self.experts), "weights": self.expert_weights(),
+                **{spelled(k): v for k, v in self.parameters().items()}, **storage, "output": self.output}
+
+
+def spelled(field: str) -> str:
+    return SPELLING.get(field, field)
 
 
 def make_recipe(**fields) -> MergeRecipe:

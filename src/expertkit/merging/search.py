@@ -93,12 +93,13 @@ def validation_ppl(pool, blocks_by_domain, batch_size: int) -> dict[str, float]:
 
 def _grid(experts: list[str], seed: int):
     for method in METHODS:
+        seeded = {"seed": seed} if "seed" in METHODS[method].parameters else {}
         for params in GRID.get(method, [{}]):
-            yield MergeRecipe(method=method, experts=experts, seed=seed, **params)
+            yield MergeRecipe(method=method, experts=experts, **seeded, **params)
 
 
 def _mutate(recipe: MergeRecipe, rng: random.Random) -> MergeRecipe:
-    uses = METHODS[recipe.method].uses
+    uses = METHODS[recipe.method].parameters
     changes: dict = {"weights": [w * math.exp(rng.gauss(0, 0.25)) for w in recipe.expert_weights()]}
     if "lam" in uses:
         changes["lam"] = min(3.0, recipe.lam * math.exp(rng.gauss(0, 0.25)))
