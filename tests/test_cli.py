@@ -1,10 +1,13 @@
 """The CLI end to end, in process: exit codes, one-line errors, files written."""
 
 import sys
+from types import SimpleNamespace
 
 import pytest
+import torch
 
-from expertkit import cli
+from expertkit import cli, decoding
+from expertkit.decoding import SamplingParams, generate, left_pad
 
 from conftest import read_json, write_project
 
@@ -24,6 +27,31 @@ def assert_one_line_error(code, err, pattern):
     assert "Traceback" not in err
 
 
+def capture_generations(monkeypatch) -> list:
+    """Record each call of the generation loop from now on: its composition, prompts, params and texts."""
+    calls = []
+
+    def recording(composition, tokenizer, prompts, params=SamplingParams(), context_length=None):
+        texts = generate(composition, tokenizer, prompts, params, context_length=context_length)
+        calls.append(SimpleNamespace(composition=composition, prompts=list(prompts), params=params, texts=texts))
+        return texts
+
+    monkeypatch.setattr(decoding, "generate", recording)
+    return calls
+
+
+def assert_cli_generated(out, calls, prompt, reference, tokenizer, max_new_tokens):
+    """`generate` printed the prompt and exactly the greedy continuation of `reference`, a composition
+    built here with the options the command was given, and it generated with that very composition."""
+    expected = generate(reference, tokenizer, [prompt], SamplingParams(max_new_tokens=max_new_tokens))[0]
+    assert expected, "the reference continuation is empty: nothing to compare"
+    assert out == prompt + expected + "\n"
+    assert len(calls) == 1 and calls[0].prompts == [prompt] and calls[0].texts == [expected]
+    ids, mask = left_pad(tokenizer, ["patient dose trial", "the a of"])
+    torch.testing.assert_close(calls[0].composition.prefill(ids, mask)[0], reference.prefill(ids, mask)[0],
+                               msg=lambda m: f"the command generated with another composition than it was asked: {m}")
+
+
 def test_train_eval_list_generate(monkeypatch, capsys, project, tmp_path):
     code, _, err = run_cli(monkeypatch, capsys, "train", project)
     assert code == 0, err
@@ -36,9 +64,20 @@ def test_train_eval_list_generate(monkeypatch, capsys, project, tmp_path):
     assert "| composition |" in (tmp_path / "report" / "scorecard.md").read_text()
     code, _, err = run_cli(monkeypatch, capsys, "library", "list", tmp_path / "library")
     assert code == 0 and "alpha" in err and "beta" in err
+    calls = capture_generations(monkeypatch)
     code, out, err = run_cli(monkeypatch, capsys, "generate", project, "patient dose", "--model", "alpha",
                              "--max-tokens", "5")
-    assert code == 0 and out.startswith("patient dose"), err
+    assert code == 0, err
+    from expertkit.compose import ExpertPool, build_compositions
+    from expertkit.library import Library
+    from expertkit.workflow import load_project_base
+
+    cfg, base = load_project_base(project)
+    pool = ExpertPool(base, Library(cfg.library))
+    alpha, plain = build_compositions(pool, ["alpha", "base"])
+    ids, mask = left_pad(base.tokenizer, ["patient dose trial"])
+    assert not torch.allclose(alpha.prefill(ids, mask)[0], plain.prefill(ids, mask)[0])  # --model matters
+    assert_cli_generated(out, calls, "patient dose", alpha, base.tokenizer, max_new_tokens=5)
 
 
 @pytest.mark.parametrize("mutate, message", [

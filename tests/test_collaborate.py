@@ -15,7 +15,7 @@ from expertkit.library import Library
 from expertkit.workflow import load_project_base
 
 from conftest import MICRO_BUILD, assert_cached_steps_match, write_project
-from test_cli import assert_one_line_error, run_cli
+from test_cli import assert_cli_generated, assert_one_line_error, capture_generations, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -127,19 +127,33 @@ def test_registry_errors_list_the_choices(pools, spec, params, message):
     assert message in str(info.value)
 
 
-def test_cli_generate_with_a_small_model(monkeypatch, capsys, small_project, micro_base_dir, tmp_path):
+def test_cli_generate_with_a_small_model(monkeypatch, capsys, pools, small_project, micro_base_dir, tmp_path):
+    large, small = pools  # the same two models the command loads, built here by the library API
+    lp = lambda logits: torch.log_softmax(logits.float(), -1)  # noqa: E731
+    ids, mask = _ids(large, ["patient dose trial", "the a of"])
+    proxy = ProxyComposition(large, small, "alpha", alpha=0.5)
+    # the options matter: proxy at alpha 0.5 is neither the large model alone nor proxy at the default alpha 1
+    steered = proxy.prefill(ids, mask)[0]
+    assert not torch.allclose(steered, lp(large.prefill(ids, mask, [BASE_ADAPTER] * 2)[0]))
+    assert not torch.allclose(steered, ProxyComposition(large, small, "alpha").prefill(ids, mask)[0])
     large_project = write_project(tmp_path, str(micro_base_dir))
     args = ("generate", large_project, "patient dose", "--small", small_project, "--max-tokens", "6")
+    calls = capture_generations(monkeypatch)
     code, out, err = run_cli(monkeypatch, capsys, *args, "--model", "proxy:alpha", "--alpha", "0.5")
-    assert code == 0 and out.startswith("patient dose"), err
+    assert code == 0, err
+    assert_cli_generated(out, calls, "patient dose", proxy, large.tokenizer, max_new_tokens=6)
     code, out, err = run_cli(monkeypatch, capsys, *args, "--model", "defer:alpha", "--threshold", "2")
     assert code == 0 and "deferred_fraction" in err, err
     code, out, err = run_cli(monkeypatch, capsys, *args, "--model", "card:alpha", "--threshold", "-100")
     assert code == 0 and "card_fraction: 1" in err, err
     library = small_project.parent / "library"  # the small model named by its library folder works too
+    calls.clear()
     code, out, err = run_cli(monkeypatch, capsys, "generate", large_project, "patient dose", "--small", library,
                              "--model", "fusion", "--max-tokens", "3")
-    assert code == 0 and out.startswith("patient dose"), err
+    assert code == 0, err
+    fusion = build_collaboration("fusion", large, small)
+    assert not torch.allclose(fusion.prefill(ids, mask)[0], lp(large.prefill(ids, mask, [BASE_ADAPTER] * 2)[0]))
+    assert_cli_generated(out, calls, "patient dose", fusion, large.tokenizer, max_new_tokens=3)
     code, _, err = run_cli(monkeypatch, capsys, *args, "--model", "proxy:gamma")
     assert_one_line_error(code, err, "unknown expert 'gamma'")
     code, _, err = run_cli(monkeypatch, capsys, "generate", large_project, "x", "--alpha", "1")

@@ -60,12 +60,38 @@ def test_generation_is_deterministic_and_honours_stop(pool, trained):
     sampled = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=7)
     a = generate(alpha, base.tokenizer, ["patient", "the"], sampled)
     assert a == generate(alpha, base.tokenizer, ["patient", "the"], sampled)
-    full = generate(alpha, base.tokenizer, ["patient"], SamplingParams(max_new_tokens=12, temperature=1.0, seed=3))[0]
-    if len(full) > 2:
-        stop = full[1:3]
-        cut = generate(alpha, base.tokenizer, ["patient"],
-                       SamplingParams(max_new_tokens=12, temperature=1.0, seed=3, stop=(stop,)))[0]
-        assert cut == full[: full.index(stop)]
+    counted = _StepCounter(alpha)
+    full = generate(counted, base.tokenizer, ["patient"], SamplingParams(max_new_tokens=12, temperature=1.0, seed=4))[0]
+    steps_without_stop = counted.steps
+    # a stop string strictly inside the continuation (text before and after it), first seen there
+    inside = [k for k in range(1, len(full) - 2) if _plain(full[k:k + 2]) and full.index(full[k:k + 2]) == k]
+    assert inside, f"the sampled continuation {full!r} has no stop string to test with; pick another seed"
+    k = inside[0]
+    stop = full[k:k + 2]
+    counted.steps = 0
+    cut = generate(counted, base.tokenizer, ["patient"],
+                   SamplingParams(max_new_tokens=12, temperature=1.0, seed=4, stop=(stop,)))[0]
+    assert cut == full[:k] and stop not in cut, (full, stop, cut)
+    assert counted.steps < steps_without_stop, "decoding went on past the stop string"
+
+
+def _plain(text: str) -> bool:
+    """Printable ASCII: never half of a multi-byte character that a longer decode would complete."""
+    return text.isascii() and text.isprintable()
+
+
+class _StepCounter:
+    """A composition that counts its decode steps (to see generation end at a stop string)."""
+
+    def __init__(self, inner):
+        self.inner, self.steps = inner, 0
+
+    def prefill(self, input_ids, attention_mask):
+        return self.inner.prefill(input_ids, attention_mask)
+
+    def step(self, state, next_ids):
+        self.steps += 1
+        return self.inner.step(state, next_ids)
 
 
 def test_context_overflow_is_a_clear_error(pool, trained):

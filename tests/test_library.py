@@ -1,5 +1,9 @@
+import builtins
+import errno
+import io
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,15 +71,65 @@ def test_unwritable_output_fails_before_training(tmp_path, micro_base_dir):
     assert blocker.read_text() == "not a folder"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
-def test_read_only_library_folder(tmp_path, micro_base_dir):
+def _refuse_writes_under(monkeypatch, folder: Path) -> None:
+    """Make `folder` read-only even for root (who ignores permission bits): creating, opening for writing or
+    renaming anything inside it fails with EACCES, as the kernel does for a 0o555 folder and an ordinary user."""
+    folder = folder.resolve()
+
+    def inside(path) -> bool:
+        if isinstance(path, int):  # a file descriptor
+            return False
+        return folder in Path(os.fsdecode(path)).resolve().parents
+
+    def refuse(path):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(path))
+
+    def guard(real, *path_args):
+        def guarded(*args, **kwargs):
+            for i in path_args:
+                if i < len(args) and inside(args[i]):
+                    refuse(args[i])
+            return real(*args, **kwargs)
+        return guarded
+
+    real_open = os.open
+
+    def os_open(path, flags, *args, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and inside(path):
+            refuse(path)
+        return real_open(path, flags, *args, **kwargs)
+
+    real_io_open = io.open
+
+    def io_open(file, mode="r", *args, **kwargs):
+        if set(mode) & set("wax+") and inside(file):
+            refuse(file)
+        return real_io_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(io, "open", io_open)
+    monkeypatch.setattr(builtins, "open", io_open)
+    for name in ("mkdir", "makedirs"):
+        monkeypatch.setattr(os, name, guard(getattr(os, name), 0))
+    for name in ("rename", "replace", "symlink", "link"):
+        monkeypatch.setattr(os, name, guard(getattr(os, name), 0, 1))
+
+
+def test_read_only_library_folder(tmp_path, micro_base_dir, monkeypatch):
     ro = tmp_path / "ro"
     ro.mkdir()
-    ro.chmod(0o555)
+    ro.chmod(0o555)  # enough for an ordinary user; root also needs the simulation below
     project = write_project(tmp_path, str(micro_base_dir), library=str(ro / "library"))
     cfg, base = load_project_base(project)
-    with pytest.raises(ExpertkitError, match="not writable"):
+    _refuse_writes_under(monkeypatch, ro)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started although the library folder is read-only")
+
+    monkeypatch.setattr("expertkit.train.train_expert_job", no_training)
+    with pytest.raises(ExpertkitError, match=r"library folder .*/ro/library is not writable \(Permission denied\)"):
         train_all(cfg, base)
+    assert not any(ro.iterdir())
 
 
 def test_failed_write_leaves_nothing_half_written(trained):

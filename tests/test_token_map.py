@@ -102,12 +102,15 @@ def test_card_needs_no_map(pools):
 
 
 def test_cli_token_map(monkeypatch, capsys, pools, micro_base_dir, tmp_path):
-    from test_cli import assert_one_line_error, run_cli
+    from test_cli import assert_cli_generated, assert_one_line_error, capture_generations, run_cli
 
     large, small = pools
     args = ("generate", write_project(tmp_path, str(micro_base_dir)), "patient dose", "--small", small.library.root,
             "--model", "proxy:alpha", "--max-tokens", "4")
     code, _, err = run_cli(monkeypatch, capsys, *args)
     assert_one_line_error(code, err, "different vocabularies")
+    calls = capture_generations(monkeypatch)
     code, out, err = run_cli(monkeypatch, capsys, *args, "--token-map", "vocab")
-    assert code == 0 and out.startswith("patient dose"), err
+    assert code == 0, err
+    proxy = ProxyComposition(large, small, "alpha", token_map="vocab")
+    assert_cli_generated(out, calls, "patient dose", proxy, large.tokenizer, max_new_tokens=4)

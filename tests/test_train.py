@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -94,7 +95,30 @@ def test_unknown_only_domain(project):
         train_all(cfg, base, only=["gamma"])
 
 
-def test_sft_expert_trains_on_prompt_response_pairs(tmp_path, micro_base_dir):
+def _response_only_loss(logits, input_ids, attention_mask, response_start: dict) -> tuple[torch.Tensor, int]:
+    """Summed next-token NLL over the tokens a response-only SFT loss counts, and how many.
+
+    `response_start` maps each SFT row (its real tokens: prompt + response + EOS) to where its response
+    starts; only the response and its EOS are scored there. Any other row is a replay block of plain
+    text, scored on every token after the first.
+    """
+    total, count = torch.zeros(()), 0
+    for row in range(input_ids.shape[0]):
+        seq = tuple(input_ids[row][attention_mask[row].bool()].tolist())
+        first = response_start.get(seq, 1)
+        targets = torch.tensor(seq[first:])
+        nll = torch.nn.functional.cross_entropy(logits[row, first - 1:len(seq) - 1].float(), targets, reduction="sum")
+        total, count = total + nll, count + len(targets)
+    return total, count
+
+
+def test_sft_expert_trains_on_prompt_response_pairs(tmp_path, micro_base_dir, monkeypatch):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import expertkit.train
+    from expertkit.data import load_corpus
+
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"question": f"patient {i} dose?", "answer": f" trial {i} mg."}) + "\n"
                              for i in range(60)))
@@ -105,5 +129,49 @@ def test_sft_expert_trains_on_prompt_response_pairs(tmp_path, micro_base_dir):
     raw["domains"] = [raw_domain]
     project.write_text(yaml.safe_dump(raw))
     cfg, base = load_project_base(project)
+    tok, block = base.tokenizer, cfg.training.block_size
+
+    def tokens(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    def sft_rows(examples):  # our own tokenization: each pair's real tokens -> where its response starts
+        rows = {}
+        for ex in examples:
+            prompt = tokens(ex.prompt)
+            assert len(prompt) < block
+            rows[tuple((prompt + tokens(ex.response) + [tok.eos_token_id])[:block])] = len(prompt)
+        return rows
+
+    # Every training step's loss must be the response-only loss of its batch, computed here independently.
+    corpus = load_corpus(cfg.domains[0])
+    response_start = sft_rows(corpus.splits["train"])
+    real_step, seen = expertkit.train.train_step, []
+
+    def checked_step(model, batch, optimizer, scheduler, max_grad_norm, device):
+        with torch.no_grad():
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        nll, count = _response_only_loss(logits, batch.input_ids, batch.attention_mask, response_start)
+        loss = real_step(model, batch, optimizer, scheduler, max_grad_norm, device)
+        sft = sum(tuple(r[m.bool()].tolist()) in response_start for r, m in zip(batch.input_ids, batch.attention_mask))
+        seen.append((loss, float(nll / count), sft))
+        return loss
+
+    monkeypatch.setattr(expertkit.train, "train_step", checked_step)
     (entry,) = train_all(cfg, base)
     assert entry.manifest["task"] == "sft" and entry.manifest["metrics"]["valid_ppl"] > 1
+    assert len(seen) == cfg.training.steps and sum(sft for *_, sft in seen) > 0
+    for step, (loss, expected, _) in enumerate(seen):
+        assert loss == pytest.approx(expected, rel=1e-5), f"step {step}: the loss is not the response-only loss"
+
+    # The recorded validation perplexity is the response-only one too (validation: the first 32 pairs).
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg.base.path), str(entry.path)).eval()
+    valid = list(sft_rows(corpus.splits["valid"][:32]).items())
+    assert valid
+    nll, count = torch.zeros(()), 0
+    with torch.no_grad():
+        for seq, start in valid:
+            logits = model(input_ids=torch.tensor([seq])).logits
+            row_nll, row_count = _response_only_loss(logits, torch.tensor([seq]), torch.ones(1, len(seq)),
+                                                     {seq: start})
+            nll, count = nll + row_nll, count + row_count
+    assert entry.manifest["metrics"]["valid_ppl"] == pytest.approx(math.exp(float(nll / count)), rel=1e-4)
