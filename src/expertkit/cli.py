@@ -55,6 +55,19 @@ def base_build(config: Path = ConfigArg, force: bool = typer.Option(False, help=
     console.print(f"base model: {out}")
 
 
+@base_app.command("import")
+def base_import(gguf: Path = typer.Argument(..., help="a llama.cpp .gguf model file"),
+                out_dir: Path = typer.Argument(..., help="the Hugging Face model dir to write"),
+                dtype: str = typer.Option("float32", help="weight dtype: float32, bfloat16 or float16"),
+                force: bool = typer.Option(False, help="replace OUT_DIR if it exists and is not empty")):
+    """Convert a GGUF file into a standard HF model dir (safetensors, config, tokenizer, chat template)."""
+    _setup()
+    from expertkit.gguf_import import import_gguf
+
+    out = import_gguf(gguf, out_dir, dtype=dtype, force=force)
+    console.print(f"base model: {out}")
+
+
 @app.command()
 def train(config: Path = ConfigArg,
           only: Optional[list[str]] = typer.Option(None, help="train just these domains (repeatable)"),
