@@ -27,8 +27,12 @@ class SamplingParams:
             raise ExpertkitError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
-def choose_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
-    """Greedy at temperature 0, else nucleus sampling from a seeded generator."""
+def choose_next(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]) -> torch.Tensor:
+    """Greedy at temperature 0, else nucleus sampling, row i from its own seeded generator `generators[i]`.
+
+    One generator per row makes a seed mean the same thing wherever a prompt runs: its sample does not depend
+    on the other rows of its batch (generate() with several prompts, the server's running batch).
+    """
     if params.temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
@@ -37,7 +41,8 @@ def choose_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
         drop = sorted_p.cumsum(-1) - sorted_p > params.top_p
         sorted_p = sorted_p.masked_fill(drop, 0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).view(-1).to(logits.device)
+    rows = [torch.multinomial(p, 1, generator=g) for p, g in zip(probs.cpu(), generators)]
+    return torch.cat(rows).to(logits.device)
 
 
 def pad_left(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,8 +82,8 @@ def generate(composition: Composition, tokenizer, prompts: list[str], params: Sa
     if context_length and input_ids.shape[1] + params.max_new_tokens > context_length:
         raise ExpertkitError(f"prompt of {input_ids.shape[1]} tokens + max_new_tokens {params.max_new_tokens} "
                              f"exceeds the model's context of {context_length}; shorten one of them")
-    generator = torch.Generator().manual_seed(params.seed)
     rows = len(prompts)
+    generators = [torch.Generator().manual_seed(params.seed) for _ in range(rows)]
     new_tokens: list[list[int]] = [[] for _ in range(rows)]
     done = [False] * rows
     if params.max_new_tokens == 0:
@@ -86,7 +91,7 @@ def generate(composition: Composition, tokenizer, prompts: list[str], params: Sa
     logits, state = composition.prefill(input_ids, mask)
     logits = logits[:, -1]
     for _ in range(params.max_new_tokens):
-        next_ids = choose_next(logits, params, generator)
+        next_ids = choose_next(logits, params, generators)
         for i, t in enumerate(next_ids.tolist()):
             if done[i]:
                 continue
