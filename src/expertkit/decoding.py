@@ -74,20 +74,27 @@ def _cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     return (text[: min(hits)], True) if hits else (text, False)
 
 
-@torch.no_grad()
 def generate(composition: Composition, tokenizer, prompts: list[str], params: SamplingParams = SamplingParams(),
              context_length: int | None = None) -> list[str]:
     """Continue each prompt; returns only the new text of each row."""
-    input_ids, mask = left_pad(tokenizer, prompts)
+    rows = [tokenizer(p, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id] for p in prompts]
+    return generate_ids(composition, tokenizer, rows, params, context_length)
+
+
+@torch.no_grad()
+def generate_ids(composition: Composition, tokenizer, rows: list[list[int]], params: SamplingParams = SamplingParams(),
+                 context_length: int | None = None) -> list[str]:
+    """Continue each prompt given as token ids; returns only the new text of each row."""
+    input_ids, mask = pad_left(rows, pad_id(tokenizer))
     if context_length and input_ids.shape[1] + params.max_new_tokens > context_length:
         raise ExpertkitError(f"prompt of {input_ids.shape[1]} tokens + max_new_tokens {params.max_new_tokens} "
                              f"exceeds the model's context of {context_length}; shorten one of them")
-    rows = len(prompts)
-    generators = [torch.Generator().manual_seed(params.seed) for _ in range(rows)]
-    new_tokens: list[list[int]] = [[] for _ in range(rows)]
-    done = [False] * rows
+    n = len(rows)
+    generators = [torch.Generator().manual_seed(params.seed) for _ in range(n)]
+    new_tokens: list[list[int]] = [[] for _ in range(n)]
+    done = [False] * n
     if params.max_new_tokens == 0:
-        return [""] * rows
+        return [""] * n
     logits, state = composition.prefill(input_ids, mask)
     logits = logits[:, -1]
     for _ in range(params.max_new_tokens):
