@@ -72,3 +72,60 @@ def test_a_router_scores_choices_it_never_read(task_files):
     lm.composition = lm_base
     assert [s for s, _ in stepped] == pytest.approx([s for s, _ in lm._loglikelihood_tokens(requests, True)],
                                                    abs=1e-4)
+
+
+def shared_like(root, tasks: dict[str, list[dict]]):
+    """A data root laid out as ../shared: tasks/<name>.jsonl."""
+    (root / "tasks").mkdir(parents=True)
+    for name, rows in tasks.items():
+        (root / "tasks" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+SHARED_TASKS = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "tasks"
+
+
+def first_rows(name: str, n: int) -> list[dict]:
+    return [json.loads(line) for line in (SHARED_TASKS / f"{name}.jsonl").read_text().splitlines()[:n]]
+
+
+def test_eval_tasks_writes_the_task_table(trained, tmp_path, monkeypatch, capsys):
+    from test_cli import run_cli
+
+    cfg, _, library = trained
+    data = shared_like(tmp_path / "data", {"arc_easy": first_rows("arc_easy", 6), "piqa": first_rows("piqa", 6)})
+    project = tmp_path / "project.yaml"
+    args = ["eval", project, "--tasks", "arc_easy,piqa", "--tasks-data", data, "--out", tmp_path / "card"]
+    code, out, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    card = json.loads((tmp_path / "card" / "tasks.json").read_text())
+    assert {(r["composition"], r["task"]) for r in card["rows"]} == {
+        (c, t) for c in ("base", "alpha", "beta") for t in ("arc_easy", "piqa")}
+    assert set(card["forgetting"]) == {"alpha", "beta"} and all(r["n"] == 6 for r in card["rows"])
+    assert (tmp_path / "card" / "tasks.png").stat().st_size > 0 and "general tasks" in out + err
+    cached = sorted((tmp_path / "card" / "task-cache").glob("*.db"))
+    assert len(cached) == 3  # one cache per composition identity: a rerun scores nothing again
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"context": "Q", "choices": [" a", " b"], "label": 2}, "label 2 is out of range for 2 choices"),
+    ({"context": "Q", "choices": [" a", " b"]}, "missing field(s) ['label']"),
+    ({"context": "Q", "choices": [], "label": 0}, "'choices' must be a non-empty list"),
+])
+def test_bad_task_files_are_one_clear_error(row, message, tmp_path):
+    from expertkit.errors import ExpertkitError
+    from expertkit.tasks.local import resolve
+
+    data = shared_like(tmp_path, {"arc_easy": [{"context": "Q", "choices": [" a"], "label": 0}, row]})
+    with pytest.raises(ExpertkitError) as error:
+        resolve(["arc_easy"], data)
+    assert message in str(error.value) and "arc_easy.jsonl:2" in str(error.value)
+
+
+def test_an_unknown_task_name_is_one_clear_error(sentence_library, tmp_path):
+    from expertkit.errors import ExpertkitError
+    from expertkit.tasks.run import evaluate_on_tasks
+
+    lm = ExpertkitLM.from_library(sentence_library.root, "base")
+    with pytest.raises(ExpertkitError, match="could not load the tasks.*no_such_task.*shipped tasks"):
+        evaluate_on_tasks({"base": (lm.composition, "x")}, lm.tokenizer, lm.max_length, ["no_such_task"])

@@ -94,16 +94,31 @@ def train(config: Path = ConfigArg,
 @app.command("eval")
 def evaluate(config: Path = ConfigArg,
              out: Optional[Path] = typer.Option(None, help="report folder (default: beside the library)"),
+             tasks: Optional[str] = typer.Option(None, help="task accuracy instead of perplexity: comma-separated "
+                                                            "lm-eval tasks; shipped: general, domain, all, arc_easy, "
+                                                            "..., pubmedqa, agnews"),
+             model: Optional[list[str]] = typer.Option(None, help="just these compositions (repeatable; "
+                                                                  "default: base and every library entry)"),
+             limit: Optional[int] = typer.Option(None, min=1, help="--tasks: at most this many examples per task"),
+             tasks_data: Optional[Path] = typer.Option(None, help="--tasks: the folder holding tasks/ and corpora/ "
+                                                                  "(default: ../shared beside the project)"),
              device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ..."),
              executor: str = ExecutorOpt, address: Optional[str] = AddressOpt,
              cpus_per_job: Optional[float] = CpusOpt, gpus_per_job: Optional[float] = GpusOpt):
-    """Perplexity of the base and every library entry on every domain's test split."""
+    """Perplexity of the base and every library entry on every domain's test split (or, with --tasks, accuracy)."""
     _setup()
-    from expertkit.workflow import load_project_base, run_scorecard
+    from expertkit.workflow import load_project_base, run_scorecard, run_task_scorecard
 
+    if tasks is not None:
+        cfg, base = load_project_base(config, device, build_missing=False)
+        names = [t.strip() for t in tasks.split(",") if t.strip()]
+        if not names:
+            raise ExpertkitError("--tasks names no task; give e.g. --tasks general,domain")
+        run_task_scorecard(cfg, base, names, out, names=model, limit=limit, data_root=tasks_data)
+        return
     with _executor(executor, address, cpus_per_job, gpus_per_job) as runner:
         cfg, base = load_project_base(config, device, build_missing=False)
-        run_scorecard(cfg, base, out, executor=runner)
+        run_scorecard(cfg, base, out, names=model, executor=runner)
 
 
 @app.command()

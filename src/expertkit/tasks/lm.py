@@ -91,9 +91,10 @@ class ExpertkitLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """(request, context ids, continuation ids) -> (summed log-probability, greedy), longest first in batches."""
         rows = []
-        for _, context, continuation in requests:
+        for _, context, continuation in requests:  # the window lm-eval's hf model scores, left-truncated
             whole = (context + continuation)[-(self.max_length + 1):]
-            rows.append((whole[:-len(continuation)], list(continuation)))
+            split = max(1, len(whole) - len(continuation))  # a continuation longer than the window: its tail
+            rows.append((whole[:split], whole[split:]))
         order = sorted(range(len(rows)), key=lambda i: -(len(rows[i][0]) + len(rows[i][1])))
         results: list[tuple[float, bool] | None] = [None] * len(rows)
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
