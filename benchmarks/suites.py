@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from typing import Callable
 
-SUITES: dict[str, Callable] = {}
+from expertkit.registry import Registry
+
+SUITES: Registry[Callable] = Registry("benchmark suite")
 
 
 def suite(name: str):
-    def wrap(fn):
-        SUITES[name] = fn
-        return fn
-
-    return wrap
+    return SUITES.register(name)
 
 
 import collaborate  # noqa: E402,F401  (each suite module registers itself)

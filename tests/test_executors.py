@@ -182,7 +182,7 @@ def test_library_the_workers_cannot_see_is_one_clear_error(monkeypatch, capsys, 
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--executor", "dask"], "unknown executor 'dask'; available: ['local', 'ray']"),
+    (["--executor", "dask"], "unknown executor 'dask'; known: local or ray"),
     (["--address", "10.0.0.1:6379"], "--address is not an option of the 'local' executor"),
     (["--executor", "ray", "--gpus-per-job", "64"], "no node of the Ray cluster has the 1 CPUs and 64 GPUs"),
 ])

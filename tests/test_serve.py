@@ -74,6 +74,18 @@ def test_concurrent_requests_for_different_experts_share_forwards(client, server
     assert (stats.rows_stepped - rows0) / (stats.steps - steps0) > 1.5  # rows really were batched
 
 
+def test_a_seed_means_the_same_in_generate_and_in_the_server(client, server):
+    """One generator per prompt: a prompt's sample depends on its seed, not on the prompts beside it."""
+    engine = server.service.engine
+    prompts = ["patient dose", "def return self", "the a of"]
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=7)
+    alone = [generate(engine.compositions["beta"], engine.tokenizer, [p], params)[0] for p in prompts]
+    assert generate(engine.compositions["beta"], engine.tokenizer, prompts, params) == alone
+    reply = client.completions.create(model="beta", prompt=prompts, max_tokens=10, temperature=1.0, top_p=0.9,
+                                      seed=7)
+    assert [c.text for c in sorted(reply.choices, key=lambda c: c.index)] == alone
+
+
 def test_sampling_is_seeded(client):
     ask = lambda seed: client.completions.create(model="beta", prompt="def", max_tokens=10, temperature=1.0,
                                                  top_p=0.9, seed=seed).choices[0].text

@@ -12,8 +12,12 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
+from expertkit.compose.collaborate import STRATEGIES
 from expertkit.errors import ExpertkitError
+from expertkit.executors.base import EXECUTORS
+from expertkit.merging.methods import METHODS
 from expertkit.progress import console
+from expertkit.routing.base import ROUTERS
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Turn one causal LM into a library of LoRA domain experts; compose, measure and serve them.")
@@ -23,7 +27,8 @@ app.add_typer(base_app, name="base")
 app.add_typer(library_app, name="library")
 
 ConfigArg = typer.Argument(..., help="project YAML (base, domains, training, library)")
-ExecutorOpt = typer.Option("local", "--executor", help="where the jobs run: local (here, one after another) or ray")
+ExecutorOpt = typer.Option("local", "--executor", help=f"where the jobs run: {EXECUTORS.listing()} (local: here, "
+                                                       "one after another)")
 AddressOpt = typer.Option(None, "--address", help="Ray cluster address (host:6379, ray://host:10001, auto); "
                                                   "default: start Ray on this machine")
 CpusOpt = typer.Option(None, "--cpus-per-job", help="Ray: CPUs (= torch threads) per job (default 1)")
@@ -89,22 +94,37 @@ def train(config: Path = ConfigArg,
 @app.command("eval")
 def evaluate(config: Path = ConfigArg,
              out: Optional[Path] = typer.Option(None, help="report folder (default: beside the library)"),
+             tasks: Optional[str] = typer.Option(None, help="task accuracy instead of perplexity: comma-separated "
+                                                            "lm-eval tasks; shipped: general, domain, all, arc_easy, "
+                                                            "..., pubmedqa, agnews"),
+             model: Optional[list[str]] = typer.Option(None, help="just these compositions (repeatable; "
+                                                                  "default: base and every library entry)"),
+             limit: Optional[int] = typer.Option(None, min=1, help="--tasks: at most this many examples per task"),
+             tasks_data: Optional[Path] = typer.Option(None, help="--tasks: the folder holding tasks/ and corpora/ "
+                                                                  "(default: ../shared beside the project)"),
              device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ..."),
              executor: str = ExecutorOpt, address: Optional[str] = AddressOpt,
              cpus_per_job: Optional[float] = CpusOpt, gpus_per_job: Optional[float] = GpusOpt):
-    """Perplexity of the base and every library entry on every domain's test split."""
+    """Perplexity of the base and every library entry on every domain's test split (or, with --tasks, accuracy)."""
     _setup()
-    from expertkit.workflow import load_project_base, run_scorecard
+    from expertkit.workflow import load_project_base, run_scorecard, run_task_scorecard
 
+    if tasks is not None:
+        cfg, base = load_project_base(config, device, build_missing=False)
+        names = [t.strip() for t in tasks.split(",") if t.strip()]
+        if not names:
+            raise ExpertkitError("--tasks names no task; give e.g. --tasks general,domain")
+        run_task_scorecard(cfg, base, names, out, names=model, limit=limit, data_root=tasks_data)
+        return
     with _executor(executor, address, cpus_per_job, gpus_per_job) as runner:
         cfg, base = load_project_base(config, device, build_missing=False)
-        run_scorecard(cfg, base, out, executor=runner)
+        run_scorecard(cfg, base, out, names=model, executor=runner)
 
 
 @app.command()
 def generate(config: Path = ConfigArg, prompt: str = typer.Argument(..., help="text to continue"),
              model: str = typer.Option("base", help="'base' or a library entry name; with --small, a collaboration "
-                                                    "spec: proxy:EXPERT, defer:EXPERT, card:EXPERT or fusion"),
+                                                    f"spec, STRATEGY:EXPERT or fusion ({STRATEGIES.listing()})"),
              max_tokens: int = typer.Option(48, min=0), temperature: float = typer.Option(0.0, min=0.0),
              top_p: float = typer.Option(1.0), seed: int = typer.Option(0),
              stop: Optional[list[str]] = typer.Option(None, help="stop string (repeatable)"),
@@ -148,8 +168,7 @@ def generate(config: Path = ConfigArg, prompt: str = typer.Argument(..., help="t
 @app.command()
 def merge(config: Path = ConfigArg,
           expert: Optional[list[str]] = typer.Option(None, help="expert to merge (repeatable; default: all experts)"),
-          method: Optional[str] = typer.Option(None, help="linear (default), task_arithmetic, ties, dare_linear, "
-                                                          "dare_ties, magnitude_prune, breadcrumbs"),
+          method: Optional[str] = typer.Option(None, help=f"{METHODS.listing()} (default: linear)"),
           weight: Optional[list[float]] = typer.Option(None, help="one per --expert, in order (default: equal)"),
           lam: Optional[float] = typer.Option(None, "--lambda", help="scale of the merged task vector"),
           density: Optional[float] = typer.Option(None, help="share of each ΔW kept (TIES, DARE, pruning, "
@@ -169,7 +188,8 @@ def merge(config: Path = ConfigArg,
           budget: float = typer.Option(300.0, help="--search time budget in seconds"),
           force: bool = typer.Option(False, help="overwrite an entry of the same name"),
           device: Optional[str] = typer.Option(None),
-          executor: str = typer.Option("local", "--executor", help="where --search trials run: local or ray"),
+          executor: str = typer.Option("local", "--executor", help=f"where --search trials run: "
+                                                                    f"{EXECUTORS.listing()}"),
           address: Optional[str] = AddressOpt, cpus_per_job: Optional[float] = CpusOpt,
           gpus_per_job: Optional[float] = GpusOpt):
     """Merge experts into one LoRA adapter or one full model (exact ΔW-space merges)."""
@@ -244,7 +264,7 @@ app.add_typer(mixture_app, name="mixture")
 
 @router_app.command("train")
 def router_train(config: Path = ConfigArg,
-                 kind: str = typer.Option(..., help="lexical, embedding, likelihood or arrow"),
+                 kind: str = typer.Option(..., help=ROUTERS.listing()),
                  name: Optional[str] = typer.Option(None, help="library entry name (default: router-<kind>)"),
                  abstain_rate: Optional[float] = typer.Option(
                      None, min=0.0, max=0.99, help="share of validation prompts sent to the base (default: config)"),

@@ -27,8 +27,12 @@ class SamplingParams:
             raise ExpertkitError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
-def choose_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
-    """Greedy at temperature 0, else nucleus sampling from a seeded generator."""
+def choose_next(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]) -> torch.Tensor:
+    """Greedy at temperature 0, else nucleus sampling, row i from its own seeded generator `generators[i]`.
+
+    One generator per row makes a seed mean the same thing wherever a prompt runs: its sample does not depend
+    on the other rows of its batch (generate() with several prompts, the server's running batch).
+    """
     if params.temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
@@ -37,7 +41,8 @@ def choose_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
         drop = sorted_p.cumsum(-1) - sorted_p > params.top_p
         sorted_p = sorted_p.masked_fill(drop, 0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).view(-1).to(logits.device)
+    rows = [torch.multinomial(p, 1, generator=g) for p, g in zip(probs.cpu(), generators)]
+    return torch.cat(rows).to(logits.device)
 
 
 def pad_left(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,24 +74,31 @@ def _cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     return (text[: min(hits)], True) if hits else (text, False)
 
 
-@torch.no_grad()
 def generate(composition: Composition, tokenizer, prompts: list[str], params: SamplingParams = SamplingParams(),
              context_length: int | None = None) -> list[str]:
     """Continue each prompt; returns only the new text of each row."""
-    input_ids, mask = left_pad(tokenizer, prompts)
+    rows = [tokenizer(p, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id] for p in prompts]
+    return generate_ids(composition, tokenizer, rows, params, context_length)
+
+
+@torch.no_grad()
+def generate_ids(composition: Composition, tokenizer, rows: list[list[int]], params: SamplingParams = SamplingParams(),
+                 context_length: int | None = None) -> list[str]:
+    """Continue each prompt given as token ids; returns only the new text of each row."""
+    input_ids, mask = pad_left(rows, pad_id(tokenizer))
     if context_length and input_ids.shape[1] + params.max_new_tokens > context_length:
         raise ExpertkitError(f"prompt of {input_ids.shape[1]} tokens + max_new_tokens {params.max_new_tokens} "
                              f"exceeds the model's context of {context_length}; shorten one of them")
-    generator = torch.Generator().manual_seed(params.seed)
-    rows = len(prompts)
-    new_tokens: list[list[int]] = [[] for _ in range(rows)]
-    done = [False] * rows
+    n = len(rows)
+    generators = [torch.Generator().manual_seed(params.seed) for _ in range(n)]
+    new_tokens: list[list[int]] = [[] for _ in range(n)]
+    done = [False] * n
     if params.max_new_tokens == 0:
-        return [""] * rows
+        return [""] * n
     logits, state = composition.prefill(input_ids, mask)
     logits = logits[:, -1]
     for _ in range(params.max_new_tokens):
-        next_ids = choose_next(logits, params, generator)
+        next_ids = choose_next(logits, params, generators)
         for i, t in enumerate(next_ids.tolist()):
             if done[i]:
                 continue

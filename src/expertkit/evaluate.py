@@ -18,6 +18,7 @@ from expertkit.compose import Composition
 from expertkit.config import ProjectConfig
 from expertkit.data import Blocks, load_corpus, make_blocks
 from expertkit.fsutil import atomic_write_text, ensure_writable_dir
+from expertkit.scoring import continuation_log_probs
 
 
 def shifted_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
@@ -42,24 +43,19 @@ def nll_sum(composition: Composition, blocks: Blocks, context_tokens: int = 0) -
         labels = labels.clone()
         labels[:, :context_tokens] = -100
         if composition.decides_from_prompt:
-            return _stepped_nll(composition, blocks.input_ids, blocks.attention_mask, labels, context_tokens)
+            return _routed_nll(composition, blocks.input_ids, labels, context_tokens)
     logits, _ = composition.prefill(blocks.input_ids, blocks.attention_mask)
     return shifted_nll(logits, labels)
 
 
-def _stepped_nll(composition: Composition, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
-                 context_tokens: int) -> tuple[float, int]:
-    """Prefill the context, then one step per remaining token; the NLL of tokens context_tokens.. ."""
-    logits, state = composition.prefill(ids[:, :context_tokens], mask[:, :context_tokens])
-    predicted, total, count = logits[:, -1], 0.0, 0
-    for t in range(context_tokens, ids.shape[1]):
-        target = labels[:, t].to(predicted.device)
-        total += float(torch.nn.functional.cross_entropy(predicted.float(), target, ignore_index=-100,
-                                                         reduction="sum"))
-        count += int((target != -100).sum())
-        if t + 1 < ids.shape[1]:
-            predicted, state = composition.step(state, ids[:, t])
-    return total, count
+def _routed_nll(composition: Composition, ids: torch.Tensor, labels: torch.Tensor,
+                context_tokens: int) -> tuple[float, int]:
+    """The NLL of tokens context_tokens.. when the composition may read only the tokens before them."""
+    rows = [(row[:context_tokens].tolist(), row[context_tokens:].tolist()) for row in ids]
+    scored = continuation_log_probs(composition, rows, pad=0)  # full blocks: the pad id is never used
+    kept = (labels[:, context_tokens:] != -100).cpu()
+    total = -sum(float(s.log_probs[k].sum()) for s, k in zip(scored, kept))
+    return total, int(kept.sum())
 
 
 def test_blocks(config: ProjectConfig, tokenizer) -> dict[str, Blocks]:

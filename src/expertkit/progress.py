@@ -12,8 +12,11 @@ console = Console(stderr=True, soft_wrap=True)
 
 
 @contextmanager
-def progress_bar(description: str, total: int):
+def progress_bar(description: str, total: int, disable: bool = False):
     """Yield an `advance(n=1, info="")` callable; `info` (say, the loss) is shown beside the bar."""
+    if disable:
+        yield lambda n=1, info="": None
+        return
     if not console.is_terminal:
         yield _log_lines(description, total)
         return

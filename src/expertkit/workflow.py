@@ -57,6 +57,35 @@ def run_scorecard(cfg: ProjectConfig, base: Base, out: Path | None = None, names
     return card
 
 
+def run_task_scorecard(cfg: ProjectConfig, base: Base, tasks: list[str], out: Path | None = None,
+                       names: list[str] | None = None, limit: int | None = None,
+                       data_root: Path | None = None) -> dict:
+    """Every composition (the base and every library entry, or `names`) on lm-eval tasks; write the task table."""
+    from expertkit.compose import ExpertPool, build_compositions
+    from expertkit.library import Library
+    from expertkit.tasks import report
+    from expertkit.tasks.local import default_data_root, resolve
+    from expertkit.tasks.run import composition_identity, evaluate_on_tasks, summarize
+
+    specs = resolve(tasks, data_root or default_data_root())
+    library = Library(Path(cfg.library).resolve())
+    entries = {e.name: e for e in library.entries()}
+    names = ["base", *entries] if names is None else names
+    identity = base.identity()  # before adapters are attached
+    pool = ExpertPool(base, library, names=[n for n in names if n != "base"])
+    compositions = {c.name: (c, composition_identity(identity, entries[c.name].manifest if c.name in entries
+                                                      else None)) for c in build_compositions(pool, names)}
+    out = Path(out) if out else Path(cfg.library).parent / "scorecard"
+    rows = evaluate_on_tasks(compositions, base.tokenizer, pool.context_length or 2048, specs, limit,
+                             cfg.evaluation.batch_size, cache_dir=out / "task-cache")
+    experts = {n: e.domain for n, e in entries.items() if e.kind == "expert" and n in names}
+    card = {"rows": rows, **summarize(rows, experts), "limit": limit}
+    paths = report.write(card, out)
+    console.print(report.markdown(card), highlight=False)
+    console.print(f"task table written to {paths['json']}, {paths['md']}, {paths['png']}")
+    return card
+
+
 def library_score_state(spec: BaseSpec, library_root: str, names: list[str], blocks: dict, batch_size: int,
                         context_tokens: int = 0):
     """A worker's scorecard state: the base with the library attached and the named compositions built."""

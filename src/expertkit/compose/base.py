@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from expertkit.errors import ExpertkitError
+from expertkit.registry import Registry
 
 
 @dataclass
@@ -52,33 +53,26 @@ class Composition(ABC):
 
 
 # entry kind -> factory(pool, entry) -> Composition
-_FACTORIES: dict[str, Callable] = {}
+COMPOSITIONS: Registry[Callable] = Registry("composition kind")
 
 
 def register(kind: str):
     """Decorator: `@register("expert")` makes library entries of that kind into compositions."""
-
-    def wrap(factory):
-        if kind in _FACTORIES:
-            raise ValueError(f"composition kind '{kind}' is registered twice")
-        _FACTORIES[kind] = factory
-        return factory
-
-    return wrap
+    return COMPOSITIONS.register(kind)
 
 
 def registered_kinds() -> list[str]:
-    return sorted(_FACTORIES)
+    return COMPOSITIONS.names()
 
 
 def build_compositions(pool, names: list[str] | None = None) -> list[Composition]:
     """The base plus one composition per library entry (or just `names`, in that order)."""
-    by_name = {"base": _FACTORIES["base"](pool, None)}
+    by_name = {"base": COMPOSITIONS["base"](pool, None)}
     for entry in list(pool.entries):  # a factory may attach the entries it needs (see ExpertPool.ensure)
-        if entry.kind not in _FACTORIES:
+        if entry.kind not in COMPOSITIONS:
             raise ExpertkitError(f"library entry '{entry.name}' has kind '{entry.kind}' that no composition handles; "
-                                 f"known kinds: {registered_kinds()}")
-        by_name[entry.name] = _FACTORIES[entry.kind](pool, entry)
+                                 f"known kinds: {COMPOSITIONS.listing()}")
+        by_name[entry.name] = COMPOSITIONS[entry.kind](pool, entry)
     if names is None:
         return list(by_name.values())
     missing = [n for n in names if n not in by_name]

@@ -32,6 +32,7 @@ from expertkit.compose.lean import LeanDecoder, LeanState
 from expertkit.compose.pool import BASE_ADAPTER, ExpertPool
 from expertkit.compose.vocab import TokenMap, resolve_token_map
 from expertkit.errors import ExpertkitError
+from expertkit.registry import Registry
 
 DEFER_THRESHOLD = 3.0  # nats: the small expert keeps a token while it is about as sure as a choice among ~20 tokens
 
@@ -202,16 +203,14 @@ class Strategy:
     defaults: dict
 
 
-_STRATEGIES: dict[str, Strategy] = {}
+STRATEGIES: Registry[Strategy] = Registry("collaboration strategy")
 
 
 def collaboration(name: str, per_expert: bool = True, **defaults):
     """Decorator: `@collaboration("proxy", alpha=1.0)` registers a strategy and the parameters it accepts."""
 
     def wrap(factory):
-        if name in _STRATEGIES:
-            raise ValueError(f"collaboration strategy '{name}' is registered twice")
-        _STRATEGIES[name] = Strategy(name, factory, per_expert, defaults)
+        STRATEGIES.add(name, Strategy(name, factory, per_expert, defaults))
         return factory
 
     return wrap
@@ -219,7 +218,7 @@ def collaboration(name: str, per_expert: bool = True, **defaults):
 
 def collaboration_strategies() -> dict[str, dict]:
     """{strategy name: its parameter defaults}."""
-    return {name: dict(s.defaults) for name, s in sorted(_STRATEGIES.items())}
+    return {name: dict(s.defaults) for name, s in STRATEGIES.items()}
 
 
 def small_experts(small: ExpertPool) -> list[str]:
@@ -233,7 +232,7 @@ def collaboration_names(small: ExpertPool) -> list[str]:
     if not experts:
         return []
     names = []
-    for name, s in sorted(_STRATEGIES.items()):
+    for name, s in STRATEGIES.items():
         names.extend(f"{name}:{e}" for e in experts) if s.per_expert else names.append(name)
     return names
 
@@ -265,10 +264,10 @@ def build_collaboration(spec: str, large: ExpertPool, small: ExpertPool, **param
     so a caller may pass every option it has.
     """
     strategy_name, _, expert = spec.partition(":")
-    if strategy_name not in _STRATEGIES:
+    if strategy_name not in STRATEGIES:
         raise ExpertkitError(f"unknown collaboration strategy '{strategy_name}' in '{spec}'; choose one of "
-                             f"{sorted(_STRATEGIES)} as '<strategy>:<expert>' (or 'fusion')")
-    strategy = _STRATEGIES[strategy_name]
+                             f"{STRATEGIES.listing()} as '<strategy>:<expert>' (or 'fusion')")
+    strategy = STRATEGIES[strategy_name]
     experts = small_experts(small)
     if strategy.per_expert and expert not in experts:
         what = f"unknown expert '{expert}'" if expert else "no expert"

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 from expertkit.errors import ExpertkitError
+from expertkit.registry import Registry
 
 Advance = Callable[..., None]  # advance(n: int = 1, info: str = "")
 JobFn = Callable[[Any, Any, Advance], Any]  # fn(payload, context value, advance) -> result
@@ -98,38 +99,34 @@ class Executor(ABC):
         self.close()
 
 
-_EXECUTORS: dict[str, type[Executor]] = {}
+EXECUTORS: Registry[type[Executor]] = Registry("executor")
 
 
 def register(name: str):
     """Class decorator: `@register("ray")` makes the executor available as `--executor ray`."""
 
     def wrap(cls: type[Executor]) -> type[Executor]:
-        if name in _EXECUTORS:
-            raise ValueError(f"executor '{name}' is registered twice")
+        EXECUTORS.add(name, cls)
         cls.name = name
-        _EXECUTORS[name] = cls
         return cls
 
     return wrap
 
 
 def executor_names() -> list[str]:
-    return sorted(_EXECUTORS)
+    return EXECUTORS.names()
 
 
 def get_executor(name: str = "local", **options) -> Executor:
     """The executor registered as `name`, built with the options that were given (None = not given)."""
-    if name not in _EXECUTORS:
-        raise ExpertkitError(f"unknown executor '{name}'; available: {executor_names()}")
+    cls = EXECUTORS.get(name)
     given = {k: v for k, v in options.items() if v is not None}
-    cls = _EXECUTORS[name]
     extra = sorted(set(given) - set(cls.OPTIONS))
     if extra:
         flags = ", ".join(_flag(k) for k in extra)
         takes = ", ".join(_flag(k) for k in cls.OPTIONS) or "no options"
         raise ExpertkitError(f"{flags} is not an option of the '{name}' executor (it takes {takes}); "
-                             f"executors: {executor_names()}")
+                             f"executors: {EXECUTORS.listing()}")
     return cls(**given)
 
 

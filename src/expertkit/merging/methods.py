@@ -20,6 +20,7 @@ from typing import Callable, Literal
 import torch
 
 from expertkit.merging.recipe import MergeRecipe
+from expertkit.registry import Registry
 
 Sign = Literal["total", "frequency"]
 
@@ -48,7 +49,7 @@ class MergeMethod:
         return next(p.default for p in spec.parameters if p.name == "normalize")
 
 
-METHODS: dict[str, MergeMethod] = {}
+METHODS: Registry[MergeMethod] = Registry("merge method")
 
 
 def merge_method(name: str, mergekit: str, random: bool = False):
@@ -57,7 +58,7 @@ def merge_method(name: str, mergekit: str, random: bool = False):
         unknown = set(method.arguments) - set(MergeRecipe.model_fields)
         if unknown:  # a programming error, caught at import
             raise TypeError(f"merge method '{name}' takes {sorted(unknown)}, which are not MergeRecipe fields")
-        METHODS[name] = method
+        METHODS.add(name, method)
         return fn
 
     return wrap

@@ -43,7 +43,7 @@ class MergeRecipe(Strict):
         from expertkit.merging.methods import METHODS
 
         if method not in METHODS:
-            raise ValueError(f"unknown merge method '{method}'; allowed: {', '.join(sorted(METHODS))}")
+            raise ValueError(f"unknown merge method '{method}'; allowed: {METHODS.listing()}")
         return method
 
     @field_validator("density")

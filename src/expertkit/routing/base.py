@@ -15,6 +15,7 @@ from typing import Callable, ClassVar
 import torch
 
 from expertkit.errors import ExpertkitError
+from expertkit.registry import Registry
 
 BASE_LABEL = "base"
 LABEL_SMOOTHING = 0.05
@@ -91,30 +92,26 @@ class Router(ABC):
         """[N, len(labels)] rows that sum to 1."""
 
 
-_ROUTERS: dict[str, type[Router]] = {}
+ROUTERS: Registry[type[Router]] = Registry("router kind")
 
 
 def register_router(kind: str) -> Callable[[type[Router]], type[Router]]:
     """Class decorator: `@register_router("lexical")` makes `router train --kind lexical` build this class."""
 
     def wrap(cls: type[Router]) -> type[Router]:
-        if kind in _ROUTERS:
-            raise ValueError(f"router kind '{kind}' is registered twice")
+        ROUTERS.add(kind, cls)
         cls.kind = kind
-        _ROUTERS[kind] = cls
         return cls
 
     return wrap
 
 
 def router_kinds() -> list[str]:
-    return sorted(_ROUTERS)
+    return ROUTERS.names()
 
 
 def router_class(kind: str) -> type[Router]:
-    if kind not in _ROUTERS:
-        raise ExpertkitError(f"unknown router kind '{kind}'; known: {router_kinds()}")
-    return _ROUTERS[kind]
+    return ROUTERS.get(kind)
 
 
 def fit_temperature(scores: torch.Tensor, targets: torch.Tensor) -> float:

@@ -340,7 +340,7 @@ class Engine:
                 self._finish(job, "length")
                 continue
             token = greedy[i] if job.params.temperature == 0 else int(
-                choose_next(logits[i:i + 1], job.params, job.generator)[0])
+                choose_next(logits[i:i + 1], job.params, [job.generator])[0])
             if token == self.eos and not job.ignore_eos:
                 self._end_of_text(job, logits[i], token)
                 continue

@@ -24,7 +24,6 @@ class ServeOptions:
     max_queue: int = 256
     max_prompt_tokens: int | None = None  # default: the model's context
     max_tokens: int = 512
-    api_key: str | None = None
 
 
 def pick_router(entries, requested: str | None) -> str | None:

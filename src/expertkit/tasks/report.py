@@ -1,0 +1,63 @@
+"""The task table as files: tasks.json, tasks.md and tasks.png (change of acc_norm vs the base, per task)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from expertkit.fsutil import atomic_write_text, ensure_writable_dir
+
+
+def markdown(card: dict) -> str:
+    tasks = sorted({r["task"] for r in card["rows"]})
+    names = list(dict.fromkeys(r["composition"] for r in card["rows"]))
+    cell = {(r["composition"], r["task"]): r for r in card["rows"]}
+
+    def show(name: str, task: str) -> str:
+        r = cell.get((name, task))
+        return "" if r is None or r["acc_norm"] is None else f"{100 * r['acc_norm']:.1f} ± {100 * (r['stderr'] or 0):.1f}"
+
+    lines = ["| composition | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    lines += [f"| {n} | " + " | ".join(show(n, t) for t in tasks) + " |" for n in names]
+    out = "Task accuracy (acc_norm, %, ± lm-eval's standard error)\n\n" + "\n".join(lines) + "\n"
+    for expert, points in card["forgetting"].items():
+        out += (f"\n- {expert}: general tasks {points:+.2f} points "
+                f"(± {card['forgetting_interval'][expert]:.2f}, 95%)")
+        if expert in card["domain_skill"]:
+            out += f"; own domain task {card['domain_skill'][expert]:+.2f} points"
+    return out + "\n"
+
+
+def plot(card: dict, path: Path) -> None:
+    """Compositions x tasks, coloured by acc_norm change vs the base in points (green = better)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in card["rows"]})
+    names = list(dict.fromkeys(r["composition"] for r in card["rows"]))
+    cell = {(r["composition"], r["task"]): r["acc_norm"] for r in card["rows"]}
+    change = [[100 * ((cell.get((n, t)) or 0) - (cell.get(("base", t)) or 0)) for t in tasks] for n in names]
+    fig, ax = plt.subplots(figsize=(1.3 * len(tasks) + 2.5, 0.5 * len(names) + 1.5))
+    image = ax.imshow(change, cmap="RdYlGn", vmin=-10, vmax=10, aspect="auto")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    for i, n in enumerate(names):
+        for j, t in enumerate(tasks):
+            if cell.get((n, t)) is not None:
+                ax.text(j, i, f"{100 * cell[(n, t)]:.1f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(image, ax=ax, label="acc_norm change vs base (points)")
+    ax.set_title("task accuracy (text: acc_norm %; colour: change vs base)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(card: dict, out_dir: Path) -> dict[str, Path]:
+    ensure_writable_dir(out_dir, "scorecard folder")
+    paths = {"json": out_dir / "tasks.json", "md": out_dir / "tasks.md", "png": out_dir / "tasks.png"}
+    atomic_write_text(paths["json"], json.dumps(card, indent=2) + "\n")
+    atomic_write_text(paths["md"], markdown(card))
+    plot(card, paths["png"])
+    return paths

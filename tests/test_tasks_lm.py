@@ -1,0 +1,131 @@
+"""expertkit's lm-eval model agrees with lm-eval's own `hf` + `peft` model, request by request."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from expertkit.tasks import ExpertkitLM
+
+from test_lm_eval import TASK_DIR, multiple_choice_docs, short_documents
+
+lm_eval = pytest.importorskip("lm_eval")
+
+
+def evaluate(model, tasks: list[str], **kwargs) -> dict:
+    from lm_eval.tasks import TaskManager
+
+    return lm_eval.simple_evaluate(model=model, tasks=tasks, task_manager=TaskManager(include_path=str(TASK_DIR)),
+                                   log_samples=True, **kwargs)
+
+
+def per_request(result: dict, task: str) -> list[float]:
+    samples = sorted(result["samples"][task], key=lambda s: s["doc_id"])
+    return [float(r[0][0]) if isinstance(r[0], (list, tuple)) else float(r[0]) for s in samples for r in s["resps"]]
+
+
+@pytest.fixture
+def task_files(sentence_library, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the task YAMLs read their documents from the working folder
+    (tmp_path / "expertkit_mc_docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in multiple_choice_docs(24)))
+    lm = ExpertkitLM.from_library(sentence_library.root, "alpha", batch_size=5)
+    docs = short_documents(lm.tokenizer, limit=8, max_tokens=lm.max_length - 4)
+    (tmp_path / "expertkit_ppl_docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return sentence_library, lm
+
+
+def test_expertkit_lm_equals_hf_with_peft(task_files):
+    library, ours = task_files
+    hf_args = f"pretrained={library.base_identity()['name']},peft={library.get('alpha').path},dtype=float32"
+    theirs = evaluate("hf", ["expertkit_mc", "expertkit_ppl"], model_args=hf_args, device="cpu", batch_size=4)
+    mine = evaluate(ours, ["expertkit_mc", "expertkit_ppl"])
+    for task in ("expertkit_mc", "expertkit_ppl"):
+        assert per_request(mine, task) == pytest.approx(per_request(theirs, task), abs=1e-4), task
+    for metric in ("acc,none", "acc_norm,none"):
+        assert mine["results"]["expertkit_mc"][metric] == theirs["results"]["expertkit_mc"][metric]
+    assert mine["results"]["expertkit_ppl"]["word_perplexity,none"] == pytest.approx(
+        theirs["results"]["expertkit_ppl"]["word_perplexity,none"], rel=1e-5)
+
+
+def test_a_router_scores_choices_it_never_read(task_files):
+    """Leak-free: the router decides from the question alone, never from the choice being scored."""
+    library, _ = task_files
+    lm = ExpertkitLM.from_library(library.root, "base")
+    read: list[list[int]] = []
+
+    class Recording:
+        decides_from_prompt, name = True, "recording"
+
+        def prefill(self, ids, mask):
+            read.extend(row[m.bool()].tolist() for row, m in zip(ids, mask))
+            return lm_base.prefill(ids, mask)
+
+        def step(self, state, next_ids):
+            return lm_base.step(state, next_ids)
+
+    lm_base, lm.composition = lm.composition, Recording()
+    contexts = ["patient dose trial", "def return"]
+    requests = [(None, lm.tok_encode(c), lm.tok_encode(" cohort tumor")) for c in contexts]
+    stepped = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert sorted(read) == sorted(lm.tok_encode(c) for c in contexts)  # the prompts, never a choice token
+    lm.composition = lm_base
+    assert [s for s, _ in stepped] == pytest.approx([s for s, _ in lm._loglikelihood_tokens(requests, True)],
+                                                   abs=1e-4)
+
+
+def shared_like(root, tasks: dict[str, list[dict]]):
+    """A data root laid out as ../shared: tasks/<name>.jsonl."""
+    (root / "tasks").mkdir(parents=True)
+    for name, rows in tasks.items():
+        (root / "tasks" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+SHARED_TASKS = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "tasks"
+
+
+def first_rows(name: str, n: int) -> list[dict]:
+    return [json.loads(line) for line in (SHARED_TASKS / f"{name}.jsonl").read_text().splitlines()[:n]]
+
+
+def test_eval_tasks_writes_the_task_table(trained, tmp_path, monkeypatch, capsys):
+    from test_cli import run_cli
+
+    cfg, _, library = trained
+    data = shared_like(tmp_path / "data", {"arc_easy": first_rows("arc_easy", 6), "piqa": first_rows("piqa", 6)})
+    project = tmp_path / "project.yaml"
+    args = ["eval", project, "--tasks", "arc_easy,piqa", "--tasks-data", data, "--out", tmp_path / "card"]
+    code, out, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    card = json.loads((tmp_path / "card" / "tasks.json").read_text())
+    assert {(r["composition"], r["task"]) for r in card["rows"]} == {
+        (c, t) for c in ("base", "alpha", "beta") for t in ("arc_easy", "piqa")}
+    assert set(card["forgetting"]) == {"alpha", "beta"} and all(r["n"] == 6 for r in card["rows"])
+    assert (tmp_path / "card" / "tasks.png").stat().st_size > 0 and "general tasks" in out + err
+    cached = sorted((tmp_path / "card" / "task-cache").glob("*.db"))
+    assert len(cached) == 3  # one cache per composition identity: a rerun scores nothing again
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"context": "Q", "choices": [" a", " b"], "label": 2}, "label 2 is out of range for 2 choices"),
+    ({"context": "Q", "choices": [" a", " b"]}, "missing field(s) ['label']"),
+    ({"context": "Q", "choices": [], "label": 0}, "'choices' must be a non-empty list"),
+])
+def test_bad_task_files_are_one_clear_error(row, message, tmp_path):
+    from expertkit.errors import ExpertkitError
+    from expertkit.tasks.local import resolve
+
+    data = shared_like(tmp_path, {"arc_easy": [{"context": "Q", "choices": [" a"], "label": 0}, row]})
+    with pytest.raises(ExpertkitError) as error:
+        resolve(["arc_easy"], data)
+    assert message in str(error.value) and "arc_easy.jsonl:2" in str(error.value)
+
+
+def test_an_unknown_task_name_is_one_clear_error(sentence_library, tmp_path):
+    from expertkit.errors import ExpertkitError
+    from expertkit.tasks.run import evaluate_on_tasks
+
+    lm = ExpertkitLM.from_library(sentence_library.root, "base")
+    with pytest.raises(ExpertkitError, match="could not load the tasks.*no_such_task.*shipped tasks"):
+        evaluate_on_tasks({"base": (lm.composition, "x")}, lm.tokenizer, lm.max_length, ["no_such_task"])
