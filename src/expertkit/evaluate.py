@@ -142,26 +142,13 @@ def markdown_table(card: dict) -> str:
 
 def plot_heatmap(card: dict, path: Path) -> None:
     """Perplexity relative to the base per domain (green = better than base)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from expertkit.plots import heatmap
 
     ppl = card["ppl"]
     names, domains = list(ppl), list(ppl["base"])
-    rel = [[ppl[n][d] / ppl["base"][d] for d in domains] for n in names]
-    fig, ax = plt.subplots(figsize=(1.4 * len(domains) + 2.5, 0.55 * len(names) + 1.5))
-    im = ax.imshow(rel, cmap="RdYlGn_r", vmin=0.5, vmax=1.5, aspect="auto")
-    ax.set_xticks(range(len(domains)), domains, rotation=30, ha="right")
-    ax.set_yticks(range(len(names)), names)
-    for i, n in enumerate(names):
-        for j, d in enumerate(domains):
-            ax.text(j, i, f"{ppl[n][d]:.1f}", ha="center", va="center", fontsize=8)
-    fig.colorbar(im, ax=ax, label="perplexity / base perplexity")
-    ax.set_title("test perplexity (colour: relative to base)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    heatmap(path, names, domains, [[ppl[n][d] / ppl["base"][d] for d in domains] for n in names],
+            [[ppl[n][d] for d in domains] for n in names], ("RdYlGn_r", 0.5, 1.5), "perplexity / base perplexity",
+            "test perplexity (colour: relative to base)")
 
 
 def write_report(card: dict, out_dir: str | Path) -> dict[str, Path]:

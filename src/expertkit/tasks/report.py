@@ -30,28 +30,15 @@ def markdown(card: dict) -> str:
 
 def plot(card: dict, path: Path) -> None:
     """Compositions x tasks, coloured by acc_norm change vs the base in points (green = better)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from expertkit.plots import heatmap
 
     tasks = sorted({r["task"] for r in card["rows"]})
     names = list(dict.fromkeys(r["composition"] for r in card["rows"]))
     cell = {(r["composition"], r["task"]): r["acc_norm"] for r in card["rows"]}
     change = [[100 * ((cell.get((n, t)) or 0) - (cell.get(("base", t)) or 0)) for t in tasks] for n in names]
-    fig, ax = plt.subplots(figsize=(1.3 * len(tasks) + 2.5, 0.5 * len(names) + 1.5))
-    image = ax.imshow(change, cmap="RdYlGn", vmin=-10, vmax=10, aspect="auto")
-    ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
-    ax.set_yticks(range(len(names)), names)
-    for i, n in enumerate(names):
-        for j, t in enumerate(tasks):
-            if cell.get((n, t)) is not None:
-                ax.text(j, i, f"{100 * cell[(n, t)]:.1f}", ha="center", va="center", fontsize=8)
-    fig.colorbar(image, ax=ax, label="acc_norm change vs base (points)")
-    ax.set_title("task accuracy (text: acc_norm %; colour: change vs base)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    text = [[None if cell.get((n, t)) is None else 100 * cell[(n, t)] for t in tasks] for n in names]
+    heatmap(path, names, tasks, change, text, ("RdYlGn", -10, 10), "acc_norm change vs base (points)",
+            "task accuracy (text: acc_norm %; colour: change vs base)")
 
 
 def write(card: dict, out_dir: Path) -> dict[str, Path]:
