@@ -9,6 +9,8 @@ file fails in one line before the slow load, and the dir is written atomically.
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import tempfile
 import time
@@ -50,12 +52,10 @@ def gguf_architectures() -> list[str]:
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     names = set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"}  # keys of the metadata table, not archs
-    try:  # transformers >= 5.x: a second loader for the newest architectures
+    with contextlib.suppress(ImportError):  # transformers >= 5.x: a second loader for the newest architectures
         from transformers.integrations.gguf import GGUF_CONFIG_ARCHS
 
         names |= set(GGUF_CONFIG_ARCHS)
-    except ImportError:
-        pass
     in_files = set(MODEL_ARCH_NAMES.values())
     spelled = set()
     for name in names:
@@ -117,12 +117,12 @@ def load_gguf(info: GGUFInfo, dtype: str = "float32"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     extra = {}
-    try:  # transformers >= 5 can keep GGUF blocks packed; dequantize=True asks for a plain dense model
+    # transformers >= 5 can keep GGUF blocks packed; dequantize=True asks for a plain dense model (older
+    # releases have no GgufConfig and always dequantize)
+    with contextlib.suppress(ImportError):
         from transformers import GgufConfig
 
         extra["quantization_config"] = GgufConfig(dequantize=True)
-    except ImportError:  # older releases always dequantize
-        pass
 
     with tempfile.TemporaryDirectory(prefix="expertkit-gguf-") as folder:
         # A folder holding only the file: transformers must not pick up a config.json or
