@@ -64,9 +64,13 @@ def pad_id(tokenizer) -> int:
     return 0
 
 
+def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Prompt texts as token rows (an empty prompt becomes end-of-text, so every row has a token)."""
+    return [tokenizer(p, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id] for p in prompts]
+
+
 def left_pad(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id] for p in prompts]
-    return pad_left(ids, pad_id(tokenizer))
+    return pad_left(encode_prompts(tokenizer, prompts), pad_id(tokenizer))
 
 
 def _cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
@@ -77,8 +81,7 @@ def _cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
 def generate(composition: Composition, tokenizer, prompts: list[str], params: SamplingParams = SamplingParams(),
              context_length: int | None = None) -> list[str]:
     """Continue each prompt; returns only the new text of each row."""
-    rows = [tokenizer(p, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id] for p in prompts]
-    return generate_ids(composition, tokenizer, rows, params, context_length)
+    return generate_ids(composition, tokenizer, encode_prompts(tokenizer, prompts), params, context_length)
 
 
 @torch.no_grad()
