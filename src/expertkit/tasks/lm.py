@@ -51,7 +51,10 @@ class ExpertkitLM(TemplateLM):
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "ExpertkitLM":
         """`--model expertkit --model_args library=DIR,model=NAME[,base=DIR,device=cpu,batch_size=16]`."""
         args = lm_utils.simple_parse_args_string(arg_string)
-        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k in ("device",)}
+        given = additional_config or {}  # lm-eval's own --device and --batch_size (model_args win over them)
+        extra = {"device": given.get("device")}
+        if isinstance(given.get("batch_size"), int):
+            extra["batch_size"] = given["batch_size"]
         unknown = sorted(set(args) - {"library", "model", "base", "device", "batch_size"})
         if unknown or "library" not in args:
             raise ExpertkitError(f"expertkit model_args take library=DIR (required), model, base, device, "
