@@ -62,8 +62,8 @@ def _gap(ppl: dict, key: str) -> float:
 
 
 def _references(large_pool, domain: str):
-    from expertkit.compose import BASE_ADAPTER
     from expertkit.compose.adapters import AdapterComposition
+    from expertkit.runtime import BASE_ADAPTER
 
     return [AdapterComposition(large_pool, BASE_ADAPTER, "large"), AdapterComposition(large_pool, domain, "large_tuned")]
 
@@ -139,9 +139,9 @@ def speed(large_path: str, small_pool, expert: str, prompt_ids: torch.Tensor, al
     from transformers import AutoModelForCausalLM, DynamicCache
 
     from expertkit.base import load_base
-    from expertkit.compose import BASE_ADAPTER, ExpertPool
     from expertkit.compose.adapters import AdapterComposition
     from expertkit.compose.collaborate import ProxyComposition
+    from expertkit.runtime import BASE_ADAPTER, ExpertPool
 
     large_model = AutoModelForCausalLM.from_pretrained(large_path).eval()
     small_path = small_pool.base.name
@@ -219,9 +219,9 @@ def plot_defer(points: list[dict], path: Path, references: dict[str, float]) -> 
 
 @suite("collaborate")
 def run(data: Path, device: str | None) -> dict:
-    from expertkit.compose import ExpertPool
     from expertkit.data import load_corpus
     from expertkit.library import Library
+    from expertkit.runtime import ExpertPool
 
     large_cfg, large, small_cfg, small, sizes = _bases(data, device)
     experts = [d.name for d in large_cfg.domains]

@@ -28,9 +28,9 @@ LOSSLESS = 1e-4  # relative reconstruction error below which the rank-r adapter 
 
 @suite("merge")
 def run(data: Path, device: str | None) -> dict:
-    from expertkit.compose import ExpertPool
     from expertkit.library import Library
     from expertkit.merging import make_recipe, merge_experts
+    from expertkit.runtime import ExpertPool
     from expertkit.train import train_all
     from expertkit.workflow import load_project_base, run_merge_search, run_scorecard
 

@@ -29,11 +29,11 @@ LEAK_FREE_CONTEXT = 32
 
 def build_strategies(cfg, base) -> tuple:
     """Train every router kind and add the mixture to the library; returns (pool, routers, reports)."""
-    from expertkit.compose import ExpertPool
     from expertkit.compose.mix import add_mixture
     from expertkit.config import MixtureConfig
     from expertkit.library import Library
     from expertkit.routing import router_kinds, save_router, train_router
+    from expertkit.runtime import ExpertPool
 
     library = Library(cfg.library)
     pool = ExpertPool(base, library, names=[d.name for d in cfg.domains])
@@ -164,8 +164,8 @@ def print_tables(result: dict, domains: list[str]) -> None:
 
 @suite("route")
 def run(data: Path, device: str | None) -> dict:
-    from expertkit.train import train_all
     from expertkit.evaluate import test_blocks
+    from expertkit.train import train_all
     from expertkit.workflow import load_project_base
 
     cfg, base = load_project_base(bench_config(data), device)

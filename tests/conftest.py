@@ -126,10 +126,10 @@ def sentence_library(tmp_path_factory):
     (The shared micro base is too weak to ever predict end-of-text, the path this test must exercise.)
     """
     from expertkit.build import build_base
-    from expertkit.compose import ExpertPool
     from expertkit.config import load_config
     from expertkit.library import Library
     from expertkit.merging import make_recipe, merge_experts
+    from expertkit.runtime import ExpertPool
     from expertkit.train import train_all
     from expertkit.workflow import load_project_base
 

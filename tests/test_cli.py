@@ -6,8 +6,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from expertkit import cli, decoding
-from expertkit.decoding import SamplingParams, generate, left_pad
+from expertkit import cli
+from expertkit.runtime import SamplingParams, decoding, generate
+from expertkit.runtime.tokens import left_pad
 
 from conftest import read_json, write_project
 
@@ -68,8 +69,9 @@ def test_train_eval_list_generate(monkeypatch, capsys, project, tmp_path):
     code, out, err = run_cli(monkeypatch, capsys, "generate", project, "patient dose", "--model", "alpha",
                              "--max-tokens", "5")
     assert code == 0, err
-    from expertkit.compose import ExpertPool, build_compositions
+    from expertkit.compose import build_compositions
     from expertkit.library import Library
+    from expertkit.runtime import ExpertPool
     from expertkit.workflow import load_project_base
 
     cfg, base = load_project_base(project)

@@ -5,16 +5,22 @@ import torch
 
 from expertkit.base import load_base
 from expertkit.build import build_base
-from expertkit.compose import BASE_ADAPTER, ExpertPool
-from expertkit.compose.collaborate import (DeferComposition, FusionComposition, ProxyComposition,
-                                           build_collaboration, collaboration_names, collaboration_strategies)
+from expertkit.compose.collaborate import (
+    DeferComposition,
+    FusionComposition,
+    ProxyComposition,
+    build_collaboration,
+    collaboration_names,
+    collaboration_strategies,
+)
 from expertkit.config import load_config
-from expertkit.decoding import SamplingParams, generate, left_pad
 from expertkit.errors import ExpertkitError
 from expertkit.library import Library
+from expertkit.runtime import BASE_ADAPTER, ExpertPool, SamplingParams, generate
+from expertkit.runtime.tokens import left_pad
 from expertkit.workflow import load_project_base
 
-from conftest import MICRO_BUILD, assert_cached_steps_match, write_project
+from conftest import MICRO_BUILD, assert_cached_steps_match, read_json, write_project
 from test_cli import assert_cli_generated, assert_one_line_error, capture_generations, run_cli
 
 
@@ -78,7 +84,7 @@ def test_defer_threshold_moves_tokens_between_the_models(pools):
 
 def test_bad_inputs(pools, tmp_path):
     large, small = pools
-    with pytest.raises(ExpertkitError, match="alpha must be >= 0"):
+    with pytest.raises(ExpertkitError, match="bad value for 'alpha': Input should be greater than or equal to 0"):
         ProxyComposition(large, small, "alpha", alpha=-0.5)
     with pytest.raises(ExpertkitError, match=r"expert\(s\) \['beta'\] are not loaded on the small model"):
         ProxyComposition(large, small, "beta")
@@ -102,14 +108,14 @@ def test_fusion_with_one_expert_is_proxy_and_caches_match(pools):
 
 def test_registry_builds_every_listed_spec(pools):
     large, small = pools
-    names = collaboration_names(small)
+    names = collaboration_names(small.adapter_names)
     assert set(names) == {"proxy:alpha", "defer:alpha", "card:alpha", "fusion"}
     for spec in names:
         assert build_collaboration(spec, large, small).name == spec
     proxy = build_collaboration("proxy:alpha", large, small, alpha=0.5, threshold=None)
-    assert isinstance(proxy, ProxyComposition) and proxy.alpha == 0.5
-    assert build_collaboration("defer:alpha", large, small).threshold == collaboration_strategies()["defer"]["threshold"]
-    assert collaboration_names(ExpertPool(small.base)) == []  # a small model without experts offers nothing
+    assert isinstance(proxy, ProxyComposition) and proxy.params.alpha == 0.5
+    assert build_collaboration("defer:alpha", large, small).params.threshold == collaboration_strategies()["defer"]["threshold"]
+    assert collaboration_names(ExpertPool(small.base).adapter_names) == []  # a small model without experts offers nothing
 
 
 @pytest.mark.parametrize("spec, params, message", [
@@ -118,7 +124,7 @@ def test_registry_builds_every_listed_spec(pools):
     ("proxy", {}, "no expert in 'proxy'"),
     ("fusion:alpha", {}, "'fusion' takes no expert"),
     ("defer:alpha", {"alpha": 1.0}, "strategy 'defer' takes no parameter(s) ['alpha']"),
-    ("proxy:alpha", {"alpha": -1.0}, "alpha must be >= 0"),
+    ("proxy:alpha", {"alpha": -1.0}, "bad value for 'alpha': Input should be greater than or equal to 0"),
 ])
 def test_registry_errors_list_the_choices(pools, spec, params, message):
     large, small = pools
@@ -207,9 +213,9 @@ def test_card_relevance_prefers_the_experts_domain(pools):
 
 
 @pytest.mark.parametrize("params, message", [
-    ({"card_tokens": 0}, "card_tokens must be a whole number >= 1"),
-    ({"query_tokens": 0}, "query_tokens must be a whole number >= 1"),
-    ({"threshold": float("nan")}, "card threshold must be a number"),
+    ({"card_tokens": 0}, "bad value for 'card_tokens': Input should be greater than or equal to 1"),
+    ({"query_tokens": 0}, "bad value for 'query_tokens': Input should be greater than or equal to 1"),
+    ({"threshold": float("nan")}, "bad value for 'threshold': Input should be a finite number"),
     ({"alpha": 1.0}, "strategy 'card' takes no parameter(s) ['alpha']"),
 ])
 def test_card_bad_params(pools, params, message):
@@ -221,7 +227,7 @@ def test_card_bad_params(pools, params, message):
 
 def test_lean_small_steps_equal_the_hf_steps(pools):
     """The collaboration's fast small-model step (compose.lean) is the HF/PEFT step, padding and growth included."""
-    from expertkit.compose.lean import LeanDecoder
+    from expertkit.runtime.lean import LeanDecoder
 
     _, small = pools
     adapters = ["alpha", "alpha", BASE_ADAPTER, BASE_ADAPTER]
@@ -234,7 +240,7 @@ def test_lean_small_steps_equal_the_hf_steps(pools):
     state = lean.start(start.past, start.attention_mask, start.next_position, adapters, room=2)  # grows twice
     token = ids[:, -1]
     for _ in range(6):
-        expected, hf = small.step(hf, token, adapters)
+        expected, hf = small.step(hf, token)
         got, state = lean.step(state, token)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         token = expected.argmax(-1)
@@ -242,3 +248,61 @@ def test_lean_small_steps_equal_the_hf_steps(pools):
     assert generate(slow, pools[0].tokenizer, ["patient dose"], SamplingParams(max_new_tokens=12)) == \
         generate(ProxyComposition(pools[0], small, "alpha"), pools[0].tokenizer, ["patient dose"],
                  SamplingParams(max_new_tokens=12))
+
+
+def test_eval_scores_collaborations_like_library_entries(monkeypatch, capsys, pools, small_project, micro_base_dir,
+                                                        tmp_path):
+    """`expertkit eval --small` puts proxy, fusion, defer and card rows on the scorecard, scored like any entry."""
+    from expertkit.evaluate import score, test_blocks
+
+    large, small = pools
+    large_project = write_project(tmp_path, str(micro_base_dir))
+    code, _, err = run_cli(monkeypatch, capsys, "eval", large_project, "--small", small_project,
+                           "--out", tmp_path / "card")
+    assert code == 0, err
+    ppl = read_json(tmp_path / "card" / "scorecard.json")["ppl"]
+    assert set(ppl) == {"base", "proxy:alpha", "defer:alpha", "card:alpha", "fusion"}
+    cfg = load_config(large_project)
+    direct = score([ProxyComposition(large, small, "alpha", alpha=1.0)], test_blocks(cfg, large.tokenizer),
+                   cfg.evaluation.batch_size, cfg.evaluation.context_tokens)["ppl"]["proxy:alpha"]
+    for domain, value in direct.items():
+        assert ppl["proxy:alpha"][domain] == pytest.approx(value, rel=1e-5)
+    assert ppl["proxy:alpha"] != ppl["base"]
+    code, _, err = run_cli(monkeypatch, capsys, "eval", large_project, "--model", "proxy:alpha")
+    assert_one_line_error(code, err, "they need a small model with experts (--small PATH)")
+
+
+def test_server_sets_collaboration_parameters_per_request(served_library, small_project, pools):
+    """alpha / threshold in the request body steer that request only; a model that takes none refuses them (400)."""
+    import httpx
+
+    from expertkit.serve.app import create_app
+    from expertkit.serve.server import BackgroundServer, ServeOptions, build_local_service
+
+    large, small = pools
+    _, library = served_library
+    service = build_local_service(library, ServeOptions(small=str(small_project), max_batch=8))
+    prompt, params = "patient dose trial", SamplingParams(max_new_tokens=8)
+    expected = {alpha: generate(ProxyComposition(large, small, "alpha", alpha=alpha), large.tokenizer, [prompt],
+                                params)[0] for alpha in (0.0, 0.5, 1.0)}
+    assert len(set(expected.values())) > 1, "alpha changes nothing here: nothing to compare"
+    try:
+        with BackgroundServer(create_app(service)) as server:
+            def complete(**body):
+                return httpx.post(server.url + "/v1/completions", timeout=60, json={
+                    "prompt": prompt, "max_tokens": 8, "temperature": 0, **body})
+
+            for alpha, text in expected.items():
+                reply = complete(model="proxy:alpha", alpha=alpha)
+                assert reply.status_code == 200 and reply.json()["choices"][0]["text"] == text, (alpha, reply.text)
+            assert complete(model="proxy:alpha").json()["choices"][0]["text"] == expected[1.0]  # the default
+            never = generate(build_collaboration("defer:alpha", large, small, threshold=1e9), large.tokenizer,
+                             [prompt], params)[0]
+            assert complete(model="defer:alpha", threshold=1e9).json()["choices"][0]["text"] == never
+            for body, message in [({"model": "base", "alpha": 0.5}, "'base' takes no parameters"),
+                                  ({"model": "proxy:alpha", "alpha": -1}, "bad value for 'alpha'"),
+                                  ({"model": "proxy:alpha", "threshold": 2}, "takes no parameter(s) ['threshold']")]:
+                reply = complete(**body)
+                assert reply.status_code == 400 and message in reply.json()["error"]["message"], reply.text
+    finally:
+        service.engine.stop()

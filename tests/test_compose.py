@@ -3,10 +3,11 @@ import math
 import pytest
 import torch
 
-from expertkit.compose import BASE_ADAPTER, ExpertPool, build_compositions, register
-from expertkit.decoding import SamplingParams, generate, left_pad
+from expertkit.compose import build_compositions, register
 from expertkit.errors import ExpertkitError
 from expertkit.evaluate import score
+from expertkit.runtime import BASE_ADAPTER, ExpertPool, SamplingParams, generate
+from expertkit.runtime.tokens import left_pad
 
 from conftest import assert_cached_steps_match
 
@@ -86,8 +87,8 @@ class _StepCounter:
     def __init__(self, inner):
         self.inner, self.steps = inner, 0
 
-    def prefill(self, input_ids, attention_mask):
-        return self.inner.prefill(input_ids, attention_mask)
+    def prefill(self, input_ids, attention_mask, last_only=False):
+        return self.inner.prefill(input_ids, attention_mask, last_only)
 
     def step(self, state, next_ids):
         self.steps += 1

@@ -1,9 +1,8 @@
 import json
 
-from expertkit.config import DomainConfig
+from expertkit.config import DomainConfig, config_from_dict
 from expertkit.data import load_corpus
 from expertkit.demo import DEMO_DOMAINS, demo_config
-from expertkit.config import config_from_dict
 from expertkit.demo_data import write_demo_corpora
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from expertkit.base import load_base
-from expertkit.compose import ExpertPool
 from expertkit.errors import ExpertkitError
 from expertkit.library import Library
+from expertkit.runtime import ExpertPool
 from expertkit.train import train_all
 from expertkit.workflow import load_project_base
 

@@ -5,12 +5,13 @@ import json
 import pytest
 import torch
 
-from expertkit.compose import ExpertPool, build_compositions
+from expertkit.compose import build_compositions
 from expertkit.errors import ExpertkitError
 from expertkit.library import Library
 from expertkit.merging import make_recipe, merge_deltas, merge_experts
 from expertkit.merging.deltas import expert_deltas
 from expertkit.merging.export import factor
+from expertkit.runtime import ExpertPool
 from expertkit.train import train_all
 from expertkit.workflow import load_project_base
 

@@ -6,14 +6,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from expertkit.compose import BASE_ADAPTER, ExpertPool, build_compositions
+from expertkit.compose import build_compositions
 from expertkit.compose.mix import MixtureComposition, add_mixture
 from expertkit.config import MixtureConfig
-from expertkit.decoding import SamplingParams, generate, left_pad
 from expertkit.errors import ExpertkitError
 from expertkit.evaluate import score
 from expertkit.evaluate import test_blocks as domain_test_blocks
 from expertkit.library import Library
+from expertkit.runtime import BASE_ADAPTER, ExpertPool, SamplingParams, generate
+from expertkit.runtime.tokens import left_pad
 
 from conftest import assert_cached_steps_match, write_project
 

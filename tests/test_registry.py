@@ -7,9 +7,11 @@ import pytest
 from expertkit.compose import register
 from expertkit.compose.base import COMPOSITIONS
 from expertkit.compose.collaborate import STRATEGIES, build_collaboration, collaboration
+from expertkit.config import ProxyParams
 from expertkit.errors import ExpertkitError
 from expertkit.executors import get_executor
-from expertkit.executors.base import EXECUTORS, register as register_executor
+from expertkit.executors.base import EXECUTORS
+from expertkit.executors.base import register as register_executor
 from expertkit.merging.methods import METHODS, merge_method
 from expertkit.registry import Registry
 from expertkit.routing.base import ROUTERS, register_router, router_class
@@ -17,7 +19,7 @@ from expertkit.routing.base import ROUTERS, register_router, router_class
 from test_cli import run_cli
 
 REGISTRIES = {"composition": (COMPOSITIONS, lambda: register("expert")(lambda pool, entry: None)),
-              "collaboration": (STRATEGIES, lambda: collaboration("proxy")(lambda *a, **k: None)),
+              "collaboration": (STRATEGIES, lambda: collaboration("proxy", ProxyParams)(lambda *a, **k: None)),
               "executor": (EXECUTORS, lambda: register_executor("local")(type("Twin", (), {}))),
               "merge method": (METHODS, lambda: merge_method("ties", mergekit="ties")(lambda d, w: None)),
               "router": (ROUTERS, lambda: register_router("lexical")(type("Twin", (), {})))}

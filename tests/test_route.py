@@ -6,9 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from expertkit.compose import ExpertPool, build_compositions
+from expertkit.compose import build_compositions
 from expertkit.compose.route import RoutedComposition
-from expertkit.decoding import SamplingParams, generate, left_pad
 from expertkit.errors import ExpertkitError
 from expertkit.evaluate import score
 from expertkit.evaluate import test_blocks as domain_test_blocks
@@ -16,6 +15,8 @@ from expertkit.library import Library
 from expertkit.routing import Prompts, evaluate, load_router, router_kinds, save_router, train_router
 from expertkit.routing.calibrate import calibrate_threshold, decide
 from expertkit.routing.train import domain_texts, label_domains
+from expertkit.runtime import ExpertPool, SamplingParams, generate
+from expertkit.runtime.tokens import left_pad
 
 from conftest import assert_cached_steps_match, synthetic_documents, write_project
 
@@ -181,8 +182,8 @@ def test_routed_scores_are_leak_free(setup, lexical):
     pool.ensure(["router-lexical"])
     routed, alpha = build_compositions(pool, ["router-lexical", "alpha"])
     read: list[int] = []
-    choose = routed.row_adapters
-    routed.row_adapters = lambda rows: (read.extend(len(r) for r in rows), choose(rows))[1]
+    choose = routed.router.route
+    routed.router.route = lambda pool, prompts: (read.extend(len(r) for r in prompts.ids), choose(pool, prompts))[1]
     blocks = domain_test_blocks(cfg, base.tokenizer)
     score([routed], blocks, 8, context_tokens=8)
     assert read and set(read) == {8}  # never more than the context: not the tokens it is scored on

@@ -10,7 +10,7 @@ import openai
 import pytest
 import torch
 
-from expertkit.decoding import SamplingParams, generate
+from expertkit.runtime import SamplingParams, generate
 from expertkit.serve.app import create_app
 from expertkit.serve.engine import Engine, Job, QueueFull
 from expertkit.serve.server import BackgroundServer, ServeOptions, build_local_service

@@ -11,11 +11,9 @@ import time
 
 import httpx
 import pytest
-import torch
 
-from expertkit.compose.base import Composition
-from expertkit.decoding import SamplingParams, generate
 from expertkit.errors import ExpertkitError
+from expertkit.runtime import Composition, SamplingParams, generate
 from expertkit.serve.app import create_app
 from expertkit.serve.engine import Engine, Job
 from expertkit.serve.server import BackgroundServer, ServeOptions, build_local_service
@@ -31,10 +29,10 @@ class Faulty(Composition):
     def __init__(self, inner: Composition, name: str, at: int, error: Exception):
         self.inner, self.name, self.at, self.error = inner, name, at, error
 
-    def prefill(self, input_ids, attention_mask):
+    def prefill(self, input_ids, attention_mask, last_only=False):
         if self.at == 0:
             raise self.error
-        logits, state = self.inner.prefill(input_ids, attention_mask)
+        logits, state = self.inner.prefill(input_ids, attention_mask, last_only)
         return logits, (state, 0)
 
     def step(self, state, next_ids):
@@ -46,19 +44,16 @@ class Faulty(Composition):
 
 
 class FaultyRouter(Composition):
-    """A pool-row composition (batched with the experts) whose routing raises."""
+    """A pool-row composition (its rows join the experts' batch) whose routing raises while it decides."""
 
     def __init__(self, pool, name: str):
         self.pool, self.name = pool, name
 
-    def prefill(self, input_ids, attention_mask):
-        raise AssertionError("never prefilled: the engine batches its rows with the pool")
+    def prefill(self, input_ids, attention_mask, last_only=False):
+        raise RuntimeError("injected routing fault")
 
     def step(self, state, next_ids):
         raise AssertionError("never stepped")
-
-    def row_adapters(self, rows):
-        raise RuntimeError("injected routing fault")
 
 
 @pytest.fixture(scope="module")

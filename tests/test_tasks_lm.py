@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_lm_eval import TASK_DIR, multiple_choice_docs, short_documents
 
 from expertkit.tasks import ExpertkitLM
-
-from test_lm_eval import TASK_DIR, multiple_choice_docs, short_documents
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -57,9 +56,9 @@ def test_a_router_scores_choices_it_never_read(task_files):
     class Recording:
         decides_from_prompt, name = True, "recording"
 
-        def prefill(self, ids, mask):
+        def prefill(self, ids, mask, last_only=False):
             read.extend(row[m.bool()].tolist() for row, m in zip(ids, mask))
-            return lm_base.prefill(ids, mask)
+            return lm_base.prefill(ids, mask, last_only)
 
         def step(self, state, next_ids):
             return lm_base.step(state, next_ids)

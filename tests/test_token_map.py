@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from expertkit.base import load_base
-from expertkit.compose import BASE_ADAPTER, ExpertPool
 from expertkit.compose.collaborate import FusionComposition, ProxyComposition, build_collaboration
 from expertkit.compose.vocab import TokenMap
-from expertkit.decoding import SamplingParams, generate, left_pad
 from expertkit.errors import ExpertkitError
 from expertkit.library import Library
+from expertkit.runtime import BASE_ADAPTER, ExpertPool, SamplingParams, generate
+from expertkit.runtime.tokens import left_pad
 from expertkit.train import train_all
 from expertkit.workflow import load_project_base
 

@@ -13,6 +13,7 @@ import typer
 from rich.markup import escape
 
 from expertkit.compose.collaborate import STRATEGIES
+from expertkit.config import ServeOptions
 from expertkit.errors import ExpertkitError
 from expertkit.executors.base import EXECUTORS
 from expertkit.merging.methods import METHODS
@@ -82,8 +83,8 @@ def train(config: Path = ConfigArg,
           cpus_per_job: Optional[float] = CpusOpt, gpus_per_job: Optional[float] = GpusOpt):
     """Train one LoRA expert per domain (skipping finished ones; resuming interrupted ones)."""
     _setup()
-    from expertkit.workflow import load_project_base
     from expertkit.train import train_all
+    from expertkit.workflow import load_project_base
 
     with _executor(executor, address, cpus_per_job, gpus_per_job) as runner:
         cfg, base = load_project_base(config, device)
@@ -102,6 +103,9 @@ def evaluate(config: Path = ConfigArg,
              limit: Optional[int] = typer.Option(None, min=1, help="--tasks: at most this many examples per task"),
              tasks_data: Optional[Path] = typer.Option(None, help="--tasks: the folder holding tasks/ and corpora/ "
                                                                   "(default: ../shared beside the project)"),
+             small: Optional[Path] = typer.Option(None, help="a small model steering this one (its project YAML or "
+                                                              "library): score its collaborations too, e.g. "
+                                                              "proxy:EXPERT, fusion"),
              device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ..."),
              executor: str = ExecutorOpt, address: Optional[str] = AddressOpt,
              cpus_per_job: Optional[float] = CpusOpt, gpus_per_job: Optional[float] = GpusOpt):
@@ -110,6 +114,9 @@ def evaluate(config: Path = ConfigArg,
     from expertkit.workflow import load_project_base, run_scorecard, run_task_scorecard
 
     if tasks is not None:
+        if small is not None:
+            raise ExpertkitError("--small scores collaborations by perplexity; task accuracy of a collaboration "
+                                 "is not wired yet: drop --tasks or --small")
         cfg, base = load_project_base(config, device, build_missing=False)
         names = [t.strip() for t in tasks.split(",") if t.strip()]
         if not names:
@@ -118,7 +125,7 @@ def evaluate(config: Path = ConfigArg,
         return
     with _executor(executor, address, cpus_per_job, gpus_per_job) as runner:
         cfg, base = load_project_base(config, device, build_missing=False)
-        run_scorecard(cfg, base, out, names=model, executor=runner)
+        run_scorecard(cfg, base, out, names=model, executor=runner, small=small)
 
 
 @app.command()
@@ -138,9 +145,9 @@ def generate(config: Path = ConfigArg, prompt: str = typer.Argument(..., help="t
              device: Optional[str] = typer.Option(None)):
     """Continue a prompt with one composition (or a small expert steering this model, with --small)."""
     _setup()
-    from expertkit.compose import ExpertPool, build_compositions
-    from expertkit.decoding import SamplingParams, generate as run_generate
+    from expertkit.compose import build_compositions
     from expertkit.library import Library
+    from expertkit.runtime import ExpertPool, SamplingParams, decoding
     from expertkit.workflow import load_project_base
 
     params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
@@ -159,7 +166,7 @@ def generate(config: Path = ConfigArg, prompt: str = typer.Argument(..., help="t
         composition = build_collaboration(model, large, small_pool, alpha=alpha, threshold=threshold,
                                           token_map=token_map)
         context = min(filter(None, [large.context_length, small_pool.context_length]), default=None)
-    text = run_generate(composition, base.tokenizer, [prompt], params, context_length=context)[0]
+    text = decoding.generate(composition, base.tokenizer, [prompt], params, context_length=context)[0]
     typer.echo(prompt + text)
     for key, value in composition.stats().items():
         console.print(f"{key}: {value:.3g}" if isinstance(value, float) else f"{key}: {value}", highlight=False)
@@ -194,9 +201,9 @@ def merge(config: Path = ConfigArg,
           gpus_per_job: Optional[float] = GpusOpt):
     """Merge experts into one LoRA adapter or one full model (exact ΔW-space merges)."""
     _setup()
-    from expertkit.compose import ExpertPool
     from expertkit.library import Library
     from expertkit.merging import describe_storage, make_recipe, merge_experts
+    from expertkit.runtime import ExpertPool
     from expertkit.workflow import expert_names, load_project_base, run_merge_search
 
     chosen = {"method": method, "weight": weight, "lambda": lam, "density": density, "gamma": gamma,
@@ -315,6 +322,12 @@ export_app = typer.Typer(no_args_is_help=True, help="Hand the library to other s
 app.add_typer(export_app, name="export")
 
 
+def _serve_option(name: str):
+    """A `serve` option whose default and help come from config.ServeOptions (defaults live there only)."""
+    field = ServeOptions.model_fields[name]
+    return typer.Option(field.default, min=1, help=field.description)
+
+
 @app.command()
 def serve(library: Path = typer.Argument(..., help="library folder"),
           host: str = typer.Option("127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)"),
@@ -328,10 +341,9 @@ def serve(library: Path = typer.Argument(..., help="library folder"),
           backend: Optional[str] = typer.Option(None, help="URL of an OpenAI-compatible server (vLLM, LoRAX) that "
                                                            "decodes; this process then only routes and forwards"),
           backend_base_model: str = typer.Option("base", help="the backend's name for the bare base model"),
-          max_batch: int = typer.Option(64, min=1, help="most requests decoding together"),
-          max_queue: int = typer.Option(256, min=1, help="most requests waiting; more are answered 429"),
-          max_prompt_tokens: Optional[int] = typer.Option(None, min=1, help="default: the model's context"),
-          max_tokens: int = typer.Option(512, min=1, help="largest max_tokens a request may ask for"),
+          max_batch: int = _serve_option("max_batch"), max_queue: int = _serve_option("max_queue"),
+          max_prompt_tokens: Optional[int] = _serve_option("max_prompt_tokens"),
+          max_tokens: int = _serve_option("max_tokens"),
           api_key: Optional[str] = typer.Option(None, envvar="EXPERTKIT_API_KEY",
                                                 help="require 'Authorization: Bearer KEY' (or set "
                                                      "EXPERTKIT_API_KEY)"),
@@ -341,7 +353,7 @@ def serve(library: Path = typer.Argument(..., help="library folder"),
     import os
 
     from expertkit.serve.app import create_app
-    from expertkit.serve.server import ServeOptions, build_local_service, run
+    from expertkit.serve.server import build_local_service, run
 
     if backend:
         from expertkit.serve.forward import build_forwarding_service

@@ -150,6 +150,47 @@ class MixtureConfig(Strict):
     top_k: int | None = Field(None, ge=1, description="components mixed per step, by posterior; null = all")
 
 
+class ProxyParams(Strict):
+    """proxy (and fusion): the large model's log-probs shifted by alpha x (small expert - small base)."""
+
+    alpha: float = Field(1.0, ge=0.0, description="0 = the large model alone")
+
+
+class FusionParams(ProxyParams):
+    """fusion: like proxy, every small expert weighted by its posterior given the prefix."""
+
+
+class DeferParams(Strict):
+    """defer: the small expert answers unless its entropy exceeds the threshold (nats)."""
+
+    # about as unsure as a choice among ~20 tokens
+    threshold: float = Field(3.0, ge=0.0, description="entropy in nats above which a token goes to the large model")
+
+
+class CardParams(Strict):
+    """card: a relevant small expert writes a passage into the large model's prompt."""
+
+    # nats/token: the expert must know the query clearly better than its base (about 10% lower perplexity)
+    threshold: float = Field(0.1, allow_inf_nan=False, description="relevance gate, nats/token of expert advantage")
+    card_tokens: int = Field(32, ge=1, description="longest passage the expert writes")
+    query_tokens: int | None = Field(None, ge=1, description="the card is written from this many first prompt "
+                                                              "tokens (None: the whole prompt)")
+
+
+class ServeOptions(Strict):
+    """How `expertkit serve` runs (the CLI's options, and the API of `serve.server.build_local_service`)."""
+
+    base: str | None = None  # default: the base path recorded in the library
+    device: str | None = None
+    models: tuple[str, ...] | None = None  # library entries to serve (default: all)
+    router: str | None = None  # the entry `auto` uses (default: the library's most accurate router)
+    small: str | None = None  # a small model's project or library: serve its collaborations too
+    max_batch: int = Field(64, ge=1, description="most requests decoding together")
+    max_queue: int = Field(256, ge=1, description="most requests waiting; more are answered 429")
+    max_prompt_tokens: int | None = Field(None, ge=1, description="default: the model's context")
+    max_tokens: int = Field(512, ge=1, description="largest max_tokens a request may ask for")
+
+
 class ProjectConfig(Strict):
     base: BaseConfig
     general: DomainConfig | None = Field(None, description="general corpus: replay data and forgetting check")

@@ -42,11 +42,11 @@ def _prompt_for(corpus, tokenizer, n_tokens: int = 16) -> str:
 
 
 def run_demo(workdir: Path, device: str | None = None) -> dict:
-    from expertkit.compose import ExpertPool, build_compositions
+    from expertkit.compose import build_compositions
     from expertkit.data import load_corpus
-    from expertkit.decoding import SamplingParams, generate
     from expertkit.demo_data import write_demo_corpora
     from expertkit.library import Library
+    from expertkit.runtime import ExpertPool, SamplingParams, generate
     from expertkit.train import train_all
     from expertkit.workflow import load_project_base, run_scorecard
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from expertkit.compose import Composition
 from expertkit.config import ProjectConfig
 from expertkit.data import Blocks, load_corpus, make_blocks
 from expertkit.fsutil import atomic_write_text, ensure_writable_dir
+from expertkit.runtime import Composition
 from expertkit.scoring import continuation_log_probs
 
 

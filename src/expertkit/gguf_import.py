@@ -10,7 +10,6 @@ file fails in one line before the slow load, and the dir is written atomically.
 from __future__ import annotations
 
 import contextlib
-
 import os
 import tempfile
 import time

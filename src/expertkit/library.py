@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
+from typing import Callable
 
 from expertkit.errors import ExpertkitError
 from expertkit.fsutil import atomic_dir, atomic_write_text, ensure_writable_dir
@@ -26,8 +28,21 @@ LIBRARY_FORMAT = 1
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PICKLE_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
 MANIFEST = "expert.json"
-KIND_DIRS = {"expert": "experts", "merge": "merges", "merged_model": "merges", "router": "routers",
-             "mixture": "mixtures"}
+BASE = "base"  # the bare base model's name wherever compositions are named: scorecard, routers, server
+
+
+class Kind(str, Enum):
+    """What a library entry is (the value is what manifests and library.json store)."""
+
+    EXPERT = "expert"
+    MERGE = "merge"  # a LoRA merge: an adapter like an expert
+    MERGED_MODEL = "merged_model"  # a full-model merge: its own weights
+    ROUTER = "router"
+    MIXTURE = "mixture"
+
+    def __str__(self) -> str:
+        return self.value
+
 ROUTER_STATE = ("router.json", "router.safetensors")
 MIXTURE_SPEC = "mixture.json"
 MODEL_WEIGHTS = "model.safetensors"
@@ -47,7 +62,7 @@ class Entry:
     @property
     def is_adapter(self) -> bool:
         """Experts and LoRA merges are PEFT adapters; a merged full model is not."""
-        return ENTRY_VALIDATORS.get(self.kind) is validate_adapter_dir
+        return self.kind in KINDS and KINDS[Kind(self.kind)].validate is validate_adapter_dir
 
 
 def validate_adapter_dir(path: Path) -> None:
@@ -114,8 +129,19 @@ def validate_mixture_dir(path: Path) -> None:
         raise ExpertkitError(f"{path / MIXTURE_SPEC}: expected a JSON object; recreate it with `expertkit mixture add`")
 
 
-ENTRY_VALIDATORS = {"expert": validate_adapter_dir, "merge": validate_adapter_dir, "merged_model": validate_model_dir,
-                    "router": validate_router_dir, "mixture": validate_mixture_dir}
+@dataclass(frozen=True)
+class KindLayout:
+    folder: str  # where entries of the kind live in the library
+    validate: Callable[[Path], None]  # refuses a damaged entry dir with a message that says what to do
+
+
+KINDS: dict[Kind, KindLayout] = {
+    Kind.EXPERT: KindLayout("experts", validate_adapter_dir),
+    Kind.MERGE: KindLayout("merges", validate_adapter_dir),
+    Kind.MERGED_MODEL: KindLayout("merges", validate_model_dir),
+    Kind.ROUTER: KindLayout("routers", validate_router_dir),
+    Kind.MIXTURE: KindLayout("mixtures", validate_mixture_dir),
+}
 
 
 class Library:
@@ -170,24 +196,26 @@ class Library:
     # ------------------------------------------------------------ entries
 
     def entry_dir(self, kind: str, name: str) -> Path:
-        if kind not in KIND_DIRS:
-            raise ExpertkitError(f"unknown library entry kind '{kind}'; allowed: {sorted(KIND_DIRS)}")
-        return self.root / KIND_DIRS[kind] / name
+        if kind not in KINDS:
+            raise ExpertkitError(f"unknown library entry kind '{kind}'; allowed: {[str(k) for k in KINDS]}")
+        return self.root / KINDS[Kind(kind)].folder / name
 
     def checkpoint_dir(self, name: str) -> Path:
         return self.root / ".checkpoints" / name
 
-    def entries(self) -> list[Entry]:
-        """Every finished entry on disk (a dir with a manifest), experts first, then merges, by name."""
+    def entries(self, kind: Kind | None = None) -> list[Entry]:
+        """Every finished entry on disk (a dir with a manifest), experts first, then merges, by name; or of `kind`."""
+        if kind is not None:
+            return [e for e in self.entries() if e.kind == kind]
         found = []
-        for sub in dict.fromkeys(KIND_DIRS.values()):
+        for sub in dict.fromkeys(layout.folder for layout in KINDS.values()):
             folder = self.root / sub
             if not folder.is_dir():
                 continue
             for d in sorted(folder.iterdir()):
                 if d.is_dir() and not d.name.startswith(".") and (d / MANIFEST).is_file():
                     manifest = self._read_manifest(d)
-                    found.append(Entry(d.name, manifest.get("kind", "expert"), d, manifest))
+                    found.append(Entry(d.name, manifest.get("kind", Kind.EXPERT.value), d, manifest))
         return found
 
     def get(self, name: str) -> Entry:
@@ -217,17 +245,17 @@ class Library:
         if clash is not None:
             raise ExpertkitError(f"the library already has a {clash.kind} named '{name}'; choose another name")
         target.parent.mkdir(parents=True, exist_ok=True)
-        manifest = {"name": name, "kind": kind, "base": self.base_identity(), "created": time.time(), **manifest}
+        manifest = {"name": name, "kind": str(kind), "base": self.base_identity(), "created": time.time(), **manifest}
         with atomic_dir(target, overwrite=overwrite) as tmp:
             write(tmp)
-            ENTRY_VALIDATORS[kind](tmp)
+            KINDS[Kind(kind)].validate(tmp)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
         self._write_index()
         return Entry(name, kind, target, manifest)
 
     def check_entry(self, entry: Entry, identity: dict) -> None:
         """An entry may only be loaded onto the base it was trained on, from safetensors."""
-        if entry.kind not in ENTRY_VALIDATORS:
-            raise ExpertkitError(f"entry '{entry.name}' has unknown kind '{entry.kind}'; known: {sorted(ENTRY_VALIDATORS)}")
-        ENTRY_VALIDATORS[entry.kind](entry.path)
+        if entry.kind not in KINDS:
+            raise ExpertkitError(f"entry '{entry.name}' has unknown kind '{entry.kind}'; known: {[str(k) for k in KINDS]}")
+        KINDS[Kind(entry.kind)].validate(entry.path)
         self.check_base(identity, what=f"{entry.kind} '{entry.name}'", expected=entry.manifest.get("base", {}))

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from expertkit.compose import Composition
-from expertkit.decoding import pad_left
+from expertkit.runtime import Composition
+from expertkit.runtime.tokens import pad_left
 
 
 @dataclass

@@ -31,7 +31,7 @@ from expertkit.data import Blocks, TrainingStream, load_corpus, make_blocks
 from expertkit.errors import ExpertkitError
 from expertkit.executors import Context, Executor, Job, LocalExecutor
 from expertkit.fsutil import atomic_dir
-from expertkit.library import Entry, Library
+from expertkit.library import Entry, Kind, Library
 from expertkit.optim import make_optimizer, train_step
 from expertkit.progress import console
 
@@ -198,7 +198,7 @@ def train_expert_job(job: ExpertJob, state: TrainState, advance) -> dict:
 def _add_expert(library: Library, name: str, result: dict, overwrite: bool) -> Entry:
     """Driver side: copy a staged expert into the library atomically, then drop its checkpoints."""
     staged = Path(result["staged"])
-    entry = library.add_entry("expert", name, lambda tmp: shutil.copytree(staged, tmp, dirs_exist_ok=True),
+    entry = library.add_entry(Kind.EXPERT, name, lambda tmp: shutil.copytree(staged, tmp, dirs_exist_ok=True),
                               result["manifest"], overwrite=overwrite)
     shutil.rmtree(library.checkpoint_dir(name), ignore_errors=True)
     return entry
@@ -220,7 +220,7 @@ def train_all(config: ProjectConfig, base: Base, only: list[str] | None = None, 
     if unknown:
         raise ExpertkitError(f"--only names unknown domains {unknown}; known: {[d.name for d in config.domains]}")
     domains = [d for d in config.domains if not only or d.name in only]
-    todo = [d for d in domains if force or not library.has("expert", d.name)]
+    todo = [d for d in domains if force or not library.has(Kind.EXPERT, d.name)]
     for d in domains:
         if d not in todo:
             console.print(f"expert '{d.name}' already in the library: skipped (pass --force to retrain)")

@@ -9,6 +9,7 @@ from expertkit.base import Base, BaseSpec, load_base
 from expertkit.config import ProjectConfig, load_config
 from expertkit.errors import ExpertkitError
 from expertkit.executors import Context, Executor, LocalExecutor
+from expertkit.library import BASE, Kind
 from expertkit.progress import console
 
 
@@ -26,26 +27,32 @@ def load_project_base(config_path: Path | ProjectConfig, device: str | None = No
 
 
 def run_scorecard(cfg: ProjectConfig, base: Base, out: Path | None = None, names: list[str] | None = None,
-                  executor: Executor | None = None) -> dict:
+                  executor: Executor | None = None, small: Path | None = None) -> dict:
     """Score the base and every library entry on every domain; print and write the report.
 
-    The composition x domain cells are jobs of `executor` (default: here, one after another).
+    With `small` (a small model's project YAML or library), its collaborations with this base are
+    scored too. The composition x domain cells are jobs of `executor` (default: here, one after another).
     """
+    from expertkit.compose.catalog import require_small
     from expertkit.evaluate import markdown_table, score_on, test_blocks, verdicts, write_report
     from expertkit.library import Library
 
     library = Library(Path(cfg.library).resolve())
     entries = library.entries()
-    names = ["base", *(e.name for e in entries)] if names is None else names
+    if names is None:
+        names = [BASE, *(e.name for e in entries)] + (_small_offers(small) if small else [])
+    elif not small:
+        require_small(names)
     executor = executor or LocalExecutor()
-    executor.check_shared({"library": library.root, "base model": Path(base.name)})
+    executor.check_shared({"library": library.root, "base model": Path(base.name),
+                           **({"small model": Path(small)} if small else {})})
     blocks = test_blocks(cfg, base.tokenizer)
     ev = cfg.evaluation
     context = Context(partial(library_score_state, BaseSpec.of(base), str(library.root), names, blocks,
-                              ev.batch_size, ev.context_tokens))
+                              ev.batch_size, ev.context_tokens, str(small) if small else None))
     card = score_on(executor, context, names, blocks, ev.batch_size)
     card["context_tokens"] = ev.context_tokens
-    experts = {e.name: e.domain for e in entries if e.kind == "expert"}
+    experts = {e.name: e.domain for e in entries if e.kind == Kind.EXPERT}
     card["verdicts"] = verdicts(card, experts, cfg.general.name if cfg.general else None)
     out = Path(out) if out else Path(cfg.library).parent / "scorecard"
     paths = write_report(card, out)
@@ -61,8 +68,9 @@ def run_task_scorecard(cfg: ProjectConfig, base: Base, tasks: list[str], out: Pa
                        names: list[str] | None = None, limit: int | None = None,
                        data_root: Path | None = None) -> dict:
     """Every composition (the base and every library entry, or `names`) on lm-eval tasks; write the task table."""
-    from expertkit.compose import ExpertPool, build_compositions
+    from expertkit.compose import build_compositions
     from expertkit.library import Library
+    from expertkit.runtime import ExpertPool
     from expertkit.tasks import report
     from expertkit.tasks.local import default_data_root, resolve
     from expertkit.tasks.run import composition_identity, evaluate_on_tasks, summarize
@@ -70,15 +78,15 @@ def run_task_scorecard(cfg: ProjectConfig, base: Base, tasks: list[str], out: Pa
     specs = resolve(tasks, data_root or default_data_root())
     library = Library(Path(cfg.library).resolve())
     entries = {e.name: e for e in library.entries()}
-    names = ["base", *entries] if names is None else names
+    names = [BASE, *entries] if names is None else names
     identity = base.identity()  # before adapters are attached
-    pool = ExpertPool(base, library, names=[n for n in names if n != "base"])
+    pool = ExpertPool(base, library, names=[n for n in names if n in entries])
     compositions = {c.name: (c, composition_identity(identity, entries[c.name].manifest if c.name in entries
                                                       else None)) for c in build_compositions(pool, names)}
     out = Path(out) if out else Path(cfg.library).parent / "scorecard"
     rows = evaluate_on_tasks(compositions, base.tokenizer, pool.context_length or 2048, specs, limit,
                              cfg.evaluation.batch_size, cache_dir=out / "task-cache")
-    experts = {n: e.domain for n, e in entries.items() if e.kind == "expert" and n in names}
+    experts = {n: e.domain for n, e in entries.items() if e.kind == Kind.EXPERT and n in names}
     card = {"rows": rows, **summarize(rows, experts), "limit": limit}
     paths = report.write(card, out)
     console.print(report.markdown(card), highlight=False)
@@ -87,28 +95,41 @@ def run_task_scorecard(cfg: ProjectConfig, base: Base, tasks: list[str], out: Pa
 
 
 def library_score_state(spec: BaseSpec, library_root: str, names: list[str], blocks: dict, batch_size: int,
-                        context_tokens: int = 0):
+                        context_tokens: int = 0, small: str | None = None):
     """A worker's scorecard state: the base with the library attached and the named compositions built."""
-    from expertkit.compose import ExpertPool, build_compositions
+    from expertkit.compose import build_compositions
+    from expertkit.compose.collaborate import load_small_pool
     from expertkit.evaluate import ScoreState
     from expertkit.library import Library
+    from expertkit.runtime import ExpertPool
 
-    pool = ExpertPool(spec.load(), Library(library_root))
-    return ScoreState({c.name: c for c in build_compositions(pool, names)}, blocks, batch_size, context_tokens)
+    library = Library(library_root)
+    # with small experts to steer it, a large model needs no library of its own
+    pool = ExpertPool(spec.load(), library if library.exists() or not small else None)
+    small_pool = load_small_pool(small, spec.device) if small else None
+    compositions = build_compositions(pool, names, small=small_pool)
+    return ScoreState({c.name: c for c in compositions}, blocks, batch_size, context_tokens)
+
+
+def _small_offers(small: Path) -> list[str]:
+    """The collaboration specs a small model's experts offer (read from its library; no model is loaded)."""
+    from expertkit.compose.collaborate import collaboration_names, small_library
+
+    return collaboration_names([e.name for e in small_library(small).entries() if e.is_adapter])
 
 
 def library_trial_state(spec: BaseSpec, library_root: str, experts: list[str], valid: dict, batch_size: int):
     """A worker's merge-search state: the experts attached and their ΔW read once."""
-    from expertkit.compose import ExpertPool
     from expertkit.library import Library
     from expertkit.merging.search import trial_state
+    from expertkit.runtime import ExpertPool
 
     return trial_state(ExpertPool(spec.load(), Library(library_root), names=experts), experts, valid, batch_size)
 
 
 def expert_names(pool, requested: list[str] | None) -> list[str]:
     """The experts to merge: the requested ones, or every expert (not merges) in the library."""
-    names = list(requested) if requested else [e.name for e in pool.entries if e.kind == "expert"]
+    names = list(requested) if requested else [e.name for e in pool.entries if e.kind == Kind.EXPERT]
     if not names:
         raise ExpertkitError("no experts to merge: the library has none and --expert named none")
     return names
@@ -138,10 +159,10 @@ def run_merge_search(cfg: ProjectConfig, base: Base, experts: list[str] | None, 
     Trials rank exact merges, so the best is stored as close as the recipe's bound asks (`storage`: rank or
     max_error, as in MergeRecipe), not re-factored at some fixed rank.
     """
-    from expertkit.compose import ExpertPool
     from expertkit.library import Library
     from expertkit.merging import describe_storage, make_recipe, merge_experts
     from expertkit.merging.search import search
+    from expertkit.runtime import ExpertPool
 
     library = Library(Path(cfg.library).resolve())
     pool = ExpertPool(base, library)
@@ -171,12 +192,12 @@ def run_merge_search(cfg: ProjectConfig, base: Base, experts: list[str] | None, 
 def run_router_train(cfg: ProjectConfig, base: Base, kind: str, name: str, abstain_rate: float | None = None,
                      overwrite: bool = False):
     """Train, calibrate and save a router in the library; print what it learned."""
-    from expertkit.compose import ExpertPool
     from expertkit.library import Library
     from expertkit.routing import save_router, train_router
+    from expertkit.runtime import ExpertPool
 
     library = Library(cfg.library)
-    pool = ExpertPool(base, library, names=[e.name for e in library.entries() if e.kind == "expert"])
+    pool = ExpertPool(base, library, names=[e.name for e in library.entries(Kind.EXPERT)])
     calibrated, report = train_router(cfg, pool, kind, name, abstain_rate)
     entry = save_router(library, calibrated, report, overwrite=overwrite)
     valid = report["validation"]
@@ -190,9 +211,9 @@ def run_router_train(cfg: ProjectConfig, base: Base, kind: str, name: str, absta
 
 def route_text(cfg: ProjectConfig, base: Base, text: str, router: str | None = None):
     """Route one prompt with a library router; returns the Routing (choice + probabilities)."""
-    from expertkit.compose import ExpertPool
     from expertkit.library import Library
     from expertkit.routing import Prompts, find_router, load_router
+    from expertkit.runtime import ExpertPool
 
     library = Library(cfg.library)
     calibrated = load_router(library, find_router(library, router))

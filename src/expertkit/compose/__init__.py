@@ -1,12 +1,11 @@
-"""Compositions: every way of answering with experts returns next-token logits through one interface.
+"""Compositions: every way of answering with experts, through one interface (runtime.Composition).
 
-A new strategy is one class registered for a library entry kind (see
-`register`); evaluation and generation never change.
+A new strategy is one class registered for a library entry kind (`register`), or a collaboration
+strategy (`compose.collaborate.collaboration`); evaluation, generation and serving never change.
 """
 
-from expertkit.compose.base import Composition, DecodeState, build_compositions, register, registered_kinds
-from expertkit.compose.pool import BASE_ADAPTER, ExpertPool
-from expertkit.compose import adapters, merged, mix, route  # noqa: F401  (each module registers its compositions)
+from expertkit.compose import adapters, card, collaborate, merged, mix, route  # noqa: F401  (each registers its kinds)
+from expertkit.compose.base import COMPOSITIONS, register, registered_kinds
+from expertkit.compose.catalog import build_compositions
 
-__all__ = ["BASE_ADAPTER", "Composition", "DecodeState", "ExpertPool", "build_compositions", "register",
-           "registered_kinds"]
+__all__ = ["COMPOSITIONS", "build_compositions", "register", "registered_kinds"]

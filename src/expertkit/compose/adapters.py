@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from expertkit.compose.base import Composition, DecodeState, register
-from expertkit.compose.pool import BASE_ADAPTER, ExpertPool
+from expertkit.compose.base import register
+from expertkit.library import BASE, Kind
+from expertkit.runtime import BASE_ADAPTER, Composition, ExpertPool, PoolState
 
 
 class AdapterComposition(Composition):
@@ -14,22 +15,19 @@ class AdapterComposition(Composition):
     def __init__(self, pool: ExpertPool, adapter: str, name: str):
         self.pool, self.adapter, self.name = pool, adapter, name
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        return self.pool.prefill(input_ids, attention_mask, [self.adapter] * input_ids.shape[0])
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_only: bool = False):
+        return self.pool.prefill(input_ids, attention_mask, [self.adapter] * input_ids.shape[0], last_only=last_only)
 
-    def step(self, state: DecodeState, next_ids: torch.Tensor):
-        return self.pool.step(state, next_ids, [self.adapter] * next_ids.shape[0])
-
-    def row_adapters(self, rows: list[list[int]]) -> list[str]:
-        return [self.adapter] * len(rows)
+    def step(self, state: PoolState, next_ids: torch.Tensor):
+        return self.pool.step(state, next_ids)
 
 
-@register("base")
+@register(BASE)
 def base_composition(pool: ExpertPool, entry) -> Composition:
-    return AdapterComposition(pool, BASE_ADAPTER, "base")
+    return AdapterComposition(pool, BASE_ADAPTER, BASE)
 
 
-@register("expert")
-@register("merge")
+@register(Kind.EXPERT)
+@register(Kind.MERGE)
 def adapter_composition(pool: ExpertPool, entry) -> Composition:
     return AdapterComposition(pool, entry.name, entry.name)

@@ -26,38 +26,30 @@ from __future__ import annotations
 import torch
 
 from expertkit.base import tokenizer_hash
-from expertkit.compose.base import Composition, DecodeState
-from expertkit.compose.collaborate import collaboration
-from expertkit.compose.pool import BASE_ADAPTER, ExpertPool
-from expertkit.decoding import pad_id, pad_left
+from expertkit.compose.collaborate import Parameterized, checked_params, collaboration
+from expertkit.config import CardParams
 from expertkit.errors import ExpertkitError
-
-CARD_THRESHOLD = 0.1  # nats/token: the expert must know the query clearly better than its base (≈10% lower ppl)
-CARD_TOKENS = 32
-
-
-def _real_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:
-    return [ids[m.bool()].tolist() for ids, m in zip(input_ids.cpu(), attention_mask.cpu())]
+from expertkit.runtime import BASE_ADAPTER, Composition, ExpertPool, PoolState
+from expertkit.runtime.logprobs import mean_token_log_prob
+from expertkit.runtime.tokens import pad_id, pad_left, real_rows
 
 
-class KnowledgeCardComposition(Composition):
+class KnowledgeCardComposition(Parameterized, Composition):
     """The large model answers; a relevant small expert first writes it a domain passage (the card)."""
 
-    def __init__(self, large: ExpertPool, small: ExpertPool, expert: str, threshold: float = CARD_THRESHOLD,
-                 card_tokens: int = CARD_TOKENS, query_tokens: int | None = None, separator: str = "\n\n",
-                 name: str | None = None):
+    Params = CardParams
+    # scored on a block, the card is written from its first tokens (the context) and must not see the rest
+    decides_from_prompt = True
+
+    def __init__(self, large: ExpertPool, small: ExpertPool, expert: str, separator: str = "\n\n",
+                 name: str | None = None, token_map=None, **params):
+        if token_map is not None:
+            raise ExpertkitError("card passes text between the models, so it needs no token_map; leave it out")
         if expert not in small.adapter_names:
             raise ExpertkitError(f"expert '{expert}' is not loaded on the small model '{small.base.name}' "
                                  f"(loaded: {small.adapter_names}); use an expert trained on that small base")
-        if not isinstance(threshold, (int, float)) or threshold != threshold:
-            raise ExpertkitError(f"card threshold must be a number (nats/token of expert advantage), got {threshold}")
-        if not isinstance(card_tokens, int) or card_tokens < 1:
-            raise ExpertkitError(f"card_tokens must be a whole number >= 1, got {card_tokens}")
-        if query_tokens is not None and (not isinstance(query_tokens, int) or query_tokens < 1):
-            raise ExpertkitError(f"query_tokens must be a whole number >= 1 (or None = the whole prompt), "
-                                 f"got {query_tokens}")
         self.large, self.small, self.expert, self.name = large, small, expert, name or f"card:{expert}"
-        self.threshold, self.card_tokens, self.query_tokens = float(threshold), card_tokens, query_tokens
+        self.params = checked_params(CardParams, params, self.name)
         self.separator_ids = large.tokenizer(separator, add_special_tokens=False)["input_ids"]
         self.shared_vocab = tokenizer_hash(large.tokenizer) == tokenizer_hash(small.tokenizer)
         self.last_relevance: list[float] = []
@@ -84,11 +76,8 @@ class KnowledgeCardComposition(Composition):
         ids, mask = pad_left(queries, pad_id(self.small.tokenizer))
         n = len(queries)
         logits, _ = self.small.prefill(ids.repeat(2, 1), mask.repeat(2, 1), [self.expert] * n + [BASE_ADAPTER] * n)
-        lp = torch.log_softmax(logits[:, :-1].float(), -1)
-        picked = lp.gather(-1, ids.repeat(2, 1)[:, 1:, None].to(lp.device)).squeeze(-1)
-        scored = (mask[:, 1:] * mask[:, :-1]).float().to(lp.device)
-        advantage = ((picked[:n] - picked[n:]) * scored).sum(-1) / scored.sum(-1).clamp(min=1)
-        return advantage.tolist()
+        mean = mean_token_log_prob(logits, ids.repeat(2, 1), mask.repeat(2, 1))
+        return (mean[:n] - mean[n:]).tolist()
 
     @torch.no_grad()
     def write_cards(self, queries: list[list[int]]) -> list[str]:
@@ -99,25 +88,25 @@ class KnowledgeCardComposition(Composition):
         logits, state = self.small.prefill(ids, mask, adapters)
         token = logits[:, -1].argmax(-1)
         written, done = [[] for _ in queries], [False] * len(queries)
-        for step in range(self.card_tokens):
+        for step in range(self.params.card_tokens):
             for row, t in enumerate(token.tolist()):
                 done[row] = done[row] or t == eos
                 if not done[row]:
                     written[row].append(t)
-            if all(done) or step == self.card_tokens - 1:
+            if all(done) or step == self.params.card_tokens - 1:
                 break
-            logits, state = self.small.step(state, token, adapters)
+            logits, state = self.small.step(state, token)
             token = logits.argmax(-1)
         return [self.small.tokenizer.decode(w).strip() for w in written]
 
     # -- the large model's side -------------------------------------------------------------------------
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        prompts = _real_rows(input_ids, attention_mask)
-        query_len = [min(len(p), self.query_tokens or len(p)) for p in prompts]
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_only: bool = False):
+        prompts = real_rows(input_ids, attention_mask)
+        query_len = [min(len(p), self.params.query_tokens or len(p)) for p in prompts]
         queries = self._to_small([p[:q] for p, q in zip(prompts, query_len)])
         self.last_relevance = self.relevance(queries)
-        use = [score > self.threshold for score in self.last_relevance]
+        use = [score > self.params.threshold for score in self.last_relevance]
         chosen = [i for i, u in enumerate(use) if u]
         cards = dict(zip(chosen, self.write_cards([queries[i] for i in chosen]))) if chosen else {}
         self.last_cards = [cards.get(i) for i in range(len(prompts))]
@@ -139,13 +128,12 @@ class KnowledgeCardComposition(Composition):
                                                                 - 1)[:, None]
             logits = logits.clone()
             logits[chosen] = torch.where(before[..., None].to(logits.device), plain, logits[chosen])
-        return logits, state
+        return (logits[:, -1:] if last_only else logits), state
 
-    def step(self, state: DecodeState, next_ids: torch.Tensor):
-        return self.large.step(state, next_ids, [BASE_ADAPTER] * next_ids.shape[0])
+    def step(self, state: PoolState, next_ids: torch.Tensor):
+        return self.large.step(state, next_ids)
 
 
-@collaboration("card", threshold=CARD_THRESHOLD, card_tokens=CARD_TOKENS, query_tokens=None)
-def _card(large, small, expert, name, threshold, card_tokens, query_tokens):
-    return KnowledgeCardComposition(large, small, expert, threshold=threshold, card_tokens=card_tokens,
-                                    query_tokens=query_tokens, name=name)
+@collaboration("card", CardParams)
+def _card(large, small, expert, **options):
+    return KnowledgeCardComposition(large, small, expert, **options)

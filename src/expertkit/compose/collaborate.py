@@ -6,9 +6,11 @@
 - defer (FS-GEN / Co-LLM): the small expert answers, except where its predictive entropy exceeds a
   threshold; there the large model's distribution is used.
 
-Each strategy is registered by name (`@collaboration("proxy", alpha=1.0)`) and built from a spec,
-`build_collaboration("proxy:code", large, small)`; `collaboration_names(small)` lists the specs a
-server offers.
+Each strategy is registered by name with its parameter model from config.py
+(`@collaboration("proxy", ProxyParams)`) and built from a spec, `build_collaboration("proxy:code",
+large, small)`; `collaboration_names(small.adapter_names)` lists the specs small experts offer, which
+`compose.catalog` adds to the entries a scorecard or a server can name. `configured(alpha=...)` gives
+the same composition with per-request parameters.
 
 The large model's weights are never touched. The small model's rows (expert and anti-expert) come
 from ONE batched forward (PEFT per-row `adapter_names`), so its weights are held once and paid once
@@ -18,23 +20,24 @@ combined distribution, through the ordinary Composition interface.
 
 from __future__ import annotations
 
-from abc import abstractmethod
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+from pydantic import BaseModel, ValidationError
 
-from expertkit.base import tokenizer_hash
-from expertkit.compose.base import Composition, DecodeState
+from expertkit.base import load_base, tokenizer_hash
 from expertkit.compose.mix import next_evidence, prefix_evidence
-from expertkit.compose.lean import LeanDecoder, LeanState
-from expertkit.compose.pool import BASE_ADAPTER, ExpertPool
 from expertkit.compose.vocab import TokenMap, resolve_token_map
+from expertkit.config import DeferParams, FusionParams, ProxyParams, format_validation_error, load_config
 from expertkit.errors import ExpertkitError
+from expertkit.library import Library
 from expertkit.registry import Registry
+from expertkit.runtime import BASE_ADAPTER, Composition, ExpertPool, PoolState
+from expertkit.runtime.lean import LeanDecoder, LeanState
 
-DEFER_THRESHOLD = 3.0  # nats: the small expert keeps a token while it is about as sure as a choice among ~20 tokens
 
 def check_collaborators(large: ExpertPool, small: ExpertPool, experts: list[str],
                         token_map: TokenMap | str | Path | None = None) -> TokenMap | None:
@@ -53,124 +56,180 @@ def check_collaborators(large: ExpertPool, small: ExpertPool, experts: list[str]
     return resolve_token_map(token_map, large, small)
 
 
-class Collaboration(Composition):
+def checked_params(model: type[BaseModel], values: dict, owner: str) -> BaseModel:
+    """`values` as the strategy's parameter model; a wrong name or value is the caller's error, said plainly."""
+    unknown = sorted(set(values) - set(model.model_fields))
+    if unknown:
+        raise ExpertkitError(f"strategy '{owner.partition(':')[0]}' takes no parameter(s) {unknown}; it takes "
+                             f"{sorted(model.model_fields) or 'none'}")
+    try:
+        return model.model_validate(values)
+    except ValidationError as e:
+        raise ExpertkitError(format_validation_error(e, f"parameters of '{owner}'")) from None
+
+
+class Parameterized:
+    """A composition whose parameters (its config.py model `Params`, held in `self.params`) a request may set."""
+
+    name: str
+    Params: type[BaseModel]
+    params: BaseModel
+
+    def configured(self, **given) -> Composition:
+        if not given:
+            return self
+        other = copy.copy(self)
+        other.params = checked_params(type(self.params), {**self.params.model_dump(), **given}, self.name)
+        return other
+
+
+@dataclass
+class CollaborationState:
+    """Both models' caches, and what a strategy carries between steps (fusion: its running evidence)."""
+
+    large: PoolState
+    small: PoolState | LeanState
+    memory: object = None
+
+
+class Collaboration(Parameterized, Composition):
     """The large model (bare) and the small model on `small_adapters`, one batched small forward per step.
 
+    A strategy combines the two models' log-probabilities (`combine`); one that carries evidence from
+    token to token overrides `start` (after the prompt) and `advance` (after each new token).
     Options every strategy takes: `token_map` (when the vocabularies differ, see compose.vocab) and
-    `fast_small` (decode steps of the small model with compose.lean; False keeps the HF/PEFT step).
+    `fast_small` (decode steps of the small model with runtime.lean; False keeps the HF/PEFT step).
     """
 
     def __init__(self, large: ExpertPool, small: ExpertPool, small_adapters: list[str], name: str,
-                 token_map: TokenMap | str | Path | None = None, fast_small: bool = True):
+                 token_map: TokenMap | str | Path | None = None, fast_small: bool = True, **params):
+        self.params = checked_params(self.Params, params, name)
         self.token_map = check_collaborators(large, small, [a for a in small_adapters if a != BASE_ADAPTER],
                                              token_map)
         self.large, self.small, self.small_adapters, self.name = large, small, small_adapters, name
-        self.fast_small = fast_small  # decode steps of the small model with compose.lean (HF when unsupported)
+        self.fast_small = fast_small
 
-    @abstractmethod
-    def combine(self, large_lp: torch.Tensor, small_lp: torch.Tensor, extra: dict) -> torch.Tensor:
-        """large_lp [B, ..., V], small_lp [k, B, ..., V] (one slice per small adapter) -> log-probs [B, ..., V]."""
+    def combine(self, large_lp: torch.Tensor, small_lp: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """large_lp [B, ..., V], small_lp [k, B, ..., V] (one slice per small adapter) -> log-probs [B, ..., V].
+
+        `real` [B, ...] marks the positions that are not padding. A strategy implements this, or
+        `start` and `advance` when it carries evidence between tokens.
+        """
+        raise NotImplementedError(f"{type(self).__name__} implements neither combine nor start/advance")
+
+    def start(self, large_lp, small_lp, input_ids: torch.Tensor, real: torch.Tensor):
+        """After the prompt: (log-probs [B, T, V], memory for the steps)."""
+        return self.combine(large_lp, small_lp, real), None
+
+    def advance(self, large_lp, small_lp, next_ids: torch.Tensor, memory):
+        """After one more token per row: (log-probs [B, V], memory)."""
+        return self.combine(large_lp, small_lp, torch.ones(next_ids.shape[0], dtype=torch.bool,
+                                                           device=large_lp.device)), memory
 
     def _small_rows(self, rows: int) -> list[str]:
         return [a for a in self.small_adapters for _ in range(rows)]
 
-    def _finish(self, large_logits, small_logits, rows: int, extra: dict):
+    def _log_probs(self, large_logits: torch.Tensor, small_logits: torch.Tensor, rows: int):
         k = len(self.small_adapters)
         small_lp = torch.log_softmax(small_logits.float(), -1).view(k, rows, *small_logits.shape[1:])
         if self.token_map is not None:
             small_lp = self.token_map.to_large(small_lp)
-        out = self.combine(torch.log_softmax(large_logits.float(), -1), small_lp.to(large_logits.device), extra)
-        if self.token_map is not None:  # generate only tokens both models can read
-            out = self.token_map.mask_unmapped(out)
-        large_state = extra["large"]
-        return out, DecodeState(None, large_state.attention_mask, large_state.next_position, extra)
+        return torch.log_softmax(large_logits.float(), -1), small_lp.to(large_logits.device)
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def _readable(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """With a token map, only tokens both models can read may be generated."""
+        return self.token_map.mask_unmapped(log_probs) if self.token_map is not None else log_probs
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_only: bool = False):
         rows, k = input_ids.shape[0], len(self.small_adapters)
-        large_logits, large_state = self.large.prefill(input_ids, attention_mask, [BASE_ADAPTER] * rows)
+        large_logits, large = self.large.prefill(input_ids, attention_mask, [BASE_ADAPTER] * rows)
         small_ids = self.token_map.to_small(input_ids) if self.token_map is not None else input_ids
-        small_logits, small_state = self.small.prefill(small_ids.repeat(k, 1), attention_mask.repeat(k, 1),
-                                                        self._small_rows(rows))
-        extra = {"large": large_state, "small": small_state, "mask": attention_mask.to(large_logits.device).bool(),
-                 "input_ids": input_ids}
-        return self._finish(large_logits, small_logits, rows, extra)
+        small_logits, small = self.small.prefill(small_ids.repeat(k, 1), attention_mask.repeat(k, 1),
+                                                 self._small_rows(rows))
+        large_lp, small_lp = self._log_probs(large_logits, small_logits, rows)
+        out, memory = self.start(large_lp, small_lp, input_ids, attention_mask.to(large_lp.device).bool())
+        out = self._readable(out)
+        return (out[:, -1:] if last_only else out), CollaborationState(large, small, memory)
 
-    def step(self, state: DecodeState, next_ids: torch.Tensor):
+    def step(self, state: CollaborationState, next_ids: torch.Tensor):
         rows, k = next_ids.shape[0], len(self.small_adapters)
-        extra = {**state.extra, "next_ids": next_ids}
-        extra.pop("input_ids", None)
-        large_logits, extra["large"] = self.large.step(extra["large"], next_ids, [BASE_ADAPTER] * rows)
+        large_logits, large = self.large.step(state.large, next_ids)
         small_ids = self.token_map.to_small(next_ids) if self.token_map is not None else next_ids
-        small_logits, extra["small"] = self._small_step(extra["small"], small_ids.repeat(k), rows)
-        if extra["mask"].dim() > 1:  # after prefill every row is real
-            extra["mask"] = torch.ones(rows, dtype=torch.bool, device=large_logits.device)
-        return self._finish(large_logits, small_logits, rows, extra)
+        small_logits, small = self._small_step(state.small, small_ids.repeat(k), rows)
+        large_lp, small_lp = self._log_probs(large_logits, small_logits, rows)
+        out, memory = self.advance(large_lp, small_lp, next_ids, state.memory)
+        return self._readable(out), CollaborationState(large, small, memory)
 
-    def _small_step(self, state, ids: torch.Tensor, rows: int):
+    def _small_step(self, state: PoolState | LeanState, ids: torch.Tensor, rows: int):
         """One small step: on the first one, move the HF prefill cache into the lean decoder when it applies."""
-        if isinstance(state, DecodeState) and self.fast_small:
+        if isinstance(state, PoolState) and self.fast_small:
             lean = LeanDecoder.build(self.small.base.model, self.small_adapters)
             if lean is not None:
                 state = lean.start(state.past, state.attention_mask, state.next_position, self._small_rows(rows))
         if isinstance(state, LeanState):
             return state.decoder.step(state, ids)
-        return self.small.step(state, ids, self._small_rows(rows))
+        return self.small.step(state, ids)
 
 
 class ProxyComposition(Collaboration):
     """Proxy-tuning: the large model shifted by α times what tuning changed in the small model."""
 
-    def __init__(self, large: ExpertPool, small: ExpertPool, expert: str, alpha: float = 1.0,
-                 name: str | None = None, **options):
-        if alpha < 0:
-            raise ExpertkitError(f"proxy alpha must be >= 0 (0 = the large model alone), got {alpha}")
-        super().__init__(large, small, [expert, BASE_ADAPTER], name or f"proxy:{expert}", **options)
-        self.alpha = alpha
+    Params = ProxyParams
 
-    def combine(self, large_lp, small_lp, extra):
+    def __init__(self, large: ExpertPool, small: ExpertPool, expert: str, name: str | None = None, **options):
+        super().__init__(large, small, [expert, BASE_ADAPTER], name or f"proxy:{expert}", **options)
+
+    def combine(self, large_lp, small_lp, real):
         expert, anti_expert = small_lp[0], small_lp[1]
-        return large_lp + self.alpha * (expert - anti_expert)
+        return large_lp + self.params.alpha * (expert - anti_expert)
+
+
+@dataclass
+class FusionEvidence:
+    evidence: torch.Tensor  # [B, K] log prior + each expert's log-likelihood of the tokens so far
+    last_log_probs: torch.Tensor  # [B, K, V] each expert's prediction of the next token
 
 
 class FusionComposition(Collaboration):
     """Several small experts steer the large model, each weighted by its posterior given the prefix."""
 
-    def __init__(self, large: ExpertPool, small: ExpertPool, experts: list[str], alpha: float = 1.0,
-                 name: str = "fusion", **options):
-        if alpha < 0:
-            raise ExpertkitError(f"fusion alpha must be >= 0 (0 = the large model alone), got {alpha}")
+    Params = FusionParams
+
+    def __init__(self, large: ExpertPool, small: ExpertPool, experts: list[str], name: str = "fusion", **options):
         if not experts:
             raise ExpertkitError("fusion needs at least one expert")
         super().__init__(large, small, [*experts, BASE_ADAPTER], name, **options)
-        self.alpha = alpha
         self.log_prior = torch.full((len(experts),), -torch.log(torch.tensor(float(len(experts)))).item())
 
-    def combine(self, large_lp, small_lp, extra):
-        experts, anti_expert = small_lp[:-1], small_lp[-1]  # [K, B, ..., V], [B, ..., V]
-        by_row = experts.transpose(0, 1)  # [B, K, ..., V]
-        if self.token_map is not None:  # a token no expert can express is no evidence for any of them
-            by_row = by_row.masked_fill(by_row == float("-inf"), 0.0)
-        if "next_ids" in extra:  # one step: update the running evidence with the token just chosen
-            evidence = next_evidence(extra["evidence"], extra["last_log_probs"], extra["next_ids"])
-            extra["evidence"] = evidence
-        else:
-            evidence = prefix_evidence(by_row, extra["input_ids"], extra["mask"].long(), self.log_prior)
-            extra["evidence"] = evidence[:, :, -1]
-        extra["last_log_probs"] = by_row if by_row.dim() == 3 else by_row[:, :, -1]
+    def _by_row(self, small_lp: torch.Tensor) -> torch.Tensor:
+        """[B, K, ..., V] the experts' log-probs per row (a token no expert can express is evidence for none)."""
+        by_row = small_lp[:-1].transpose(0, 1)
+        return by_row.masked_fill(by_row == float("-inf"), 0.0) if self.token_map is not None else by_row
+
+    def _shifted(self, large_lp, small_lp, by_row, evidence):
         weights = torch.softmax(evidence, dim=1)  # [B, K, ...]
-        shift = (weights.unsqueeze(-1) * (by_row - anti_expert.unsqueeze(1))).sum(1)
-        return large_lp + self.alpha * shift
+        shift = (weights.unsqueeze(-1) * (by_row - small_lp[-1].unsqueeze(1))).sum(1)
+        return large_lp + self.params.alpha * shift
+
+    def start(self, large_lp, small_lp, input_ids, real):
+        by_row = self._by_row(small_lp)
+        evidence = prefix_evidence(by_row, input_ids, real.long(), self.log_prior)  # [B, K, T]
+        out = self._shifted(large_lp, small_lp, by_row, evidence)
+        return out, FusionEvidence(evidence[:, :, -1], by_row[:, :, -1])
+
+    def advance(self, large_lp, small_lp, next_ids, memory: FusionEvidence):
+        by_row = self._by_row(small_lp)
+        evidence = next_evidence(memory.evidence, memory.last_log_probs, next_ids)
+        return self._shifted(large_lp, small_lp, by_row, evidence), FusionEvidence(evidence, by_row)
 
 
 class DeferComposition(Collaboration):
     """The small expert decodes; tokens where its entropy exceeds `threshold` (nats) go to the large model."""
 
-    def __init__(self, large: ExpertPool, small: ExpertPool, expert: str, threshold: float = DEFER_THRESHOLD,
-                 name: str | None = None, **options):
-        if threshold < 0:
-            raise ExpertkitError(f"defer threshold is an entropy in nats and must be >= 0, got {threshold}")
+    Params = DeferParams
+
+    def __init__(self, large: ExpertPool, small: ExpertPool, expert: str, name: str | None = None, **options):
         super().__init__(large, small, [expert], name or f"defer:{expert}", **options)
-        self.threshold = threshold
         self.deferred = self.decided = 0  # running counts: the fraction of tokens handed to the large model
 
     @property
@@ -180,11 +239,10 @@ class DeferComposition(Collaboration):
     def stats(self) -> dict:
         return {"deferred_fraction": self.deferred_fraction, "tokens_decided": self.decided}
 
-    def combine(self, large_lp, small_lp, extra):
+    def combine(self, large_lp, small_lp, real):
         expert = small_lp[0]
         entropy = torch.special.entr(expert.exp()).sum(-1)  # 0·log 0 = 0 on tokens a token map leaves out
-        defer = entropy > self.threshold
-        real = extra["mask"]
+        defer = entropy > self.params.threshold
         self.deferred += int((defer & real).sum())
         self.decided += int(real.sum())
         return torch.where(defer.unsqueeze(-1), large_lp, expert)
@@ -195,22 +253,22 @@ class DeferComposition(Collaboration):
 
 @dataclass(frozen=True)
 class Strategy:
-    """A registered collaboration: its factory, whether its spec names one expert, and its parameter defaults."""
+    """A registered collaboration: its factory, its parameter model (config.py), whether its spec names an expert."""
 
     name: str
-    factory: Callable  # (large, small, expert | None, **params) -> Composition
+    factory: Callable  # (large, small, expert | None, name=..., token_map=..., **params) -> Composition
+    params: type[BaseModel]
     per_expert: bool
-    defaults: dict
 
 
 STRATEGIES: Registry[Strategy] = Registry("collaboration strategy")
 
 
-def collaboration(name: str, per_expert: bool = True, **defaults):
-    """Decorator: `@collaboration("proxy", alpha=1.0)` registers a strategy and the parameters it accepts."""
+def collaboration(name: str, params: type[BaseModel], per_expert: bool = True):
+    """Decorator: `@collaboration("proxy", ProxyParams)` registers a strategy and the parameters it takes."""
 
     def wrap(factory):
-        STRATEGIES.add(name, Strategy(name, factory, per_expert, defaults))
+        STRATEGIES.add(name, Strategy(name, factory, params, per_expert))
         return factory
 
     return wrap
@@ -218,17 +276,11 @@ def collaboration(name: str, per_expert: bool = True, **defaults):
 
 def collaboration_strategies() -> dict[str, dict]:
     """{strategy name: its parameter defaults}."""
-    return {name: dict(s.defaults) for name, s in STRATEGIES.items()}
+    return {name: s.params().model_dump() for name, s in STRATEGIES.items()}
 
 
-def small_experts(small: ExpertPool) -> list[str]:
-    """The adapters of the small pool that can steer (experts and LoRA merges)."""
-    return list(small.adapter_names)
-
-
-def collaboration_names(small: ExpertPool) -> list[str]:
-    """Every spec a server should list: `<strategy>:<expert>` per small expert, plus expert-free ones (`fusion`)."""
-    experts = small_experts(small)
+def collaboration_names(experts: list[str]) -> list[str]:
+    """Every spec small experts offer: `<strategy>:<expert>` per expert, plus expert-free ones (`fusion`)."""
     if not experts:
         return []
     names = []
@@ -237,27 +289,30 @@ def collaboration_names(small: ExpertPool) -> list[str]:
     return names
 
 
+def is_collaboration(name: str) -> bool:
+    """Whether a composition name is a collaboration spec (`proxy:code`, `fusion`)."""
+    return name.partition(":")[0] in STRATEGIES
+
+
+def small_library(path: str | Path) -> Library:
+    """The small model's expert library, from its project YAML or its library folder."""
+    path = Path(path)
+    library = Library(path) if path.is_dir() else Library(load_config(path).library)
+    if not library.exists():
+        raise ExpertkitError(f"{path} is not an expert library (no library.json); pass the small model's "
+                             "project YAML or its library folder")
+    return library
+
+
 def load_small_pool(path: str | Path, device: str | None = None) -> ExpertPool:
     """The small model with its experts, from its project YAML or straight from its library folder."""
-    from expertkit.base import load_base
-    from expertkit.config import load_config
-    from expertkit.library import Library
-
-    path = Path(path)
-    if path.is_dir():
-        library = Library(path)
-        if not library.exists():
-            raise ExpertkitError(f"{path} is not an expert library (no library.json); pass the small model's "
-                                 "project YAML or its library folder")
-        base_path = library.base_identity()["name"]
-    else:
-        cfg = load_config(path)
-        library, base_path = Library(cfg.library), cfg.base.path
+    library = small_library(path)
     adapters = [e.name for e in library.entries() if e.is_adapter]
-    return ExpertPool(load_base(str(base_path), device), library, names=adapters)
+    return ExpertPool(load_base(str(library.base_identity()["name"]), device), library, names=adapters)
 
 
-def build_collaboration(spec: str, large: ExpertPool, small: ExpertPool, **params) -> Composition:
+def build_collaboration(spec: str, large: ExpertPool, small: ExpertPool,
+                        token_map: TokenMap | str | Path | None = None, **params) -> Composition:
     """`proxy:code`, `defer:code`, `card:code`, `fusion` ... -> a Composition of the large and the small model.
 
     `params` override the strategy's defaults (see `collaboration_strategies()`); None values are ignored,
@@ -268,7 +323,7 @@ def build_collaboration(spec: str, large: ExpertPool, small: ExpertPool, **param
         raise ExpertkitError(f"unknown collaboration strategy '{strategy_name}' in '{spec}'; choose one of "
                              f"{STRATEGIES.listing()} as '<strategy>:<expert>' (or 'fusion')")
     strategy = STRATEGIES[strategy_name]
-    experts = small_experts(small)
+    experts = small.adapter_names
     if strategy.per_expert and expert not in experts:
         what = f"unknown expert '{expert}'" if expert else "no expert"
         raise ExpertkitError(f"{what} in '{spec}'; the small model '{small.base.name}' has {experts}, "
@@ -277,26 +332,21 @@ def build_collaboration(spec: str, large: ExpertPool, small: ExpertPool, **param
         raise ExpertkitError(f"'{strategy_name}' takes no expert (it uses every small expert); write "
                              f"'{strategy_name}', not '{spec}'")
     given = {k: v for k, v in params.items() if v is not None}
-    unknown = sorted(set(given) - set(strategy.defaults))
-    if unknown:
-        raise ExpertkitError(f"strategy '{strategy_name}' takes no parameter(s) {unknown}; it takes "
-                             f"{sorted(strategy.defaults) or 'none'}")
-    return strategy.factory(large, small, expert or None, name=spec, **{**strategy.defaults, **given})
+    checked_params(strategy.params, given, spec)
+    return strategy.factory(large, small, expert or None, name=spec, token_map=token_map, **given)
 
 
-@collaboration("proxy", alpha=1.0, token_map=None)
-def _proxy(large, small, expert, name, alpha, token_map):
-    return ProxyComposition(large, small, expert, alpha=alpha, name=name, token_map=token_map)
+@collaboration("proxy", ProxyParams)
+def _proxy(large, small, expert, **options):
+    return ProxyComposition(large, small, expert, **options)
 
 
-@collaboration("fusion", per_expert=False, alpha=1.0, token_map=None)
-def _fusion(large, small, expert, name, alpha, token_map):
-    return FusionComposition(large, small, small_experts(small), alpha=alpha, name=name, token_map=token_map)
+@collaboration("fusion", FusionParams, per_expert=False)
+def _fusion(large, small, expert, **options):
+    return FusionComposition(large, small, small.adapter_names, **options)
 
 
-@collaboration("defer", threshold=DEFER_THRESHOLD, token_map=None)
-def _defer(large, small, expert, name, threshold, token_map):
-    return DeferComposition(large, small, expert, threshold=threshold, name=name, token_map=token_map)
+@collaboration("defer", DeferParams)
+def _defer(large, small, expert, **options):
+    return DeferComposition(large, small, expert, **options)
 
-
-from expertkit.compose import card as _card  # noqa: E402,F401  (registers "card"; it builds on this module)

@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from pydantic import ValidationError
 
-from expertkit.compose.base import Composition, DecodeState, register
-from expertkit.compose.pool import BASE_ADAPTER, ExpertPool
-from expertkit.compose.route import real_rows
+from expertkit.compose.base import register
 from expertkit.config import MixtureConfig, format_validation_error
 from expertkit.errors import ExpertkitError
-from expertkit.library import MIXTURE_SPEC, Entry, Library
+from expertkit.library import MIXTURE_SPEC, Entry, Kind, Library
+from expertkit.runtime import BASE_ADAPTER, Composition, ExpertPool, PoolState
+from expertkit.runtime.tokens import real_rows
 
 
 def prefix_evidence(log_probs: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -56,6 +57,14 @@ def top_k_log_posterior(evidence: torch.Tensor, top_k: int) -> torch.Tensor:
     return evidence - evidence.logsumexp(dim=-1, keepdim=True)
 
 
+@dataclass
+class MixtureState(PoolState):
+    """The components' rows of the pool, plus each row's running evidence for each component."""
+
+    evidence: torch.Tensor = None  # [B, C] log prior + log-likelihood of the tokens so far
+    last_log_probs: torch.Tensor = None  # [B, C, V] each component's prediction of the next token
+
+
 class MixtureComposition(Composition):
     def __init__(self, pool: ExpertPool, components: list[str], top_k: int | None, name: str):
         if not components:
@@ -71,30 +80,31 @@ class MixtureComposition(Composition):
         """evidence [..., C], log_probs [..., C, V] -> mixture log-probabilities [..., V]."""
         return (top_k_log_posterior(evidence, self.top_k).unsqueeze(-1) + log_probs).logsumexp(dim=-2)
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_only: bool = False):
         real_rows(input_ids, attention_mask, self.pool.context_length)
         (rows, width), n = input_ids.shape, len(self.components)
         logits, inner = self.pool.prefill(input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0),
                                           self._replicated(rows))
         log_probs = torch.log_softmax(logits.float(), dim=-1).view(rows, n, width, -1)
         evidence = prefix_evidence(log_probs, input_ids, attention_mask, self.log_prior)  # [B, C, T]
-        mixed = self._mix(evidence.transpose(1, 2), log_probs.transpose(1, 2))
-        inner.extra = {"evidence": evidence[:, :, -1], "last_log_probs": log_probs[:, :, -1]}
-        return mixed, inner
+        if last_only:  # the evidence needs every position; the mixture only the last one
+            mixed = self._mix(evidence[:, :, -1:].transpose(1, 2), log_probs[:, :, -1:].transpose(1, 2))
+        else:
+            mixed = self._mix(evidence.transpose(1, 2), log_probs.transpose(1, 2))
+        return mixed, MixtureState(**vars(inner), evidence=evidence[:, :, -1], last_log_probs=log_probs[:, :, -1])
 
-    def step(self, state: DecodeState, next_ids: torch.Tensor):
+    def step(self, state: MixtureState, next_ids: torch.Tensor):
         rows, n = next_ids.shape[0], len(self.components)
-        evidence = next_evidence(state.extra["evidence"], state.extra["last_log_probs"], next_ids)
-        logits, inner = self.pool.step(state, next_ids.repeat_interleave(n, 0), self._replicated(rows))
+        evidence = next_evidence(state.evidence, state.last_log_probs, next_ids)
+        logits, inner = self.pool.step(state, next_ids.repeat_interleave(n, 0))
         log_probs = torch.log_softmax(logits.float(), dim=-1).view(rows, n, -1)
-        inner.extra = {"evidence": evidence, "last_log_probs": log_probs}
-        return self._mix(evidence, log_probs), inner
+        return self._mix(evidence, log_probs), MixtureState(**vars(inner), evidence=evidence, last_log_probs=log_probs)
 
 
 def mixture_experts(library: Library, spec: MixtureConfig, name: str) -> list[str]:
     """The spec's experts, or every expert in the library; each must be there."""
     if spec.experts is None:
-        return [e.name for e in library.entries() if e.kind == "expert"]
+        return [e.name for e in library.entries(Kind.EXPERT)]
     missing = [e for e in spec.experts if not library.has_name(e)]
     if missing:
         raise ExpertkitError(f"mixture '{name}' names {missing}, which library {library.root} does not hold; "
@@ -108,11 +118,11 @@ def add_mixture(library: Library, name: str, spec: MixtureConfig, overwrite: boo
     def write(tmp: Path) -> None:
         (tmp / MIXTURE_SPEC).write_text(json.dumps(spec.model_dump(), indent=2) + "\n", encoding="utf-8")
 
-    return library.add_entry("mixture", name, write, {"experts": experts, **spec.model_dump(exclude={"experts"})},
+    return library.add_entry(Kind.MIXTURE, name, write, {"experts": experts, **spec.model_dump(exclude={"experts"})},
                              overwrite=overwrite)
 
 
-@register("mixture")
+@register(Kind.MIXTURE)
 def mixture_composition(pool: ExpertPool, entry) -> Composition:
     path = entry.path / MIXTURE_SPEC
     try:

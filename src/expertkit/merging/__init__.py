@@ -15,8 +15,8 @@ from expertkit.errors import ExpertkitError
 from expertkit.library import Entry, Library
 from expertkit.merging.deltas import check_mergeable, expert_deltas
 from expertkit.merging.export import require_finite
-from expertkit.merging.methods import METHODS, merge_module
-from expertkit.merging.recipe import MergeRecipe, make_recipe
+from expertkit.merging.methods import METHODS
+from expertkit.merging.recipe import MergeRecipe, make_recipe, merge_module
 from expertkit.merging.storage import describe_storage, store
 
 __all__ = ["METHODS", "MergeRecipe", "describe_storage", "make_recipe", "merge_deltas", "merge_experts",

@@ -19,10 +19,11 @@ from typing import Callable, Literal
 
 import torch
 
-from expertkit.merging.recipe import MergeRecipe
 from expertkit.registry import Registry
 
 Sign = Literal["total", "frequency"]
+# every parameter a merge method may take (each is a MergeRecipe field; the rest of a recipe applies to every merge)
+METHOD_FIELDS = ("lam", "density", "gamma", "majority_sign", "normalize", "seed")
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,10 @@ METHODS: Registry[MergeMethod] = Registry("merge method")
 def merge_method(name: str, mergekit: str, random: bool = False):
     def wrap(fn):
         method = MergeMethod(name, fn, mergekit, random)
-        unknown = set(method.arguments) - set(MergeRecipe.model_fields)
+        unknown = set(method.arguments) - set(METHOD_FIELDS)
         if unknown:  # a programming error, caught at import
-            raise TypeError(f"merge method '{name}' takes {sorted(unknown)}, which are not MergeRecipe fields")
+            raise TypeError(f"merge method '{name}' takes {sorted(unknown)}, which are not in METHOD_FIELDS "
+                            "(add them there and to MergeRecipe)")
         METHODS.add(name, method)
         return fn
 
@@ -128,16 +130,3 @@ def breadcrumbs(deltas, weights, *, lam: float, density: float, gamma: float, no
     """Drop the top-gamma outliers and the smallest entries (keep `density`), weighted sum."""
     return mergekit_merge("breadcrumbs", deltas, weights, density=density, gamma=gamma, normalize=normalize,
                           **{"lambda": lam})
-
-
-def merge_module(deltas: list[torch.Tensor], recipe: MergeRecipe, module_index: int) -> torch.Tensor:
-    """Merge one module's ΔWs; random methods draw from a seed of their own per module (reproducible)."""
-    method = METHODS[recipe.method]
-    parameters = recipe.parameters()
-    arguments = {name: parameters[name] for name in method.arguments}
-    weights = recipe.expert_weights()
-    if not method.random:
-        return method.merge(deltas, weights, **arguments)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(parameters["seed"] * 100_003 + module_index)
-        return method.merge(deltas, weights, **arguments)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from expertkit.config import Strict, format_validation_error
 from expertkit.errors import ExpertkitError
+from expertkit.merging.methods import METHOD_FIELDS, METHODS
 
-# recipe fields that are parameters of some merge method (the rest apply to every merge)
-METHOD_FIELDS = ("lam", "density", "gamma", "majority_sign", "normalize", "seed")
 SPELLING = {"lam": "lambda"}  # what the user writes
 
 
@@ -40,8 +40,6 @@ class MergeRecipe(Strict):
     @field_validator("method")
     @classmethod
     def _known_method(cls, method: str) -> str:
-        from expertkit.merging.methods import METHODS
-
         if method not in METHODS:
             raise ValueError(f"unknown merge method '{method}'; allowed: {METHODS.listing()}")
         return method
@@ -55,8 +53,6 @@ class MergeRecipe(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "MergeRecipe":
-        from expertkit.merging.methods import METHODS
-
         if self.weights is not None and len(self.weights) != len(self.experts):
             raise ValueError(f"{len(self.weights)} weights for {len(self.experts)} experts; give one per expert")
         if len(set(self.experts)) != len(self.experts):
@@ -82,8 +78,6 @@ class MergeRecipe(Strict):
 
     def parameters(self) -> dict:
         """The method's own parameters (field names), `normalize` resolved to mergekit's default if not given."""
-        from expertkit.merging.methods import METHODS
-
         method = METHODS[self.method]
         values = {name: getattr(self, name) for name in method.parameters}
         if "normalize" in values and values["normalize"] is None:
@@ -107,3 +101,16 @@ def make_recipe(**fields) -> MergeRecipe:
         return MergeRecipe.model_validate(fields)
     except ValidationError as e:
         raise ExpertkitError(format_validation_error(e, "merge recipe")) from None
+
+
+def merge_module(deltas: list[torch.Tensor], recipe: MergeRecipe, module_index: int) -> torch.Tensor:
+    """Merge one module's ΔWs; random methods draw from a seed of their own per module (reproducible)."""
+    method = METHODS[recipe.method]
+    parameters = recipe.parameters()
+    arguments = {name: parameters[name] for name in method.arguments}
+    weights = recipe.expert_weights()
+    if not method.random:
+        return method.merge(deltas, weights, **arguments)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(parameters["seed"] * 100_003 + module_index)
+        return method.merge(deltas, weights, **arguments)

@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 import torch
 
 from expertkit.compose.adapters import AdapterComposition
-from expertkit.compose.pool import BASE_ADAPTER
 from expertkit.evaluate import nll_sum
 from expertkit.executors import Context, Executor, Job, LocalExecutor
 from expertkit.merging.deltas import expert_deltas
 from expertkit.merging.methods import METHODS
 from expertkit.merging.recipe import MergeRecipe
 from expertkit.progress import console
+from expertkit.runtime import BASE_ADAPTER
 
 TOURNAMENT = 3  # children are mutated from one of the best few trials, not only the best
 GRID = {

@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from expertkit.library import Kind
 from expertkit.merging.export import full_model, lora_factors, smallest_rank, write_adapter, write_full_model
 from expertkit.merging.recipe import MergeRecipe
 
@@ -43,13 +44,13 @@ def store(merged: dict[str, torch.Tensor], recipe: MergeRecipe, base_path: str, 
             rank, chosen_by, bound = smallest_rank(merged, recipe.max_error), "max_error", recipe.max_error
         config, tensors, errors = lora_factors(merged, rank, template_config)
         if bound is None or max(errors.values(), default=0.0) <= bound:
-            return Stored("merge", lambda folder: write_adapter(folder, config, tensors), errors,
+            return Stored(Kind.MERGE, lambda folder: write_adapter(folder, config, tensors), errors,
                           _record("adapter", rank, chosen_by, bound, errors))
         chosen_by = NO_RANK  # a bound below what float32 factors hold, even at full rank: store the full model
     else:
         chosen_by, bound = "recipe output", None
     model, errors = full_model(base_path, merged)
-    return Stored("merged_model", partial(write_full_model, base_path=base_path, model=model), errors,
+    return Stored(Kind.MERGED_MODEL, partial(write_full_model, base_path=base_path, model=model), errors,
                   _record("model", None, chosen_by, bound, errors))
 
 

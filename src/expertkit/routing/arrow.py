@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import torch
 
-from expertkit.compose.pool import BASE_ADAPTER, position_ids
 from expertkit.errors import ExpertkitError
 from expertkit.routing.base import Prompts, Router, TrainingData, register_router
 from expertkit.routing.features import map_batches
+from expertkit.runtime import BASE_ADAPTER
+from expertkit.runtime.tokens import position_ids
 
 TEMPERATURE = 0.01  # affinities are mean |cos| values a few hundredths apart
 

@@ -15,9 +15,9 @@ from typing import Callable, ClassVar
 import torch
 
 from expertkit.errors import ExpertkitError
+from expertkit.library import BASE
 from expertkit.registry import Registry
 
-BASE_LABEL = "base"
 LABEL_SMOOTHING = 0.05
 
 
@@ -74,8 +74,8 @@ class Router(ABC):
     needs_model: ClassVar[bool] = True  # False: routes from text alone, so a routing-only front needs no weights
 
     def __init__(self, labels: list[str], tensors: dict[str, torch.Tensor], params: dict):
-        if labels[-1] != BASE_LABEL:
-            raise ValueError(f"the last label must be '{BASE_LABEL}', got {labels}")
+        if labels[-1] != BASE:
+            raise ValueError(f"the last label must be '{BASE}', got {labels}")
         self.labels, self.tensors, self.params = list(labels), dict(tensors), dict(params)
 
     @property

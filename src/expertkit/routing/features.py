@@ -11,9 +11,10 @@ from typing import Callable
 
 import torch
 
-from expertkit.compose.pool import BASE_ADAPTER, position_ids
-from expertkit.decoding import pad_id, pad_left
 from expertkit.routing.base import Prompts
+from expertkit.runtime import BASE_ADAPTER
+from expertkit.runtime.logprobs import mean_token_log_prob
+from expertkit.runtime.tokens import pad_id, pad_left, position_ids
 
 
 def token_budget(pool, settings) -> int:
@@ -64,10 +65,6 @@ def mean_token_nll(pool, prompts: Prompts, adapters: list[str], settings) -> tor
         rows = len(ids)
         rep_ids, rep_mask = ids.repeat_interleave(n_adapters, 0), mask.repeat_interleave(n_adapters, 0)
         logits, _ = pool.prefill(rep_ids, rep_mask, adapters * rows)
-        targets = rep_ids[:, 1:].to(logits.device)
-        scored = (rep_mask[:, 1:] * rep_mask[:, :-1]).to(logits.device).float()
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
-        mean = (nll * scored).sum(1) / scored.sum(1).clamp(min=1)
-        return mean.view(rows, n_adapters).cpu()
+        return -mean_token_log_prob(logits, rep_ids, rep_mask).view(rows, n_adapters).cpu()
 
     return map_batches(pool, prompts, settings, losses, per_prompt_rows=n_adapters)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from expertkit.compose.pool import BASE_ADAPTER
-from expertkit.routing.base import BASE_LABEL, Prompts, Router, TrainingData, fit_temperature, register_router
+from expertkit.routing.base import BASE, Prompts, Router, TrainingData, fit_temperature, register_router
 from expertkit.routing.features import mean_token_nll
+from expertkit.runtime import BASE_ADAPTER
 
 
 @register_router("likelihood")
@@ -26,7 +26,7 @@ class LikelihoodRouter(Router):
         return router
 
     def scores(self, pool, prompts: Prompts, settings) -> torch.Tensor:
-        adapters = [BASE_ADAPTER if label == BASE_LABEL else label for label in self.labels]
+        adapters = [BASE_ADAPTER if label == BASE else label for label in self.labels]
         return -mean_token_nll(pool, prompts, adapters, settings)
 
     def probabilities(self, pool, prompts: Prompts, settings) -> torch.Tensor:

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from expertkit.compose.pool import BASE_ADAPTER
 from expertkit.config import RoutingConfig
 from expertkit.errors import ExpertkitError
-from expertkit.library import ROUTER_STATE, Entry, Library
-from expertkit.routing.base import BASE_LABEL, Prompts, Router, router_class
+from expertkit.library import ROUTER_STATE, Entry, Kind, Library
+from expertkit.routing.base import BASE, Prompts, Router, router_class
 from expertkit.routing.calibrate import decide
+from expertkit.runtime import BASE_ADAPTER
 
 
 @dataclass
@@ -38,7 +38,7 @@ class Routing:
 
     @property
     def adapters(self) -> list[str]:
-        return [BASE_ADAPTER if label == BASE_LABEL else label for label in self.chosen]
+        return [BASE_ADAPTER if label == BASE else label for label in self.chosen]
 
 
 @dataclass
@@ -69,12 +69,12 @@ def save_router(library: Library, calibrated: CalibratedRouter, report: dict, ov
 
     manifest = {"router_kind": router.kind, "experts": router.experts, "labels": router.labels,
                 "threshold": calibrated.threshold, **report}
-    return library.add_entry("router", calibrated.name, write, manifest, overwrite=overwrite)
+    return library.add_entry(Kind.ROUTER, calibrated.name, write, manifest, overwrite=overwrite)
 
 
 def load_router(library: Library, entry: Entry) -> CalibratedRouter:
     """Rebuild a router from its entry; every expert it names must still be in the library."""
-    if entry.kind != "router":
+    if entry.kind != Kind.ROUTER:
         raise ExpertkitError(f"library entry '{entry.name}' is a {entry.kind}, not a router; pass a router's name")
     missing = [e for e in entry.manifest.get("experts", []) if not library.has_name(e)]
     if missing:
@@ -94,7 +94,7 @@ def find_router(library: Library, name: str | None) -> Entry:
     """The named router, or the library's only router when no name is given."""
     if name is not None:
         return library.get(name)
-    routers = [e for e in library.entries() if e.kind == "router"]
+    routers = library.entries(Kind.ROUTER)
     if len(routers) != 1:
         if not routers:
             raise ExpertkitError(f"library {library.root} has no router; train one with `expertkit router train`")

@@ -14,7 +14,8 @@ import torch
 from expertkit.config import ProjectConfig, RoutingConfig
 from expertkit.data import load_corpus
 from expertkit.errors import ExpertkitError
-from expertkit.routing.base import BASE_LABEL, TrainingData, router_class
+from expertkit.library import Kind
+from expertkit.routing.base import BASE, TrainingData, router_class
 from expertkit.routing.calibrate import accuracy, calibrate_threshold, decide, expert_confidence
 from expertkit.routing.store import CalibratedRouter
 
@@ -34,7 +35,7 @@ def prefixes(tokenizer, texts: list[str], n_tokens: int) -> list[str]:
 
 def label_domains(cfg: ProjectConfig, pool) -> dict[str, str | None]:
     """label -> domain whose text exemplifies it: one per library expert, then "base" (general or None)."""
-    experts = {e.name: e.domain for e in pool.entries if e.kind == "expert"}
+    experts = {e.name: e.domain for e in pool.entries if e.kind == Kind.EXPERT}
     if not experts:
         raise ExpertkitError(f"library {cfg.library} has no experts to route to; train some with `expertkit train`")
     known = {d.name for d in cfg.all_domains()}
@@ -42,7 +43,7 @@ def label_domains(cfg: ProjectConfig, pool) -> dict[str, str | None]:
     if unknown:
         raise ExpertkitError(f"experts {unknown} were trained on domains this config does not list; "
                              "add those domains to the config so the router can read their text")
-    return {**experts, BASE_LABEL: cfg.general.name if cfg.general else None}
+    return {**experts, BASE: cfg.general.name if cfg.general else None}
 
 
 def domain_texts(cfg: ProjectConfig, labels: dict[str, str | None], split: str, per_label: int) -> dict[str, list[str]]:
@@ -81,7 +82,7 @@ def train_router(cfg: ProjectConfig, pool, kind: str, name: str, abstain_rate: f
     settings = cfg.routing if abstain_rate is None else cfg.routing.model_copy(update={"abstain_rate": abstain_rate})
     cls = router_class(kind)
     labels = label_domains(cfg, pool)
-    pool.ensure([label for label in labels if label != BASE_LABEL])
+    pool.ensure([label for label in labels if label != BASE])
     per_label = settings.train_documents if kind == "lexical" else settings.model_documents
     data = TrainingData.from_texts(pool.tokenizer, list(labels), domain_texts(cfg, labels, "train", per_label))
     started = time.perf_counter()

@@ -1,11 +1,12 @@
 """The serving engine: one thread that owns the model and decodes every request, step by step.
 
-Continuous batching across experts: every request whose composition answers a row with
-one adapter of the pool (the base, an expert, a merge, a router's choice) lives in ONE
-running batch; each step is one forward with per-row adapters (PEFT `adapter_names`).
-Requests join after their prefill and leave when they finish, between steps. Other
-compositions (mixtures, collaborations, full merged models) decode in lanes of their own,
-still interleaved step by step with the shared batch, so no request blocks the others.
+Continuous batching across experts: every request is prefilled through its composition; when
+the state that comes back is rows of the engine's pool (a PoolState: the base, an expert, a merge,
+a router's choice), those rows join ONE running batch, each step one forward with per-row adapters.
+Requests join after their prefill and leave when they finish, between steps. Other compositions
+(mixtures, collaborations, full merged models) decode in lanes of their own, still interleaved
+step by step with the shared batch, so no request blocks the others. Each row is a
+runtime.decoding.Sequence: the generation loop's own sampling, stop and end-of-text rules.
 
 The HTTP side talks to the engine only through `submit` and the events a job emits.
 """
@@ -25,12 +26,13 @@ from typing import Callable
 
 import torch
 
-from expertkit.compose.base import Composition, DecodeState
-from expertkit.compose.pool import BASE_ADAPTER, ExpertPool
-from expertkit.decoding import SamplingParams, choose_next, pad_id, pad_left
+from expertkit.config import ServeOptions
 from expertkit.errors import ExpertkitError
-from expertkit.serve.kvcache import check_joinable, join, keep_rows
-from expertkit.serve.text import TextStream
+from expertkit.library import BASE
+from expertkit.runtime import BASE_ADAPTER, Composition, DecodeState, ExpertPool, PoolState, SamplingParams, Sequence
+from expertkit.runtime.decoding import choose_tokens
+from expertkit.runtime.kvcache import check_joinable, join, keep_rows
+from expertkit.runtime.tokens import pad_id, pad_left
 
 log = logging.getLogger("expertkit.serve")
 PREFILL_ROWS = 64  # prompts prefilled in one forward when many arrive at once
@@ -60,14 +62,18 @@ class Job:
     prompt_logprobs: bool = False  # echo with logprobs: the prompt's own token logprobs too
     streaming: bool = True  # False: no per-token events unless logprobs are asked; the text comes at the end
     ignore_eos: bool = False  # end-of-text is a token like any other (exactly max_new_tokens are generated)
+    composition_params: dict = field(default_factory=dict)  # per request, e.g. a collaboration's alpha
     id: int = field(default_factory=lambda: next(_ids))
     submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False
-    generated: list[int] = field(default_factory=list)
-    stream: TextStream | None = None
-    generator: torch.Generator | None = None
+    sequence: Sequence | None = None  # set on admission
     expert: str | None = None
     ended: bool = False  # one end or error event per job, never two
+
+    @property
+    def group(self) -> tuple:
+        """Jobs of one group are prefilled together: same composition, same parameters."""
+        return self.composition, tuple(sorted(self.composition_params.items()))
 
 
 class Lane(ABC):
@@ -88,19 +94,16 @@ class Lane(ABC):
 class PoolLane(Lane):
     """The shared batch: rows of the pool, each with its own adapter; rows join and leave per step."""
 
-    def __init__(self, pool: ExpertPool, jobs, state, next_ids, adapters: list[str]):
-        super().__init__(jobs, state, next_ids)
-        self.pool, self.adapters = pool, adapters
+    state: PoolState
 
     def step(self) -> torch.Tensor:
-        logits, self.state = self.pool.step(self.state, self.next_ids, self.adapters)
+        logits, self.state = self.state.pool.step(self.state, self.next_ids)
         return logits
 
     def keep(self, rows: list[int]) -> None:
         if len(rows) == len(self.jobs):
             return
         self.jobs = [self.jobs[i] for i in rows]
-        self.adapters = [self.adapters[i] for i in rows]
         self.next_ids = self.next_ids[rows]
         if rows:
             self.state = keep_rows(self.state, rows)
@@ -108,14 +111,13 @@ class PoolLane(Lane):
     def add(self, other: "PoolLane") -> None:
         self.state = join(self.state, other.state)
         self.jobs += other.jobs
-        self.adapters += other.adapters
         self.next_ids = torch.cat([self.next_ids, other.next_ids])
 
 
 class CompositionLane(Lane):
     """Requests of one composition admitted together; its state is opaque, so finished rows ride along."""
 
-    def __init__(self, composition: Composition, jobs, state, pad: int):
+    def __init__(self, composition: Composition, jobs, state: DecodeState, pad: int):
         super().__init__(jobs, state, torch.zeros(len(jobs), dtype=torch.long))
         self.composition = composition
         self.live = list(range(len(jobs)))  # rows still decoding, as indices into the admitted batch
@@ -147,8 +149,8 @@ class EngineStats:
 class Engine:
     """Owns the pool and the compositions; `submit` jobs from any thread, events come back via `job.emit`."""
 
-    def __init__(self, pool: ExpertPool, compositions: dict[str, Composition], max_batch: int = 64,
-                 max_queue: int = 256):
+    def __init__(self, pool: ExpertPool, compositions: dict[str, Composition],
+                 max_batch: int = ServeOptions().max_batch, max_queue: int = ServeOptions().max_queue):
         if max_batch < 1 or max_queue < 1:
             raise ExpertkitError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
         self.pool, self.compositions = pool, compositions
@@ -167,7 +169,7 @@ class Engine:
 
     def _check_batching(self) -> None:
         _, state = self.pool.prefill(torch.tensor([[self.eos or 0]]), torch.ones(1, 1, dtype=torch.long),
-                                     [BASE_ADAPTER])
+                                     [BASE_ADAPTER], last_only=True)
         check_joinable(state.past)
 
     # ------------------------------------------------------------ the thread-safe side
@@ -181,8 +183,10 @@ class Engine:
         return (len(self.shared.jobs) if self.shared else 0) + sum(len(lane.jobs) for lane in self.lanes)
 
     def submit(self, job: Job) -> None:
+        """Queue a job; an unknown model or a parameter its composition does not take is refused here."""
         if job.composition not in self.compositions:
             raise ExpertkitError(f"unknown model '{job.composition}'")
+        self.compositions[job.composition].configured(**job.composition_params)
         with self._wake:
             if len(self.pending) >= self.max_queue:
                 raise QueueFull(f"the server queue is full ({self.max_queue} waiting requests); retry later")
@@ -242,13 +246,16 @@ class Engine:
         return arrivals
 
     def _admit(self, jobs: list[Job]) -> None:
-        by_composition: dict[str, list[Job]] = {}
+        groups: dict[tuple, list[Job]] = {}
         for job in jobs:
             if not job.cancelled:
-                by_composition.setdefault(job.composition, []).append(job)
-        for name, group in by_composition.items():
-            with self._confined(group, f"admitting requests for '{name}'"):
-                self._admit_group(self.compositions[name], group)
+                groups.setdefault(job.group, []).append(job)
+        for group in groups.values():
+            name, params = group[0].composition, group[0].composition_params
+            for start in range(0, len(group), PREFILL_ROWS):
+                chunk = group[start:start + PREFILL_ROWS]
+                with self._confined(chunk, f"admitting requests for '{name}'"):
+                    self._admit_group(self.compositions[name].configured(**params), chunk)
 
     @contextlib.contextmanager
     def _confined(self, jobs: list[Job], what: str):
@@ -268,52 +275,36 @@ class Engine:
                 self._fail(job, 500, f"internal error while {what}; see the server log")
 
     def _admit_group(self, composition: Composition, jobs: list[Job]) -> None:
+        """Prefill `jobs` through their composition; rows of this engine's pool join the shared batch."""
         for job in jobs:
-            job.stream = TextStream(self.tokenizer, job.params.stop, incremental=job.streaming)
-            job.generator = torch.Generator().manual_seed(job.params.seed)
+            job.sequence = Sequence(self.tokenizer, job.params, ignore_eos=job.ignore_eos, incremental=job.streaming)
             self.stats.prompt_tokens += len(job.prompt_ids)
-        adapters = composition.row_adapters([job.prompt_ids for job in jobs])
-        if adapters is not None and getattr(composition, "pool", None) is self.pool:
-            for job, adapter in zip(jobs, adapters):
-                job.expert = "base" if adapter == BASE_ADAPTER else adapter
-                job.emit({"type": "start", "expert": job.expert})
-            for start in range(0, len(jobs), PREFILL_ROWS):
-                chunk = jobs[start:start + PREFILL_ROWS]
-                with self._confined(chunk, f"prefilling requests for '{composition.name}'"):
-                    self._prefill_pool(chunk, adapters[start:start + PREFILL_ROWS])
-            return
-        for job in jobs:
-            job.emit({"type": "start", "expert": None})
-        ids, mask = pad_left([job.prompt_ids for job in jobs], pad_id(self.tokenizer))
-        logits, state = composition.prefill(ids, mask)
-        self.stats.prefills += 1
-        lane = CompositionLane(composition, jobs, state, pad_id(self.tokenizer))
-        self._after_prefill(lane, logits, mask)
-        if lane.jobs:
-            self.lanes.append(lane)
-
-    def _prefill_pool(self, jobs: list[Job], adapters: list[str]) -> None:
         ids, mask = pad_left([job.prompt_ids for job in jobs], pad_id(self.tokenizer))
         # the logits of every prompt position only when a job echoes the prompt's logprobs (memory: T x vocab)
-        last_only = {} if any(job.prompt_logprobs for job in jobs) else {"logits_to_keep": 1}
-        logits, state = self.pool.prefill(ids, mask, adapters, **last_only)
+        logits, state = composition.prefill(ids, mask, last_only=not any(job.prompt_logprobs for job in jobs))
         self.stats.prefills += 1
-        lane = PoolLane(self.pool, jobs, state, torch.zeros(len(jobs), dtype=torch.long), list(adapters))
-        self._after_prefill(lane, logits, mask)
-        if not lane.jobs:
-            return
-        if self.shared is None or not self.shared.jobs:
-            self.shared = lane
-        else:
-            self.shared.add(lane)
-
-    def _after_prefill(self, lane: Lane, logits: torch.Tensor, mask: torch.Tensor) -> None:
+        shared = isinstance(state, PoolState) and state.pool is self.pool
+        for i, job in enumerate(jobs):
+            if shared:
+                job.expert = BASE if state.adapters[i] == BASE_ADAPTER else state.adapters[i]
+            job.emit({"type": "start", "expert": job.expert})
+        next_ids = torch.zeros(len(jobs), dtype=torch.long)
+        lane = PoolLane(jobs, state, next_ids) if shared else CompositionLane(composition, jobs, state,
+                                                                               pad_id(self.tokenizer))
         for i, job in enumerate(lane.jobs):
             if job.prompt_logprobs:
                 n = len(job.prompt_ids)
                 job.emit({"type": "prompt_logprobs",
                           "entries": self._prompt_logprobs(logits[i, -n:], job.prompt_ids, job.top_logprobs)})
         self._advance(lane, logits[:, -1])
+        if not lane.jobs:
+            return
+        if not shared:
+            self.lanes.append(lane)
+        elif self.shared is None or not self.shared.jobs:
+            self.shared = lane
+        else:
+            self.shared.add(lane)
 
     def _step_all(self) -> None:
         for lane in [self.shared, *self.lanes]:
@@ -331,56 +322,43 @@ class Engine:
 
     def _advance(self, lane: Lane, logits: torch.Tensor) -> None:
         """Choose each row's next token, emit it, and drop rows that are done."""
-        greedy = logits.argmax(dim=-1).tolist()
-        keep, next_ids = [], []
+        tokens = choose_tokens([job.sequence for job in lane.jobs], logits)
+        keep = []
         for i, job in enumerate(lane.jobs):
+            sequence = job.sequence
             if job.cancelled:
                 continue
-            if len(job.generated) >= job.params.max_new_tokens:
-                self._finish(job, "length")
+            if sequence.done:  # asked for no new tokens at all
+                self._finish(job)
                 continue
-            token = greedy[i] if job.params.temperature == 0 else int(
-                choose_next(logits[i:i + 1], job.params, [job.generator])[0])
-            if token == self.eos and not job.ignore_eos:
-                self._end_of_text(job, logits[i], token)
-                continue
-            job.generated.append(token)
-            self.stats.generated_tokens += 1
-            text, stopped = job.stream.push(token)
-            if job.streaming or job.top_logprobs is not None:
-                event = {"type": "token", "text": text, "token": token}
+            text = sequence.push(tokens[i])
+            if sequence.end_of_text:  # a generated token (no text) with its logprob, as in vLLM: clients that
+                # echo the prompt (lm-eval's local-completions) drop the last logprob entry as the generated one
                 if job.top_logprobs is not None:
-                    event.update(self._token_logprobs(logits[i], token, job.top_logprobs))
+                    job.emit({"type": "token", "text": "", "token": tokens[i],
+                              **self._token_logprobs(logits[i], tokens[i], job.top_logprobs)})
+                self._finish(job)
+                continue
+            self.stats.generated_tokens += 1
+            if job.streaming or job.top_logprobs is not None:
+                event = {"type": "token", "text": text, "token": tokens[i]}
+                if job.top_logprobs is not None:
+                    event.update(self._token_logprobs(logits[i], tokens[i], job.top_logprobs))
                 job.emit(event)
-            if stopped:
-                self._finish(job, "stop", stop_string=True)
-            elif len(job.generated) >= job.params.max_new_tokens:
-                self._finish(job, "length")
+            if sequence.done:
+                self._finish(job)
             else:
                 keep.append(i)
-                next_ids.append(token)
-        lane.next_ids = torch.zeros(len(lane.jobs), dtype=torch.long)
-        if keep:
-            lane.next_ids[keep] = torch.tensor(next_ids, dtype=torch.long)
+        lane.next_ids = torch.tensor(tokens, dtype=torch.long)
         lane.keep(keep)
 
-    def _end_of_text(self, job: Job, logits: torch.Tensor, token: int) -> None:
-        """The model chose end-of-text: it is a generated token (no text) with its logprob, as in vLLM.
-
-        Clients that echo the prompt rely on it: lm-eval's `local-completions` drops the last logprob
-        entry as the generated token, so leaving it out would drop the last prompt token instead.
-        """
-        if job.top_logprobs is not None:
-            job.emit({"type": "token", "text": "", "token": token,
-                      **self._token_logprobs(logits, token, job.top_logprobs)})
-        self._finish(job, "stop", extra_tokens=1)
-
-    def _finish(self, job: Job, reason: str, stop_string: bool = False, extra_tokens: int = 0) -> None:
-        tail = "" if stop_string else job.stream.finish()  # after a stop string, the rest is cut
+    def _finish(self, job: Job) -> None:
+        sequence = job.sequence
         job.ended = True
         self.stats.finished += 1
-        job.emit({"type": "end", "text": tail, "full_text": job.stream.out, "finish_reason": reason,
-                  "prompt_tokens": len(job.prompt_ids), "completion_tokens": len(job.generated) + extra_tokens})
+        job.emit({"type": "end", "text": sequence.rest(), "full_text": sequence.stream.out,
+                  "finish_reason": sequence.finish_reason, "prompt_tokens": len(job.prompt_ids),
+                  "completion_tokens": len(sequence.generated) + sequence.end_of_text})
 
     def _fail(self, job: Job, status: int, message: str) -> None:
         if job.ended:

@@ -156,7 +156,7 @@ def build_forwarding_service(library_path, backend_url: str, router_name: str | 
                                  "to route); pass --base PATH")
         if router.router.needs_model:
             from expertkit.base import load_base
-            from expertkit.compose import ExpertPool
+            from expertkit.runtime import ExpertPool
 
             pool = ExpertPool(load_base(base_path, device), library, names=router.experts)
             tokenizer = pool.tokenizer

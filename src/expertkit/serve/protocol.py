@@ -46,6 +46,14 @@ class _Request(BaseModel):
     user: Optional[str] = Field(default=None, max_length=256)
     ignore_eos: bool = Field(default=False, description="vLLM's extension: keep going past end-of-text "
                                                         "(exactly max_tokens new tokens, for load tests)")
+    # expertkit's extensions: a collaboration's parameters for this request (proxy/fusion: alpha;
+    # defer: entropy threshold; card: relevance threshold); refused (400) by a model that takes none
+    alpha: Optional[float] = Field(default=None, description="proxy/fusion: strength of the small expert's shift")
+    threshold: Optional[float] = Field(default=None, description="defer/card: the strategy's threshold")
+
+    @property
+    def composition_params(self) -> dict:
+        return {k: v for k, v in (("alpha", self.alpha), ("threshold", self.threshold)) if v is not None}
 
     @field_validator("stop")
     @classmethod

@@ -5,30 +5,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+from expertkit.config import ServeOptions
 from expertkit.errors import ExpertkitError
+from expertkit.library import Kind
 
 log = logging.getLogger("expertkit.serve")
 
 
-@dataclass(frozen=True)
-class ServeOptions:
-    base: str | None = None  # default: the base path recorded in the library
-    device: str | None = None
-    models: tuple[str, ...] | None = None  # library entries to serve (default: all)
-    router: str | None = None  # the entry `auto` uses (default: the library's only router)
-    small: str | None = None  # a small model's project or library: serve its collaborations too
-    max_batch: int = 64
-    max_queue: int = 256
-    max_prompt_tokens: int | None = None  # default: the model's context
-    max_tokens: int = 512
-
-
 def pick_router(entries, requested: str | None) -> str | None:
     """The router `auto` uses: the one asked for, else the library's best on its own validation prompts."""
-    routers = [e for e in entries if e.kind == "router"]
+    routers = [e for e in entries if e.kind == Kind.ROUTER]
     if requested is not None:
         if requested not in [e.name for e in routers]:
             raise ExpertkitError(f"router '{requested}' is not in the library; routers there: "
@@ -47,8 +35,9 @@ def pick_router(entries, requested: str | None) -> str | None:
 def build_local_service(library_path: Path, options: ServeOptions):
     """Load the base once, attach the library's adapters to it, and start the engine."""
     from expertkit.base import load_base
-    from expertkit.compose import ExpertPool, build_compositions
+    from expertkit.compose import build_compositions
     from expertkit.library import Library
+    from expertkit.runtime import ExpertPool
     from expertkit.serve.engine import Engine
     from expertkit.serve.service import Limits, LocalService
 
@@ -60,13 +49,12 @@ def build_local_service(library_path: Path, options: ServeOptions):
     base = load_base(base_path, options.device)
     names = [m for m in options.models if m != "base"] if options.models else None  # [] = the base alone
     pool = ExpertPool(base, library, names=names)
-    compositions = {c.name: c for c in build_compositions(pool)}
+    small = None
     if options.small:
-        from expertkit.compose.collaborate import build_collaboration, collaboration_names, load_small_pool
+        from expertkit.compose.collaborate import load_small_pool
 
         small = load_small_pool(options.small, options.device)
-        for spec in collaboration_names(small):
-            compositions[spec] = build_collaboration(spec, pool, small)
+    compositions = {c.name: c for c in build_compositions(pool, small=small)}
     router = pick_router(pool.entries, options.router)
     context = pool.context_length
     limits = Limits(max_prompt_tokens=options.max_prompt_tokens or context or 2048,

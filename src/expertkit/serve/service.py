@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from expertkit.decoding import SamplingParams
+from expertkit.errors import ExpertkitError
+from expertkit.runtime import SamplingParams
 from expertkit.serve.engine import Engine, Job, QueueFull
 from expertkit.serve.protocol import ChatRequest, CompletionRequest, OpenAIError
 from expertkit.serve.text import chat_prompt
@@ -110,7 +111,8 @@ class LocalService:
             self._check_lengths(ids, new_tokens)
         want_logprobs = req.logprobs is not None
         jobs = [dict(composition=composition, prompt_ids=ids, params=self._params(req, new_tokens),
-                     top_logprobs=req.logprobs, prompt_logprobs=req.echo and want_logprobs, ignore_eos=req.ignore_eos)
+                     top_logprobs=req.logprobs, prompt_logprobs=req.echo and want_logprobs, ignore_eos=req.ignore_eos,
+                     composition_params=req.composition_params)
                 for ids in prompts]
         run = await Run.start(self.engine, jobs, req.stream)
         shape = CompletionShape(self.tokenizer, req, prompts)
@@ -127,7 +129,7 @@ class LocalService:
         self._check_lengths(ids, new_tokens)
         top = (req.top_logprobs or 0) if req.logprobs else None
         jobs = [dict(composition=composition, prompt_ids=ids, params=self._params(req, new_tokens, template_stops),
-                     top_logprobs=top, ignore_eos=req.ignore_eos)]
+                     top_logprobs=top, ignore_eos=req.ignore_eos, composition_params=req.composition_params)]
         run = await Run.start(self.engine, jobs, req.stream)
         return await run.respond(ChatShape(req), req.stream, req.include_usage)
 
@@ -202,6 +204,10 @@ class Run:
         except QueueFull as e:
             run.cancel()
             raise OpenAIError(429, str(e), type_="rate_limit_error", code="queue_full") from None
+        except ExpertkitError as e:  # a parameter this model does not take (alpha for 'base', say)
+            run.cancel()
+            raise OpenAIError(400, str(e), param=next(iter(job_kwargs[0].get("composition_params") or {}), None)) \
+                from None
         return run
 
     def cancel(self) -> None:

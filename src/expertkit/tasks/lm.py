@@ -15,10 +15,10 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 
-from expertkit.compose import Composition
-from expertkit.decoding import SamplingParams, generate_ids, pad_id
 from expertkit.errors import ExpertkitError
 from expertkit.progress import progress_bar
+from expertkit.runtime import Composition, SamplingParams, generate_ids
+from expertkit.runtime.tokens import pad_id
 from expertkit.scoring import continuation_log_probs
 
 DEFAULT_BATCH = 16
@@ -38,8 +38,9 @@ class ExpertkitLM(TemplateLM):
                      device: str | None = None, batch_size: int = DEFAULT_BATCH) -> "ExpertkitLM":
         """The composition `model` of a library (an entry name or 'base') on its base model."""
         from expertkit.base import load_base
-        from expertkit.compose import ExpertPool, build_compositions
+        from expertkit.compose import build_compositions
         from expertkit.library import Library
+        from expertkit.runtime import ExpertPool
 
         library = Library(Path(library))
         base_path = base or library.base_identity()["name"]

@@ -13,9 +13,9 @@ import json
 import math
 from pathlib import Path
 
-from expertkit.compose import Composition
 from expertkit.errors import ExpertkitError
 from expertkit.progress import console
+from expertkit.runtime import Composition
 from expertkit.tasks.lm import ExpertkitLM
 from expertkit.tasks.local import SUFFIX, local_tasks, task_kind
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from expertkit.compose.base import DecodeState
 from expertkit.errors import ExpertkitError
+from expertkit.runtime.state import PoolState
 
 
 def check_joinable(past) -> None:
@@ -33,17 +33,17 @@ def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
-def join(a: DecodeState, b: DecodeState) -> DecodeState:
+def join(a: PoolState, b: PoolState) -> PoolState:
     """One state holding a's rows then b's rows (the caches are modified in place and reused)."""
     width = max(a.attention_mask.shape[1], b.attention_mask.shape[1])
     for layer_a, layer_b in zip(a.past.layers, b.past.layers):
         layer_a.keys = torch.cat([_pad_left(layer_a.keys, width, -2), _pad_left(layer_b.keys, width, -2)])
         layer_a.values = torch.cat([_pad_left(layer_a.values, width, -2), _pad_left(layer_b.values, width, -2)])
     mask = torch.cat([_pad_left(a.attention_mask, width, 1), _pad_left(b.attention_mask, width, 1)])
-    return DecodeState(a.past, mask, torch.cat([a.next_position, b.next_position]))
+    return PoolState(a.past, mask, torch.cat([a.next_position, b.next_position]), a.adapters + b.adapters, a.pool)
 
 
-def keep_rows(state: DecodeState, rows: list[int]) -> DecodeState:
+def keep_rows(state: PoolState, rows: list[int]) -> PoolState:
     """Only `rows` (in that order), without the leading columns that none of them attends to."""
     index = torch.tensor(rows, dtype=torch.long, device=state.attention_mask.device)
     mask = state.attention_mask.index_select(0, index)
@@ -52,4 +52,5 @@ def keep_rows(state: DecodeState, rows: list[int]) -> DecodeState:
     for layer in state.past.layers:
         layer.keys = layer.keys.index_select(0, index)[:, :, start:]
         layer.values = layer.values.index_select(0, index)[:, :, start:]
-    return DecodeState(state.past, mask[:, start:], state.next_position.index_select(0, index))
+    return PoolState(state.past, mask[:, start:], state.next_position.index_select(0, index),
+                     [state.adapters[i] for i in rows], state.pool)

@@ -1,0 +1,44 @@
+"""Everything a pool can answer with, by name: the base, each library entry, and each collaboration.
+
+The scorecard, the task evaluation, the generator and the server all build their compositions here,
+so a collaboration (`proxy:code`, `fusion` ... given a pool of small experts) is scored and served
+like any library entry.
+"""
+
+from __future__ import annotations
+
+from expertkit.compose.base import COMPOSITIONS
+from expertkit.compose.collaborate import build_collaboration, collaboration_names, is_collaboration
+from expertkit.errors import ExpertkitError
+from expertkit.library import BASE
+from expertkit.runtime import Composition, ExpertPool
+
+
+def build_compositions(pool: ExpertPool, names: list[str] | None = None,
+                       small: ExpertPool | None = None) -> list[Composition]:
+    """The base, one composition per library entry and, with `small`, every collaboration it offers.
+
+    With `names`, just those, in that order (a collaboration spec needs `small`).
+    """
+    by_name = {BASE: COMPOSITIONS[BASE](pool, None)}
+    for entry in list(pool.entries):  # a factory may attach the entries it needs (see ExpertPool.ensure)
+        if entry.kind not in COMPOSITIONS:
+            raise ExpertkitError(f"library entry '{entry.name}' has kind '{entry.kind}' that no composition handles; "
+                                 f"known kinds: {COMPOSITIONS.listing()}")
+        by_name[entry.name] = COMPOSITIONS[entry.kind](pool, entry)
+    offered = collaboration_names(small.adapter_names) if small is not None else []
+    wanted = [*by_name, *offered] if names is None else names
+    if small is None:
+        require_small([n for n in wanted if n not in by_name])
+    missing = [n for n in wanted if n not in by_name and not is_collaboration(n)]
+    if missing:
+        raise ExpertkitError(f"unknown composition(s) {missing}; available: {sorted(by_name)}"
+                             + (f" and {offered}" if offered else ""))
+    return [by_name[n] if n in by_name else build_collaboration(n, pool, small) for n in wanted]
+
+
+def require_small(names: list[str]) -> None:
+    """Refuse collaboration specs among `names` when no small model was given (before any model is loaded)."""
+    needs_small = [n for n in names if is_collaboration(n)]
+    if needs_small:
+        raise ExpertkitError(f"{needs_small} are collaborations: they need a small model with experts (--small PATH)")

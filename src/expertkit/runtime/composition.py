@@ -1,0 +1,46 @@
+"""The composition interface: token ids in, next-token logits out, prefill then one step per token.
+
+Everything that runs a model for an answer (the generation loop, scoring, the server engine) drives
+this interface only; compose/ holds the strategies that implement it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from expertkit.errors import ExpertkitError
+from expertkit.runtime.state import DecodeState
+
+
+class Composition(ABC):
+    """Given token ids, return next-token logits. Rows are left-padded; `attention_mask` marks real tokens."""
+
+    name: str
+    # True when the answer for a row depends on that row's whole prompt (a router reads it to choose):
+    # scored on tokens of its own prompt it would see what it is scored on, so scoring feeds it a prefix
+    # and steps through the rest (see scoring.continuation_log_probs).
+    decides_from_prompt: bool = False
+
+    @abstractmethod
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                last_only: bool = False) -> tuple[torch.Tensor, DecodeState]:
+        """Logits [B, T, V] for every position (perplexity needs all of them), plus the state to continue.
+
+        `last_only`: the caller reads only the last position (generation); [B, 1, V] saves T x V memory.
+        """
+
+    @abstractmethod
+    def step(self, state: DecodeState, next_ids: torch.Tensor) -> tuple[torch.Tensor, DecodeState]:
+        """Logits [B, V] for one new token per row, reusing the caches."""
+
+    def configured(self, **params) -> "Composition":
+        """This composition with per-request parameters (a collaboration's alpha, say); none by default."""
+        if params:
+            raise ExpertkitError(f"'{self.name}' takes no parameters; got {sorted(params)}")
+        return self
+
+    def stats(self) -> dict:
+        """Counters worth reporting after a run (e.g. the share of tokens a collaboration deferred); none here."""
+        return {}

@@ -1,0 +1,167 @@
+"""One base model in memory with every library adapter attached by name; the one place that runs it.
+
+Rows of one batch may use different adapters, which is what makes many experts cheap: the base
+weights are held once and one forward serves a mixed batch. The pool chooses the forward path:
+PEFT's active adapter when every row wants the same one, RowLoRA (row_lora.py) for a mixed batch
+when its layers allow it, PEFT's per-row `adapter_names` otherwise. (The lean decode step of
+lean.py is the collaboration's own path for its small model.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from expertkit.base import Base
+from expertkit.errors import ExpertkitError
+from expertkit.library import Entry, Library
+from expertkit.runtime.row_lora import RowLoRA
+from expertkit.runtime.state import PoolState
+from expertkit.runtime.tokens import position_ids
+
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter on this row"
+
+
+@dataclass
+class AdapterHost:
+    """The one PeftModel that holds a base model's attached adapters, shared by every pool on that base.
+
+    PEFT injects LoRA layers into the base model's own modules, so two PeftModels on one base would
+    fight over them: every pool on a base goes through its host.
+    """
+
+    model: object  # peft.PeftModel
+    versions: dict[str, str | None] = field(default_factory=dict)  # adapter -> manifest "created" when loaded
+    row_lora: RowLoRA | None = None  # None when some LoRA layer is not one RowLoRA handles
+    active: list[str] | None = None  # the adapters PEFT applies to every row right now
+
+    def activate(self, adapter: str) -> None:
+        """Make `adapter` the one PEFT applies to every row (none at all for BASE_ADAPTER)."""
+        wanted = [] if adapter == BASE_ADAPTER else [adapter]
+        if self.active != wanted:
+            self.model.base_model.set_adapter(wanted, inference_mode=True)
+            self.active = wanted
+
+
+_HOSTS: "weakref.WeakKeyDictionary[torch.nn.Module, AdapterHost]" = weakref.WeakKeyDictionary()
+
+
+def has_adapters(base: Base) -> bool:
+    """Whether library adapters were attached to this base (training needs a bare one)."""
+    return base.model in _HOSTS
+
+
+class ExpertPool:
+    def __init__(self, base: Base, library: Library | None = None, names: list[str] | None = None):
+        self.base = base
+        self.library = library
+        self.entries: list[Entry] = []
+        self.host: AdapterHost | None = _HOSTS.get(base.model)
+        if library is None:
+            return
+        identity = base.identity()
+        library.check_base(identity, what=f"library {library.root}")
+        wanted = library.entries() if names is None else [library.get(n) for n in names]
+        for entry in wanted:
+            library.check_entry(entry, identity)
+        self._attach(wanted)
+
+    def _attach(self, entries: list[Entry]) -> None:
+        """Load adapter entries into the base's host (created on first use)."""
+        from peft import PeftModel
+
+        for entry in entries:
+            self.entries.append(entry)
+            if not entry.is_adapter:
+                continue  # a full model (merged_model) brings its own weights; its composition loads them
+            version = entry.manifest.get("created")
+            if self.host is None:
+                model = PeftModel.from_pretrained(self.base.model, str(entry.path), adapter_name=entry.name,
+                                                  low_cpu_mem_usage=True)
+                self.host = _HOSTS[self.base.model] = AdapterHost(model.eval())
+            elif self.host.versions.get(entry.name) != version:
+                if entry.name in self.host.model.peft_config:  # rewritten on disk since loaded: drop the stale copy
+                    self.host.model.delete_adapter(entry.name)
+                self.host.model.load_adapter(str(entry.path), adapter_name=entry.name, low_cpu_mem_usage=True)
+            self.host.versions[entry.name] = version
+        if self.host is not None:
+            self.host.active = None  # loading may touch PEFT's active set: re-set it on the next forward
+            self.host.row_lora = RowLoRA.build(self.host.model) if self.host.row_lora is None \
+                else self.host.row_lora if self.host.row_lora.refresh(self.host.model) else None
+
+    def ensure(self, names: list[str]) -> None:
+        """Attach library entries this pool does not hold yet (a router or a mixture needs its experts)."""
+        held = {e.name for e in self.entries}
+        missing = [n for n in dict.fromkeys(names) if n not in held]
+        if not missing:
+            return
+        if self.library is None:
+            raise ExpertkitError(f"entries {missing} are needed but this pool has no library; load one")
+        entries = [self.library.get(n) for n in missing]
+        for entry in entries:
+            self.library.check_entry(entry, self.base.identity())
+        self._attach(entries)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """What runs a forward: the PeftModel once adapters are attached, the bare base model before."""
+        return self.host.model if self.host is not None else self.base.model
+
+    @property
+    def context_length(self) -> int | None:
+        return getattr(self.base.model.config, "max_position_embeddings", None)
+
+    @property
+    def tokenizer(self):
+        return self.base.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return [e.name for e in self.entries if e.is_adapter]
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: list[str],
+                past=None, position_ids: torch.Tensor | None = None, **model_kwargs):
+        """One forward where row i uses adapter `adapters[i]` (BASE_ADAPTER for the bare base)."""
+        unknown = sorted(set(adapters) - set(self.adapter_names) - {BASE_ADAPTER})
+        if unknown:
+            raise ExpertkitError(f"adapter(s) {unknown} are not loaded; loaded: {self.adapter_names}")
+        kwargs = {}
+        rows = contextlib.nullcontext()
+        if self.host is not None:
+            if len(set(adapters)) == 1:
+                self.host.activate(adapters[0])
+            elif self.host.row_lora is not None:  # the base for every row, plus each adapter's delta on its rows
+                self.host.activate(BASE_ADAPTER)
+                rows = self.host.row_lora.rows(adapters, BASE_ADAPTER, self.device)
+            else:
+                kwargs = {"adapter_names": list(adapters)}
+        with rows:
+            return self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                              position_ids=position_ids.to(self.device) if position_ids is not None else None,
+                              past_key_values=past, use_cache=True, **kwargs, **model_kwargs)
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: list[str],
+                last_only: bool = False, **model_kwargs) -> tuple[torch.Tensor, PoolState]:
+        positions = position_ids(attention_mask)
+        if last_only:
+            model_kwargs["logits_to_keep"] = 1
+        out = self.forward(input_ids, attention_mask, adapters, position_ids=positions, **model_kwargs)
+        state = PoolState(out.past_key_values, attention_mask.to(self.device), positions[:, -1].to(self.device) + 1,
+                          list(adapters), self)
+        return out.logits, state
+
+    def step(self, state: PoolState, next_ids: torch.Tensor) -> tuple[torch.Tensor, PoolState]:
+        """One token per row, each row on the adapter its state says."""
+        mask = torch.cat([state.attention_mask, torch.ones_like(state.attention_mask[:, :1])], dim=1)
+        out = self.forward(next_ids.view(-1, 1), mask, state.adapters, past=state.past,
+                           position_ids=state.next_position.view(-1, 1))
+        return out.logits[:, -1], PoolState(out.past_key_values, mask, state.next_position + 1, state.adapters, self)
+
