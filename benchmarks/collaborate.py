@@ -111,7 +111,7 @@ def quality(large_cfg, large_pool, small_pool, experts: list[str], alpha: float)
     for threshold in DEFER_THRESHOLDS:
         point = {"threshold": threshold, "ppl": {}, "deferred": {}}
         for d in experts:
-            defer = DeferComposition(large_pool, small_pool, d, threshold, name="defer")
+            defer = DeferComposition(large_pool, small_pool, d, threshold=threshold, name="defer")
             point["ppl"][d] = _score([defer], d, blocks[d], bs)["defer"]
             point["deferred"][d] = defer.deferred_fraction
         point["mean_deferred"] = statistics.mean(point["deferred"].values())

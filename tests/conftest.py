@@ -44,8 +44,10 @@ def project_dict(root: Path, base_path: str, domains=("alpha", "beta"), **overri
     data = root / "data"
     raw = {
         "base": {"path": base_path, "build": dict(MICRO_BUILD)},
-        "general": {"name": "general", "source": {"path": str(write_corpus(data, "general"))}},
-        "domains": [{"name": d, "source": {"path": str(write_corpus(data, d))}} for d in domains],
+        # synthetic documents are one per line (a file without empty lines is otherwise one running text)
+        "general": {"name": "general", "source": {"path": str(write_corpus(data, "general")), "documents": "line"}},
+        "domains": [{"name": d, "source": {"path": str(write_corpus(data, d)), "documents": "line"}}
+                    for d in domains],
         "training": dict(MICRO_TRAIN),
         "evaluation": {"block_size": 32, "batch_size": 8, "max_blocks": 4, "context_tokens": 8},
         "library": str(root / "library"),

@@ -112,10 +112,63 @@ def test_packing_drops_remainder_and_separates_with_eos(tmp_path, micro_base_dir
     tok = AutoTokenizer.from_pretrained(micro_base_dir)
     f = tmp_path / "a.txt"
     f.write_text("\n".join(f"some words here number {i}" for i in range(60)))
-    blocks = make_blocks(tok, load_corpus(domain(f)), "train", 16)
+    blocks = make_blocks(tok, load_corpus(domain(f, documents="line")), "train", 16)
     assert blocks.input_ids.shape[1] == 16
     assert (blocks.input_ids == tok.eos_token_id).any()
     assert torch.equal(blocks.input_ids, blocks.labels)
+
+
+def test_a_file_without_empty_lines_is_one_running_text_by_default(tmp_path, micro_base_dir):
+    """Source code has one line per line: an end-of-text after every line would teach the model to stop there."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(micro_base_dir)
+    lines = [f"    x{i} = f(x{i - 1})" for i in range(1, 400)]
+    f = tmp_path / "code.txt"
+    f.write_text("def f(x):\n" + "\n".join(lines) + "\n")
+    corpus = load_corpus(domain(f))
+    assert corpus.reading == "stream"
+    pieces = [ex.text for split in corpus.splits.values() for ex in split]
+    assert sorted("".join(pieces).splitlines()) == sorted(["def f(x):", *lines])  # every line, nothing added
+    assert all(p.endswith("\n") for p in pieces)
+    blocks = make_blocks(tok, corpus, "train", 16)
+    assert not (blocks.input_ids == tok.eos_token_id).any()  # no end-of-text between lines
+    assert load_corpus(domain(f, documents="line")).reading == "line"
+    (tmp_path / "docs.txt").write_text("first document\nstill the first\n\nsecond document\n" * 20)
+    assert load_corpus(domain(tmp_path / "docs.txt")).reading == "blank_line"
+
+
+def bos_tokenizer(micro_base_dir):
+    """The micro tokenizer made to put a BOS token before every text, as Gemma's does."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(micro_base_dir)
+    bos = tok.pad_token_id  # any special token serves as the BOS of this test
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single=f"{tok.pad_token} $A",
+                                                              special_tokens=[(tok.pad_token, bos)])
+    assert tok("ab")["input_ids"][0] == bos
+    return tok, bos
+
+
+def test_every_text_path_starts_with_the_tokenizers_bos(tmp_path, micro_base_dir):
+    from expertkit.encoding import encode_texts, special_prefix
+    from expertkit.routing import Prompts
+    from expertkit.runtime.tokens import encode_prompts
+
+    tok, bos = bos_tokenizer(micro_base_dir)
+    assert special_prefix(tok) == [bos]
+    plain = tok("patient dose", add_special_tokens=False)["input_ids"]
+    assert encode_texts(tok, ["patient dose"]) == [[bos, *plain]]
+    assert encode_texts(tok, [tok.pad_token + "patient dose"]) == [[bos, *plain]]  # never twice
+    assert encode_prompts(tok, [""]) == [[bos]]
+    assert Prompts.from_texts(tok, ["patient dose"]).ids == [[bos, *plain]]
+    f = tmp_path / "a.txt"
+    f.write_text("\n".join(f"some words here number {i}" for i in range(60)))
+    blocks = make_blocks(tok, load_corpus(domain(f)), "train", 16)
+    assert (blocks.input_ids[:, 0] == bos).all() and (blocks.labels[:, 0] == -100).all()
+    assert not (blocks.input_ids[:, 1:] == bos).any()
+    assert blocks.input_ids.shape[1] == 16
 
 
 def _blocks(value: int, n: int = 10) -> Blocks:

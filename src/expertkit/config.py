@@ -34,7 +34,10 @@ class SourceConfig(Strict):
     hf_config: str | None = None
     hf_data_files: list[str] | None = None
     format: Literal["auto", "text", "jsonl"] = "auto"
-    documents: Literal["auto", "line", "blank_line"] = "auto"
+    # how a text file's lines become documents: "blank_line" (documents separated by an empty line), "line" (one
+    # document per line), "stream" (the lines are one running text: source code, prose with a paragraph per
+    # line; no end-of-text between lines). auto: blank_line when the file has empty lines, else stream.
+    documents: Literal["auto", "line", "blank_line", "stream"] = "auto"
     text_field: str = "text"
     prompt_field: str = "prompt"
     response_field: str = "response"

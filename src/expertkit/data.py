@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from expertkit.config import DomainConfig, SourceConfig
+from expertkit.encoding import encode_texts, special_prefix
 from expertkit.errors import ExpertkitError
 
 SPLITS = ("train", "valid", "test")
@@ -43,6 +44,9 @@ class Example:
 class Corpus:
     name: str
     splits: dict[str, list[Example]] = field(default_factory=dict)
+    # how the text became documents (see SourceConfig.documents; "records" for JSON lines and datasets).
+    # A "stream" is one running text cut into pieces only for splitting: no end-of-text between them.
+    reading: str = "records"
 
     def fingerprint(self) -> str:
         """Hash of the training text, recorded in each expert's manifest."""
@@ -71,11 +75,23 @@ def _read_utf8(path: Path) -> str:
         ) from None
 
 
-def _documents_from_text(text: str, mode: str) -> list[str]:
-    if mode == "auto":
-        mode = "blank_line" if "\n\n" in text.replace("\r\n", "\n") else "line"
+STREAM_PIECE_LINES = 64  # a stream is split into train/valid/test in pieces of (at most) this many lines
+
+
+def text_reading(text: str, mode: str) -> str:
+    """The reading `auto` means for this text: documents between empty lines if it has any, else one stream."""
+    if mode != "auto":
+        return mode
+    return "blank_line" if "\n\n" in text.replace("\r\n", "\n") else "stream"
+
+
+def _documents_from_text(text: str, reading: str) -> list[str]:
     text = text.replace("\r\n", "\n")
-    chunks = text.split("\n\n") if mode == "blank_line" else text.split("\n")
+    if reading == "stream":  # pieces of whole lines, each ending in its newline, so that joined they are the text
+        lines = [ln for ln in text.split("\n") if ln.strip()]
+        size = max(1, min(STREAM_PIECE_LINES, len(lines) // 200))  # enough pieces to split a small file
+        return ["\n".join(lines[i:i + size]) + "\n" for i in range(0, len(lines), size)]
+    chunks = text.split("\n\n") if reading == "blank_line" else text.split("\n")
     return [c.strip() for c in chunks if c.strip()]
 
 
@@ -107,16 +123,18 @@ def _example_from_record(row: object, source: SourceConfig, task: str, where: st
     return Example(text=row[source.text_field])
 
 
-def _read_file(path: Path, source: SourceConfig, task: str) -> list[Example]:
+def _read_file(path: Path, source: SourceConfig, task: str) -> tuple[list[Example], str]:
+    """The file's examples and how they were read."""
     text = _read_utf8(path)
     fmt = source.format
     if fmt == "auto":
         fmt = "jsonl" if path.suffix.lower() in JSONL_SUFFIXES else "text"
     if fmt == "jsonl":
-        return _examples_from_jsonl(path, text, source, task)
+        return _examples_from_jsonl(path, text, source, task), "records"
     if task == "sft":
         raise ExpertkitError(f"{path}: task 'sft' needs .jsonl with prompt/response fields, got plain text")
-    return [Example(text=d) for d in _documents_from_text(text, source.documents)]
+    reading = text_reading(text, source.documents)
+    return [Example(text=d) for d in _documents_from_text(text, reading)], reading
 
 
 def _data_files(folder: Path) -> list[Path]:
@@ -174,6 +192,7 @@ def _load_hf(source: SourceConfig, task: str) -> dict[str, list[Example]] | list
 def load_corpus(domain: DomainConfig) -> Corpus:
     """Read a domain's source into train/valid/test examples, with clear errors for bad data."""
     source = domain.source
+    readings = {"records"}
     if source.hf_dataset is not None:
         loaded = _load_hf(source, domain.task)
         splits = loaded if isinstance(loaded, dict) else None
@@ -186,12 +205,17 @@ def load_corpus(domain: DomainConfig) -> Corpus:
         if not files:
             raise ExpertkitError(f"domain '{domain.name}': no .txt or .jsonl files in {path}")
         given = _given_splits(files) if path.is_dir() else None
+        read = {f: _read_file(f, source, domain.task) for f in files if not given or f in sum(given.values(), [])}
+        readings = {reading for _, reading in read.values()}
+        if len(readings) > 1:
+            raise ExpertkitError(f"domain '{domain.name}': its files read differently ({sorted(readings)}: some have "
+                                 "empty lines between documents, some not); set source.documents for all of them")
         if given:
-            splits = {s: [ex for f in given.get(s, []) for ex in _read_file(f, source, domain.task)] for s in SPLITS}
+            splits = {s: [ex for f in given.get(s, []) for ex in read[f][0]] for s in SPLITS}
             everything = None
         else:
             splits = None
-            everything = [ex for f in files for ex in _read_file(f, source, domain.task)]
+            everything = [ex for f in files for ex in read[f][0]]
     if splits is None:
         if not everything:
             raise ExpertkitError(f"domain '{domain.name}': the corpus is empty (no non-blank documents)")
@@ -204,7 +228,7 @@ def load_corpus(domain: DomainConfig) -> Corpus:
         for s in ("train", "test"):
             if not splits.get(s):
                 raise ExpertkitError(f"domain '{domain.name}': the {s} split is empty; add text to it")
-    return Corpus(domain.name, {s: list(splits.get(s, [])) for s in SPLITS})
+    return Corpus(domain.name, {s: list(splits.get(s, [])) for s in SPLITS}, readings.pop())
 
 
 # ---------------------------------------------------------------- tokens and blocks
@@ -235,27 +259,37 @@ def _eos_id(tokenizer) -> int:
     return tokenizer.eos_token_id
 
 
-def pack_text(tokenizer, examples: list[Example], block_size: int) -> Blocks:
-    """Concatenate documents separated by EOS and cut the stream into equal blocks (remainder dropped)."""
+def pack_text(tokenizer, examples: list[Example], block_size: int, separate: bool = True) -> Blocks:
+    """Concatenate documents (separated by EOS when `separate`) and cut the stream into equal blocks.
+
+    Each block starts with the tokenizer's own prefix (BOS, for models that expect one), never scored;
+    the remainder of the stream is dropped.
+    """
     eos = _eos_id(tokenizer)
+    prefix = special_prefix(tokenizer)
     stream: list[int] = []
     texts = [ex.full_text for ex in examples]
     for start in range(0, len(texts), 1000):
         for ids in tokenizer(texts[start:start + 1000], add_special_tokens=False)["input_ids"]:
             stream.extend(ids)
-            stream.append(eos)
-    n = len(stream) // block_size
+            if separate:
+                stream.append(eos)
+    body = block_size - len(prefix)
+    n = len(stream) // body if body > 0 else 0
     if n == 0:
         raise ExpertkitError(f"only {len(stream)} tokens of text: fewer than one block of {block_size}; add text")
-    ids = torch.tensor(stream[: n * block_size], dtype=torch.long).view(n, block_size)
-    return Blocks(ids, ids.clone(), torch.ones_like(ids))
+    ids = torch.tensor(stream[: n * body], dtype=torch.long).view(n, body)
+    ids = torch.cat([torch.tensor(prefix, dtype=torch.long).expand(n, -1), ids], dim=1)
+    labels = ids.clone()
+    labels[:, :len(prefix)] = -100
+    return Blocks(ids, labels, torch.ones_like(ids))
 
 
 def pack_sft(tokenizer, examples: list[Example], block_size: int) -> Blocks:
     """One prompt/response pair per block, loss on the response (and its EOS) only, right-padded."""
     eos = _eos_id(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    prompts = tokenizer([ex.prompt for ex in examples], add_special_tokens=False)["input_ids"]
+    prompts = encode_texts(tokenizer, [ex.prompt for ex in examples])
     responses = tokenizer([ex.response for ex in examples], add_special_tokens=False)["input_ids"]
     n = len(examples)
     ids = torch.full((n, block_size), pad, dtype=torch.long)
@@ -277,7 +311,9 @@ def make_blocks(tokenizer, corpus: Corpus, split: str, block_size: int, task: st
     if not examples:
         raise ExpertkitError(f"domain '{corpus.name}': the {split} split is empty")
     try:
-        return (pack_sft if task == "sft" else pack_text)(tokenizer, examples, block_size)
+        if task == "sft":
+            return pack_sft(tokenizer, examples, block_size)
+        return pack_text(tokenizer, examples, block_size, separate=corpus.reading != "stream")
     except ExpertkitError as e:
         raise ExpertkitError(f"domain '{corpus.name}' ({split}): {e}") from None
 

@@ -21,6 +21,11 @@ from expertkit.runtime import Composition
 from expertkit.scoring import continuation_log_probs
 
 
+READINGS = {"stream": "one running text (lines kept, no end-of-text between them)",
+            "line": "one document per line", "blank_line": "documents between empty lines",
+            "records": "one document per record"}
+
+
 def shifted_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
     """Summed NLL of each next token (labels -100 skipped) and how many tokens were scored."""
     labels = labels[:, 1:].to(logits.device)
@@ -58,12 +63,18 @@ def _routed_nll(composition: Composition, ids: torch.Tensor, labels: torch.Tenso
     return total, int(kept.sum())
 
 
-def test_blocks(config: ProjectConfig, tokenizer) -> dict[str, Blocks]:
-    """Each domain's test split (the general one first), capped at evaluation.max_blocks."""
+def test_blocks(config: ProjectConfig, tokenizer, readings: dict | None = None) -> dict[str, Blocks]:
+    """Each domain's test split (the general one first), capped at evaluation.max_blocks.
+
+    `readings`, when given, receives how each domain's text was read (see data.Corpus.reading).
+    """
     ev = config.evaluation
     out = {}
     for domain in config.all_domains():
-        blocks = make_blocks(tokenizer, load_corpus(domain), "test", ev.block_size, domain.task)
+        corpus = load_corpus(domain)
+        if readings is not None:
+            readings[domain.name] = corpus.reading
+        blocks = make_blocks(tokenizer, corpus, "test", ev.block_size, domain.task)
         out[domain.name] = blocks.take(slice(0, ev.max_blocks)) if ev.max_blocks else blocks
     return out
 
@@ -161,6 +172,8 @@ def write_report(card: dict, out_dir: str | Path) -> dict[str, Path]:
     scored = f" of every token after the first {context} of each block (context only: routers decide from it)" \
         if context else ""
     md = f"# expertkit scorecard\n\nToken-level test perplexity{scored} (lower is better).\n\n" + markdown_table(card)
+    if card.get("readings"):
+        md += "\nText read as: " + ", ".join(f"{d}: {READINGS.get(r, r)}" for d, r in card["readings"].items()) + "\n"
     if card.get("verdicts"):
         md += "\n" + "\n".join(f"- {v}" for v in card["verdicts"]) + "\n"
     atomic_write_text(paths["md"], md)

@@ -46,12 +46,13 @@ def run_scorecard(cfg: ProjectConfig, base: Base, out: Path | None = None, names
     executor = executor or LocalExecutor()
     executor.check_shared({"library": library.root, "base model": Path(base.name),
                            **({"small model": Path(small)} if small else {})})
-    blocks = test_blocks(cfg, base.tokenizer)
+    readings: dict[str, str] = {}
+    blocks = test_blocks(cfg, base.tokenizer, readings)
     ev = cfg.evaluation
     context = Context(partial(library_score_state, BaseSpec.of(base), str(library.root), names, blocks,
                               ev.batch_size, ev.context_tokens, str(small) if small else None))
     card = score_on(executor, context, names, blocks, ev.batch_size)
-    card["context_tokens"] = ev.context_tokens
+    card["context_tokens"], card["readings"] = ev.context_tokens, readings
     experts = {e.name: e.domain for e in entries if e.kind == Kind.EXPERT}
     card["verdicts"] = verdicts(card, experts, cfg.general.name if cfg.general else None)
     out = Path(out) if out else Path(cfg.library).parent / "scorecard"

@@ -28,10 +28,11 @@ import torch
 from expertkit.base import tokenizer_hash
 from expertkit.compose.collaborate import Parameterized, checked_params, collaboration
 from expertkit.config import CardParams
+from expertkit.encoding import special_prefix
 from expertkit.errors import ExpertkitError
 from expertkit.runtime import BASE_ADAPTER, Composition, ExpertPool, PoolState
 from expertkit.runtime.logprobs import mean_token_log_prob
-from expertkit.runtime.tokens import pad_id, pad_left, real_rows
+from expertkit.runtime.tokens import encode_prompts, pad_id, pad_left, real_rows
 
 
 class KnowledgeCardComposition(Parameterized, Composition):
@@ -66,9 +67,7 @@ class KnowledgeCardComposition(Parameterized, Composition):
         """Query ids in the small model's vocabulary (the same ids when the vocabularies are the same)."""
         if self.shared_vocab:
             return rows
-        texts = self.large.tokenizer.batch_decode(rows)
-        return [self.small.tokenizer(t, add_special_tokens=False)["input_ids"] or [self.small.tokenizer.eos_token_id]
-                for t in texts]
+        return encode_prompts(self.small.tokenizer, self.large.tokenizer.batch_decode(rows, skip_special_tokens=True))
 
     @torch.no_grad()
     def relevance(self, queries: list[list[int]]) -> list[float]:
@@ -112,8 +111,10 @@ class KnowledgeCardComposition(Parameterized, Composition):
         self.last_cards = [cards.get(i) for i in range(len(prompts))]
         self.rows, self.carded = self.rows + len(prompts), self.carded + len(chosen)
         tok = self.large.tokenizer
-        rows = [(tok(cards[i], add_special_tokens=False)["input_ids"] + self.separator_ids if i in cards else [])
-                + p for i, p in enumerate(prompts)]
+        prefix = special_prefix(tok)  # the card goes after the model's own prefix (BOS), before the prompt
+        start = [len(prefix) if p[:len(prefix)] == prefix else 0 for p in prompts]
+        rows = [p[:s] + (tok(cards[i], add_special_tokens=False)["input_ids"] + self.separator_ids if i in cards else [])
+                + p[s:] for i, (p, s) in enumerate(zip(prompts, start))]
         width = max(len(r) for r in rows)
         if self.large.context_length and width > self.large.context_length:
             raise ExpertkitError(f"card + prompt is {width} tokens, over the large model's context of "

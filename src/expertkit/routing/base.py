@@ -14,6 +14,7 @@ from typing import Callable, ClassVar
 
 import torch
 
+from expertkit.encoding import encode_texts
 from expertkit.errors import ExpertkitError
 from expertkit.library import BASE
 from expertkit.registry import Registry
@@ -33,15 +34,14 @@ class Prompts:
         empty = [i for i, t in enumerate(texts) if not t.strip()]
         if empty:
             raise ExpertkitError(f"prompt {empty[0]} is empty; give some text to route")
-        ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-        return cls(list(texts), [list(x) for x in ids])
+        return cls(list(texts), encode_texts(tokenizer, list(texts)))
 
     @classmethod
     def from_ids(cls, tokenizer, rows: list[list[int]]) -> "Prompts":
         empty = [i for i, r in enumerate(rows) if not r]
         if empty:
             raise ExpertkitError(f"row {empty[0]} has no real tokens (attention mask all zero); nothing to route")
-        return cls([tokenizer.decode(r) for r in rows], [list(r) for r in rows])
+        return cls([tokenizer.decode(r, skip_special_tokens=True) for r in rows], [list(r) for r in rows])
 
     def __len__(self) -> int:
         return len(self.texts)

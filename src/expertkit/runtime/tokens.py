@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from expertkit.encoding import encode_texts
 from expertkit.errors import ExpertkitError
 
 
@@ -27,8 +28,8 @@ def pad_left(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
-    """Prompt texts as token rows (an empty prompt becomes end-of-text, so every row has a token)."""
-    return [tokenizer(p, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id] for p in prompts]
+    """Prompt texts as token rows (an empty prompt without a prefix becomes end-of-text: every row has a token)."""
+    return [row or [tokenizer.eos_token_id] for row in encode_texts(tokenizer, prompts)]
 
 
 def left_pad(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from expertkit.errors import ExpertkitError
 from expertkit.runtime import SamplingParams
+from expertkit.runtime.tokens import encode_prompts
 from expertkit.serve.engine import Engine, Job, QueueFull
 from expertkit.serve.protocol import ChatRequest, CompletionRequest, OpenAIError
 from expertkit.serve.text import chat_prompt
@@ -78,8 +79,7 @@ class LocalService:
                 raise OpenAIError(400, f"prompt has {len(prompt)} characters; the limit is "
                                        f"{self.limits.max_prompt_chars}", code="context_length_exceeded",
                                   param="prompt")
-            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            return ids or [self.tokenizer.eos_token_id]
+            return encode_prompts(self.tokenizer, [prompt])[0]
         bad = [t for t in prompt if not 0 <= t < self.vocab_size]
         if bad:
             raise OpenAIError(400, f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})",
