@@ -71,3 +71,34 @@ def bench_config(data: Path, build: dict | None = None, recipe: dict | None = No
         "library": str(library_dir),
     }
     return config_from_dict(raw, origin="benchmark config")
+
+
+# Real checkpoints (expertkit.models): the domains every real-model suite trains, and a recipe gentle enough
+# to keep general ability (lower learning rate and fewer steps than the tiny base needs).
+REAL_DOMAINS = ("medical", "code", "news")
+REAL_RECIPE = {
+    "rank": 8, "alpha": 16, "learning_rate": 3e-4, "steps": 60, "batch_size": 8, "block_size": 128,
+    "replay": 0.25, "checkpoint_every": 20, "warmup_steps": 6,
+}
+REAL_EVALUATION = {"block_size": 128, "batch_size": 8, "max_blocks": 32}
+
+
+def real_config(data: Path, base: str, domains: tuple[str, ...] = REAL_DOMAINS,
+                recipe: dict | None = None) -> ProjectConfig:
+    """The project config of a suite on a real checkpoint (fetched and imported once per machine)."""
+    from expertkit.models import ensure_model
+
+    missing = [d for d in (GENERAL, *domains) if not (data / d).is_dir()]
+    if missing:
+        raise ExpertkitError(f"--data {data} has no folder(s) {missing}")
+    recipe = {**REAL_RECIPE, **(recipe or {})}
+    library_dir = CACHE / f"{base}-library-{_key(str(data), domains, recipe)}"
+    raw = {  # the files are read the default way: without empty lines, each is one running text
+        "base": {"path": str(ensure_model(base))},
+        "general": {"name": GENERAL, "source": {"path": str(data / GENERAL)}},
+        "domains": [{"name": d, "source": {"path": str(data / d)}} for d in domains],
+        "training": recipe,
+        "evaluation": REAL_EVALUATION,
+        "library": str(library_dir),
+    }
+    return config_from_dict(raw, origin="benchmark config")

@@ -16,7 +16,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from common import DEFAULT_DATA  # noqa: E402
-from suites import SUITES  # noqa: E402
+from suites import MICRO, SUITES  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
                         help="folder with a 'general' folder and any number of domain folders (train/valid/test.txt)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument("--base", default=MICRO, help=f"{MICRO} (the tiny pretrained Llama of the earlier figures) "
+                                                      "or a real checkpoint: smollm2-135m, gemma3-270m")
     args = parser.parse_args(argv)
 
     from expertkit.errors import ExpertkitError
@@ -34,8 +36,13 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_libraries()
     started = time.time()
+    chosen = SUITES[args.suite]
+    if args.base not in chosen.bases:
+        print(f"error: suite '{args.suite}' runs on --base {' or '.join(chosen.bases)}, not '{args.base}'",
+              file=sys.stderr)
+        return 1
     try:
-        result = SUITES[args.suite](args.data.resolve(), args.device)
+        result = chosen.run(args.data.resolve(), args.device, args.base)
     except ExpertkitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

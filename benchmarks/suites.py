@@ -1,21 +1,41 @@
-"""The registry of benchmark suites. Add a suite with `@suite("name")` on a function (data, device) -> dict."""
+"""The registry of benchmark suites: `@suite("name")` on a function (data, device, base) -> dict.
+
+`bases` lists the base models a suite runs on: "micro" (the tiny Llama the suites pretrain, so that
+earlier figures stay comparable) and the real checkpoints of expertkit.models.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 from expertkit.registry import Registry
 
-SUITES: Registry[Callable] = Registry("benchmark suite")
+MICRO = "micro"
 
 
-def suite(name: str):
-    return SUITES.register(name)
+@dataclass(frozen=True)
+class Suite:
+    run: Callable  # (data, device, base) -> JSON-able result
+    bases: tuple[str, ...]
+
+
+SUITES: Registry[Suite] = Registry("benchmark suite")
+
+
+def suite(name: str, bases: tuple[str, ...] = (MICRO,)):
+    def wrap(fn: Callable) -> Callable:
+        SUITES.add(name, Suite(fn if len(bases) > 1 else lambda data, device, base: fn(data, device), bases))
+        return fn
+
+    return wrap
 
 
 import collaborate  # noqa: E402,F401  (each suite module registers itself)
-import merge  # noqa: E402,F401
 import route  # noqa: E402,F401
 import scale  # noqa: E402,F401
 import serve  # noqa: E402,F401
 import specialize  # noqa: E402,F401
+import task_accuracy  # noqa: E402,F401
+
+import merge  # noqa: E402,F401

@@ -128,3 +128,26 @@ def test_an_unknown_task_name_is_one_clear_error(sentence_library, tmp_path):
     lm = ExpertkitLM.from_library(sentence_library.root, "base")
     with pytest.raises(ExpertkitError, match="could not load the tasks.*no_such_task.*shipped tasks"):
         evaluate_on_tasks({"base": (lm.composition, "x")}, lm.tokenizer, lm.max_length, ["no_such_task"])
+
+
+def test_real_tasks_match_hf_with_peft_request_for_request(sentence_library):
+    """arc_easy and piqa from ../shared/tasks, 200 examples each: one request per batch on both sides (no padding
+    anywhere), so every log-likelihood agrees to float32 rounding, and acc / acc_norm are the same."""
+    from expertkit.tasks.local import default_data_root, resolve
+
+    specs = resolve(["arc_easy", "piqa"], default_data_root())
+    loaded = ExpertkitLM.from_library(sentence_library.root, "alpha")
+    # the micro model's context is 64 tokens, shorter than some answers: both sides read up to 1024 positions
+    ours = ExpertkitLM(loaded.composition, loaded.tokenizer, max_length=1024, batch_size=1)
+    hf_args = f"pretrained={sentence_library.base_identity()['name']},peft={sentence_library.get('alpha').path}," \
+              "dtype=float32,max_length=1024"
+    from lm_eval.tasks import TaskManager
+
+    run = lambda model, **kw: lm_eval.simple_evaluate(model=model, tasks=specs, limit=200, log_samples=True,  # noqa
+                                                       task_manager=TaskManager(), **kw)
+    mine, theirs = run(ours), run("hf", model_args=hf_args, device="cpu", batch_size=1)
+    for task in mine["results"]:
+        assert len(per_request(mine, task)) >= 400
+        assert per_request(mine, task) == pytest.approx(per_request(theirs, task), abs=1e-6), task
+        for metric in ("acc,none", "acc_norm,none"):
+            assert mine["results"][task][metric] == theirs["results"][task][metric], (task, metric)

@@ -11,6 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from expertkit.errors import ExpertkitError
 from expertkit.library import Library
 from expertkit.train import train_all
 from expertkit.workflow import load_project_base
@@ -175,3 +176,14 @@ def test_sft_expert_trains_on_prompt_response_pairs(tmp_path, micro_base_dir, mo
                                                      {seq: start})
             nll, count = nll + row_nll, count + row_count
     assert entry.manifest["metrics"]["valid_ppl"] == pytest.approx(math.exp(float(nll / count)), rel=1e-4)
+
+
+def test_training_refuses_a_base_with_library_adapters_attached(trained):
+    from expertkit.runtime import ExpertPool
+
+    cfg, base, library = trained
+    assert not base.has_adapters
+    ExpertPool(base, library)
+    assert base.has_adapters
+    with pytest.raises(ExpertkitError, match="already has library adapters attached"):
+        train_all(cfg, base, force=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,9 +29,11 @@ class Base:
     name: str
     device: torch.device
     _identity: dict | None = None
-    peft_model: object | None = None  # set once library adapters are attached (see compose.pool)
-    adapter_versions: dict = field(default_factory=dict)  # adapter name -> manifest "created" of the loaded copy
-    row_lora: object | None = None  # compose.row_lora.RowLoRA for peft_model, when its layers allow it
+
+    @property
+    def has_adapters(self) -> bool:
+        """Whether LoRA layers are attached to the model (runtime.ExpertPool attaches a library's adapters)."""
+        return any("lora_" in name for name, _ in self.model.named_parameters())
 
     def identity(self) -> dict:
         """Computed once, before adapters are attached (they live inside the same modules)."""
@@ -132,7 +134,7 @@ class BaseSpec:
             return self.local
         key = (self.path, self.device, self.identity.get("weights_hash"))
         cached = _WORKER_BASES.get(key)
-        if cached is None or (clean and cached.peft_model is not None):
+        if cached is None or (clean and cached.has_adapters):
             _WORKER_BASES.clear()
             cached = load_base(self.path, self.device)
             mismatch = [k for k in ("config_hash", "weights_hash", "tokenizer_hash")

@@ -45,7 +45,6 @@ class Kind(str, Enum):
 
 ROUTER_STATE = ("router.json", "router.safetensors")
 MIXTURE_SPEC = "mixture.json"
-MODEL_WEIGHTS = "model.safetensors"
 
 
 @dataclass(frozen=True)

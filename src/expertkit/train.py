@@ -211,7 +211,7 @@ def train_all(config: ProjectConfig, base: Base, only: list[str] | None = None, 
     Each expert is one job of `executor` (default: this process, one after another); as each
     finishes, it is written into the library here, atomically.
     """
-    if base.peft_model is not None:
+    if base.has_adapters:
         raise ExpertkitError("this base already has library adapters attached; train on a freshly loaded base")
     library = Library(Path(config.library).resolve())
     if library.exists():

@@ -49,11 +49,6 @@ class AdapterHost:
 _HOSTS: "weakref.WeakKeyDictionary[torch.nn.Module, AdapterHost]" = weakref.WeakKeyDictionary()
 
 
-def has_adapters(base: Base) -> bool:
-    """Whether library adapters were attached to this base (training needs a bare one)."""
-    return base.model in _HOSTS
-
-
 class ExpertPool:
     def __init__(self, base: Base, library: Library | None = None, names: list[str] | None = None):
         self.base = base
