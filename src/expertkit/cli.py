@@ -255,12 +255,13 @@ def library_list(library: Path = typer.Argument(..., help="library folder")):
 
 @app.command()
 def demo(workdir: Path = typer.Option(Path("expertkit-demo"), help="where data, base, library and report go"),
+         tiny: bool = typer.Option(False, help="a tiny base pretrained here instead of SmolLM2-135M-Instruct"),
          device: Optional[str] = typer.Option(None)):
-    """Offline end-to-end run on text that ships with Python: base -> 3 experts -> scorecard -> samples."""
+    """End-to-end run on text that ships with Python: SmolLM2 -> 2 experts -> scorecard -> answers side by side."""
     _setup()
     from expertkit.demo import run_demo
 
-    run_demo(workdir, device)
+    run_demo(workdir, device, tiny=tiny)
 
 
 router_app = typer.Typer(no_args_is_help=True, help="Routers: pick one expert (or the base) per prompt.")

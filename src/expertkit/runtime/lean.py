@@ -18,12 +18,16 @@ windows) makes `LeanDecoder.build` return None and the caller keeps the HF path.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from expertkit.runtime.pool import BASE_ADAPTER
+
+log = logging.getLogger("expertkit.runtime")
+_SAID: set[int] = set()  # models whose fallback was already logged
 
 PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
                ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
@@ -103,12 +107,18 @@ class LeanDecoder:
 
     @classmethod
     def build(cls, model, adapters: list[str]) -> "LeanDecoder | None":
-        if unsupported(model):
-            return None
-        try:
-            return cls(model, [a for a in adapters if a != BASE_ADAPTER])
-        except _Unsupported:
-            return None
+        """The lean step for this model, or None (said once per model in the log: the caller keeps the HF step)."""
+        reason = unsupported(model)
+        if reason is None:
+            try:
+                return cls(model, [a for a in adapters if a != BASE_ADAPTER])
+            except _Unsupported as e:
+                reason = str(e) or "a LoRA variant"
+        if id(model) not in _SAID:
+            _SAID.add(id(model))
+            log.info("lean decode step not used for %s (%s): the transformers step decodes it", type(model).__name__,
+                     reason)
+        return None
 
     # -- state ----------------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ lean.py is the collaboration's own path for its small model.)
 from __future__ import annotations
 
 import contextlib
+import logging
 import weakref
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ from expertkit.runtime.state import PoolState
 from expertkit.runtime.tokens import position_ids
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter on this row"
+log = logging.getLogger("expertkit.runtime")
 
 
 @dataclass
@@ -37,6 +39,7 @@ class AdapterHost:
     versions: dict[str, str | None] = field(default_factory=dict)  # adapter -> manifest "created" when loaded
     row_lora: RowLoRA | None = None  # None when some LoRA layer is not one RowLoRA handles
     active: list[str] | None = None  # the adapters PEFT applies to every row right now
+    generic_said: bool = False  # the log already says that mixed batches take PEFT's path
 
     def activate(self, adapter: str) -> None:
         """Make `adapter` the one PEFT applies to every row (none at all for BASE_ADAPTER)."""
@@ -84,8 +87,13 @@ class ExpertPool:
             self.host.versions[entry.name] = version
         if self.host is not None:
             self.host.active = None  # loading may touch PEFT's active set: re-set it on the next forward
-            self.host.row_lora = RowLoRA.build(self.host.model) if self.host.row_lora is None \
-                else self.host.row_lora if self.host.row_lora.refresh(self.host.model) else None
+            host = self.host
+            host.row_lora = RowLoRA.build(host.model) if host.row_lora is None \
+                else host.row_lora if host.row_lora.refresh(host.model) else None
+            if host.row_lora is None and not host.generic_said:
+                host.generic_said = True
+                log.info("row-wise LoRA does not cover these adapters' layers (a LoRA variant or a layer type it "
+                         "lacks): mixed batches use PEFT's per-row adapter_names")
 
     def ensure(self, names: list[str]) -> None:
         """Attach library entries this pool does not hold yet (a router or a mixture needs its experts)."""

@@ -1,0 +1,124 @@
+"""The core path on micro models of three architectures built from config (no download): Llama, Gemma3, Qwen2.
+
+Train two experts, merge them, train a router, generate, and serve one request; where a fast path
+exists beside the generic one (row-wise LoRA vs PEFT's per-row adapters), both give the same logits.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import synthetic_documents, write_project
+
+from expertkit.compose import build_compositions
+from expertkit.library import Library
+from expertkit.merging import make_recipe, merge_experts
+from expertkit.runtime import BASE_ADAPTER, ExpertPool, SamplingParams, generate
+from expertkit.runtime.tokens import left_pad
+from expertkit.serve.engine import Engine, Job
+from expertkit.train import train_all
+from expertkit.workflow import load_project_base, run_router_train
+
+SIZE = {"vocab_size": 300, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 64}
+
+
+def _gemma3():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(**SIZE, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+                              layer_types=["sliding_attention", "full_attention"])
+    return Gemma3ForCausalLM(config)
+
+
+def _qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM(Qwen2Config(**SIZE))
+
+
+ARCHITECTURES = {"gemma3": _gemma3, "qwen2": _qwen2}
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma3", "qwen2"])
+def trained_arch(request, micro_base_dir, tmp_path_factory):
+    """(config, base, library) of one architecture with experts alpha and beta, a linear merge, a lexical router."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp(request.param)
+    if request.param == "llama":
+        base_dir = micro_base_dir
+    else:
+        torch.manual_seed(0)
+        base_dir = root / "base"
+        ARCHITECTURES[request.param]().save_pretrained(base_dir)
+        AutoTokenizer.from_pretrained(micro_base_dir).save_pretrained(base_dir)
+    cfg, base = load_project_base(write_project(root, str(base_dir), base={"path": str(base_dir), "build": None}))
+    assert base.model.config.model_type == ("llama" if request.param == "llama" else
+                                            "gemma3_text" if request.param == "gemma3" else "qwen2")
+    train_all(cfg, base)
+    library = Library(cfg.library)
+    merge_experts(ExpertPool(base, library), library, make_recipe(method="linear", experts=["alpha", "beta"]),
+                  "merged")
+    run_router_train(cfg, base, "lexical", "router")
+    return request.param, cfg, base, library
+
+
+def test_row_wise_lora_equals_peft_per_row_adapters(trained_arch):
+    _, _, base, library = trained_arch
+    pool = ExpertPool(base, library)
+    ids, mask = left_pad(base.tokenizer, ["patient dose trial cohort", "def return self", "the a of"])
+    adapters = ["alpha", "beta", BASE_ADAPTER]
+    fast, _ = pool.prefill(ids, mask, adapters)
+    row_lora, pool.host.row_lora = pool.host.row_lora, None  # the generic path: PEFT's adapter_names
+    try:
+        generic, _ = pool.prefill(ids, mask, adapters)
+    finally:
+        pool.host.row_lora = row_lora
+    torch.testing.assert_close(fast, generic, rtol=1e-5, atol=1e-5)
+    for i, adapter in enumerate(adapters):  # and each row equals that adapter alone
+        alone, _ = pool.prefill(ids[i:i + 1], mask[i:i + 1], [adapter])
+        real = mask[i].bool()
+        torch.testing.assert_close(fast[i][real], alone[0][real], rtol=1e-4, atol=1e-4)
+
+
+def test_every_composition_generates_and_the_router_routes(trained_arch):
+    _, _, base, library = trained_arch
+    pool = ExpertPool(base, library)
+    compositions = {c.name: c for c in build_compositions(pool)}
+    assert set(compositions) == {"base", "alpha", "beta", "merged", "router"}
+    params = SamplingParams(max_new_tokens=6)
+    for name, composition in compositions.items():
+        texts = generate(composition, base.tokenizer, ["patient dose", "def return"], params)
+        assert len(texts) == 2, name
+    assert not torch.allclose(compositions["merged"].prefill(*left_pad(base.tokenizer, ["patient dose"]))[0],
+                              compositions["base"].prefill(*left_pad(base.tokenizer, ["patient dose"]))[0])
+    compositions["router"].prefill(*left_pad(base.tokenizer, [synthetic_documents("alpha", 1, seed=3)[0][:60],
+                                                              synthetic_documents("beta", 1, seed=3)[0][:60]]))
+    assert compositions["router"].last_routing.chosen == ["alpha", "beta"]
+
+
+def test_the_server_engine_answers_as_generate_does(trained_arch):
+    arch, _, base, library = trained_arch
+    pool = ExpertPool(base, library)
+    compositions = {c.name: c for c in build_compositions(pool)}
+    prompt_ids = left_pad(base.tokenizer, ["patient dose trial"])[0][0].tolist()
+    params = SamplingParams(max_new_tokens=8)
+    # sliding-window caches cannot be edited row-wise: such a model is served one request at a time
+    engine = Engine(pool, compositions, max_batch=1 if arch == "gemma3" else 4).start()
+    done, events = threading.Event(), []
+
+    def emit(event: dict) -> None:
+        events.append(event)
+        if event["type"] in ("end", "error"):
+            done.set()
+
+    try:
+        engine.submit(Job("alpha", prompt_ids, params, emit))
+        assert done.wait(60)
+    finally:
+        engine.stop()
+    assert events[-1]["type"] == "end", events[-1]
+    assert events[-1]["full_text"] == generate(compositions["alpha"], base.tokenizer, ["patient dose trial"], params)[0]
