@@ -16,7 +16,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from common import DEFAULT_DATA  # noqa: E402
-from suites import MICRO, SUITES  # noqa: E402
+from suites import MICRO, SUITES, TASK_EXAMPLES  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--base", default=MICRO, help=f"{MICRO} (the tiny pretrained Llama of the earlier figures) "
                                                       "or a real checkpoint: smollm2-135m, gemma3-270m")
+    parser.add_argument("--task-examples", type=int, default=TASK_EXAMPLES["per_task"],
+                        help="examples per task where a suite measures task accuracy (all of a smaller task)")
     args = parser.parse_args(argv)
+    TASK_EXAMPLES["per_task"] = args.task_examples
 
     from expertkit.errors import ExpertkitError
     from expertkit.evaluate import environment

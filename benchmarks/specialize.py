@@ -13,14 +13,13 @@ import time
 from pathlib import Path
 
 from common import GENERAL, bench_config, real_config
-from suites import MICRO, suite
+from suites import MICRO, TASK_EXAMPLES, suite
 
 OWN_DOMAIN_GAIN = {MICRO: 0.20}
 REAL_OWN_DOMAIN_GAIN = 0.25
 GENERAL_TOLERANCE = 0.03  # micro: general-domain perplexity drift
 FORGETTING_LIMIT = -1.0  # real: points of mean acc_norm change over the general tasks
 DOMAIN_TASK_GOAL = 2.0  # real: points on the domain's own task
-TASK_EXAMPLES = 500  # per task: the acceptance asks for at least 500
 
 
 @suite("specialize", bases=(MICRO, "smollm2-135m", "gemma3-270m"))
@@ -91,8 +90,8 @@ def _task_accuracy(cfg, model, experts: list[str]) -> dict:
 
     out = Path(cfg.library).parent / (Path(cfg.library).name + "-tasks")
     card = run_task_scorecard(cfg, model, ["general", "domain"], out=out, names=["base", *experts],
-                              limit=TASK_EXAMPLES)
+                              limit=TASK_EXAMPLES["per_task"])
     return {"general_tasks_acc_norm_change": card["forgetting"],
             "general_tasks_change_interval": card["forgetting_interval"],
             "domain_task_acc_change": card["domain_skill"], "task_rows": card["rows"],
-            "task_examples_per_task": TASK_EXAMPLES}
+            "task_examples_per_task": TASK_EXAMPLES["per_task"]}

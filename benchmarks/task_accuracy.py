@@ -1,7 +1,7 @@
 """Suite `tasks`: task accuracy (lm-evaluation-harness) of the base, the experts, the best merge and the best router.
 
 Every composition on the six general tasks of ../shared/tasks and the two domain tasks beside the corpora,
-TASK_EXAMPLES each (all of a task when it has fewer), through expertkit's lm-eval model. Then the real-client
+--task-examples each (500 by default; all of a task when it has fewer), through expertkit's lm-eval model. Then the real-client
 cross-check: on one expert, expertkit's model and lm-eval's own `hf` model with `peft=EXPERT_DIR` on the
 same arc_easy and piqa requests: acc and acc_norm, the largest per-request log-likelihood difference, and
 requests per second side by side.
@@ -18,9 +18,8 @@ import time
 from pathlib import Path
 
 from common import ROOT, bench_config, real_config
-from suites import MICRO, suite
+from suites import MICRO, TASK_EXAMPLES, suite
 
-TASK_EXAMPLES = 500
 CROSS_CHECK_TASKS = ("arc_easy", "piqa")
 CROSS_CHECK_EXAMPLES = 200
 CROSS_CHECK_EXPERT = "medical"
@@ -48,8 +47,9 @@ def run(data: Path, device: str | None, base: str = MICRO) -> dict:
         if base == MICRO:
             names += [_best_merge(cfg, model, library), _best_router(library)]
     out = Path(cfg.library).parent / (Path(cfg.library).name + "-tasks")
-    card = run_task_scorecard(cfg, model, ["general", "domain"], out=out, names=names, limit=TASK_EXAMPLES)
-    result = {"base_model": base, "compositions": names, "examples_per_task": TASK_EXAMPLES,
+    card = run_task_scorecard(cfg, model, ["general", "domain"], out=out, names=names,
+                              limit=TASK_EXAMPLES["per_task"])
+    result = {"base_model": base, "compositions": names, "examples_per_task": TASK_EXAMPLES["per_task"],
               "rows": card["rows"], "forgetting": card["forgetting"],
               "forgetting_interval": card["forgetting_interval"], "domain_skill": card["domain_skill"],
               "checks": {"forgetting": {e: f >= FORGETTING_LIMIT for e, f in card["forgetting"].items()}}}

@@ -22,7 +22,7 @@ VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", 
                         "_attn_implementation_autoset", "_commit_hash"}
 
 
-@dataclass
+@dataclass(eq=False)  # compared (and hashed) by identity: runtime.pool keeps each loaded base's adapters by it
 class Base:
     model: torch.nn.Module
     tokenizer: object

@@ -5,7 +5,7 @@ strategy (`compose.collaborate.collaboration`); evaluation, generation and servi
 """
 
 from expertkit.compose import adapters, card, collaborate, merged, mix, route  # noqa: F401  (each registers its kinds)
-from expertkit.compose.base import COMPOSITIONS, register, registered_kinds
+from expertkit.compose.base import COMPOSITIONS, register
 from expertkit.compose.catalog import build_compositions
 
-__all__ = ["COMPOSITIONS", "build_compositions", "register", "registered_kinds"]
+__all__ = ["COMPOSITIONS", "build_compositions", "register"]

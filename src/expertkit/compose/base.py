@@ -13,7 +13,3 @@ COMPOSITIONS: Registry[Callable] = Registry("composition kind")
 def register(kind: str):
     """Decorator: `@register(Kind.EXPERT)` makes library entries of that kind into compositions."""
     return COMPOSITIONS.register(kind)
-
-
-def registered_kinds() -> list[str]:
-    return COMPOSITIONS.names()

@@ -49,7 +49,8 @@ class AdapterHost:
             self.active = wanted
 
 
-_HOSTS: "weakref.WeakKeyDictionary[torch.nn.Module, AdapterHost]" = weakref.WeakKeyDictionary()
+# base -> its host; weak, so a base that is dropped takes its adapters with it (a host never refers to its Base)
+_HOSTS: "weakref.WeakKeyDictionary[Base, AdapterHost]" = weakref.WeakKeyDictionary()
 
 
 class ExpertPool:
@@ -57,7 +58,7 @@ class ExpertPool:
         self.base = base
         self.library = library
         self.entries: list[Entry] = []
-        self.host: AdapterHost | None = _HOSTS.get(base.model)
+        self.host: AdapterHost | None = _HOSTS.get(base)
         if library is None:
             return
         identity = base.identity()
@@ -79,7 +80,7 @@ class ExpertPool:
             if self.host is None:
                 model = PeftModel.from_pretrained(self.base.model, str(entry.path), adapter_name=entry.name,
                                                   low_cpu_mem_usage=True)
-                self.host = _HOSTS[self.base.model] = AdapterHost(model.eval())
+                self.host = _HOSTS[self.base] = AdapterHost(model.eval())
             elif self.host.versions.get(entry.name) != version:
                 if entry.name in self.host.model.peft_config:  # rewritten on disk since loaded: drop the stale copy
                     self.host.model.delete_adapter(entry.name)
