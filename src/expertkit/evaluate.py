@@ -20,7 +20,6 @@ from expertkit.fsutil import atomic_write_text, ensure_writable_dir
 from expertkit.runtime import Composition
 from expertkit.scoring import continuation_log_probs
 
-
 READINGS = {"stream": "one running text (lines kept, no end-of-text between them)",
             "line": "one document per line", "blank_line": "documents between empty lines",
             "records": "one document per record"}

@@ -26,11 +26,12 @@ from __future__ import annotations
 import torch
 
 from expertkit.base import tokenizer_hash
+from expertkit.compose.adapters import AdapterComposition
 from expertkit.compose.collaborate import Parameterized, checked_params, collaboration
 from expertkit.config import CardParams
 from expertkit.encoding import special_prefix
 from expertkit.errors import ExpertkitError
-from expertkit.runtime import BASE_ADAPTER, Composition, ExpertPool, PoolState
+from expertkit.runtime import BASE_ADAPTER, Composition, ExpertPool, PoolState, SamplingParams, generate_ids
 from expertkit.runtime.logprobs import mean_token_log_prob
 from expertkit.runtime.tokens import encode_prompts, pad_id, pad_left, real_rows
 
@@ -51,6 +52,7 @@ class KnowledgeCardComposition(Parameterized, Composition):
                                  f"(loaded: {small.adapter_names}); use an expert trained on that small base")
         self.large, self.small, self.expert, self.name = large, small, expert, name or f"card:{expert}"
         self.params = checked_params(CardParams, params, self.name)
+        self.writer = AdapterComposition(small, expert, f"{self.name} writer")  # the expert alone, on the small model
         self.separator_ids = large.tokenizer(separator, add_special_tokens=False)["input_ids"]
         self.shared_vocab = tokenizer_hash(large.tokenizer) == tokenizer_hash(small.tokenizer)
         self.last_relevance: list[float] = []
@@ -81,22 +83,9 @@ class KnowledgeCardComposition(Parameterized, Composition):
     @torch.no_grad()
     def write_cards(self, queries: list[list[int]]) -> list[str]:
         """The expert's greedy continuation of each query, `card_tokens` long at most (stops at EOS)."""
-        eos = self.small.tokenizer.eos_token_id
-        ids, mask = pad_left(queries, pad_id(self.small.tokenizer))
-        adapters = [self.expert] * len(queries)
-        logits, state = self.small.prefill(ids, mask, adapters)
-        token = logits[:, -1].argmax(-1)
-        written, done = [[] for _ in queries], [False] * len(queries)
-        for step in range(self.params.card_tokens):
-            for row, t in enumerate(token.tolist()):
-                done[row] = done[row] or t == eos
-                if not done[row]:
-                    written[row].append(t)
-            if all(done) or step == self.params.card_tokens - 1:
-                break
-            logits, state = self.small.step(state, token)
-            token = logits.argmax(-1)
-        return [self.small.tokenizer.decode(w).strip() for w in written]
+        texts = generate_ids(self.writer, self.small.tokenizer, queries,
+                             SamplingParams(max_new_tokens=self.params.card_tokens))
+        return [t.strip() for t in texts]
 
     # -- the large model's side -------------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ from expertkit.errors import ExpertkitError
 from expertkit.library import Library
 from expertkit.registry import Registry
 from expertkit.runtime import BASE_ADAPTER, Composition, ExpertPool, PoolState
-from expertkit.runtime.lean import LeanDecoder, LeanState
+from expertkit.runtime.lean import LeanState
 
 
 def check_collaborators(large: ExpertPool, small: ExpertPool, experts: list[str],
@@ -155,20 +155,10 @@ class Collaboration(Parameterized, Composition):
         rows, k = next_ids.shape[0], len(self.small_adapters)
         large_logits, large = self.large.step(state.large, next_ids)
         small_ids = self.token_map.to_small(next_ids) if self.token_map is not None else next_ids
-        small_logits, small = self._small_step(state.small, small_ids.repeat(k), rows)
+        small_logits, small = self.small.step(state.small, small_ids.repeat(k), lean=self.fast_small)
         large_lp, small_lp = self._log_probs(large_logits, small_logits, rows)
         out, memory = self.advance(large_lp, small_lp, next_ids, state.memory)
         return self._readable(out), CollaborationState(large, small, memory)
-
-    def _small_step(self, state: PoolState | LeanState, ids: torch.Tensor, rows: int):
-        """One small step: on the first one, move the HF prefill cache into the lean decoder when it applies."""
-        if isinstance(state, PoolState) and self.fast_small:
-            lean = LeanDecoder.build(self.small.base.model, self.small_adapters)
-            if lean is not None:
-                state = lean.start(state.past, state.attention_mask, state.next_position, self._small_rows(rows))
-        if isinstance(state, LeanState):
-            return state.decoder.step(state, ids)
-        return self.small.step(state, ids)
 
 
 class ProxyComposition(Collaboration):

@@ -9,9 +9,9 @@ batching (kvcache.py) and the one generation loop (decoding.py).
 
 from expertkit.runtime.composition import Composition
 from expertkit.runtime.decoding import Sequence, generate, generate_ids
-from expertkit.runtime.pool import BASE_ADAPTER, ExpertPool
+from expertkit.runtime.pool import ExpertPool
 from expertkit.runtime.sampling import SamplingParams
-from expertkit.runtime.state import DecodeState, PoolState
+from expertkit.runtime.state import BASE_ADAPTER, DecodeState, PoolState
 
 __all__ = ["BASE_ADAPTER", "Composition", "DecodeState", "ExpertPool", "PoolState", "SamplingParams", "Sequence",
            "generate", "generate_ids"]

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from expertkit.runtime.pool import BASE_ADAPTER
+from expertkit.runtime.state import BASE_ADAPTER
 
 log = logging.getLogger("expertkit.runtime")
 _SAID: set[int] = set()  # models whose fallback was already logged

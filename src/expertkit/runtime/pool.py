@@ -3,8 +3,8 @@
 Rows of one batch may use different adapters, which is what makes many experts cheap: the base
 weights are held once and one forward serves a mixed batch. The pool chooses the forward path:
 PEFT's active adapter when every row wants the same one, RowLoRA (row_lora.py) for a mixed batch
-when its layers allow it, PEFT's per-row `adapter_names` otherwise. (The lean decode step of
-lean.py is the collaboration's own path for its small model.)
+when its layers allow it, PEFT's per-row `adapter_names` otherwise; and for decode steps a caller
+may ask for (a collaboration's small model), the lean step of lean.py when it covers the model.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import torch
 from expertkit.base import Base
 from expertkit.errors import ExpertkitError
 from expertkit.library import Entry, Library
+from expertkit.runtime.lean import LeanDecoder, LeanState
 from expertkit.runtime.row_lora import RowLoRA
-from expertkit.runtime.state import PoolState
+from expertkit.runtime.state import BASE_ADAPTER, PoolState
 from expertkit.runtime.tokens import position_ids
 
-BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter on this row"
 log = logging.getLogger("expertkit.runtime")
 
 
@@ -162,8 +162,19 @@ class ExpertPool:
                           list(adapters), self)
         return out.logits, state
 
-    def step(self, state: PoolState, next_ids: torch.Tensor) -> tuple[torch.Tensor, PoolState]:
-        """One token per row, each row on the adapter its state says."""
+    def step(self, state: PoolState | LeanState, next_ids: torch.Tensor,
+             lean: bool = False) -> tuple[torch.Tensor, PoolState | LeanState]:
+        """One token per row, each row on the adapter its state says.
+
+        `lean`: move the cache into the lean decode step (lean.py) when it covers this model and these
+        adapters, and keep stepping there; the rows of such a state stay in their own batch.
+        """
+        if lean and isinstance(state, PoolState):
+            decoder = LeanDecoder.build(self.base.model, list(dict.fromkeys(state.adapters)))
+            if decoder is not None:
+                state = decoder.start(state.past, state.attention_mask, state.next_position, state.adapters)
+        if isinstance(state, LeanState):
+            return state.decoder.step(state, next_ids)
         mask = torch.cat([state.attention_mask, torch.ones_like(state.attention_mask[:, :1])], dim=1)
         out = self.forward(next_ids.view(-1, 1), mask, state.adapters, past=state.past,
                            position_ids=state.next_position.view(-1, 1))

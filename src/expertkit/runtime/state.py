@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter on this row"
+
 
 @dataclass
 class DecodeState:
