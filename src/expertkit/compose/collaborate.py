@@ -21,6 +21,7 @@ combined distribution, through the ordinary Composition interface.
 from __future__ import annotations
 
 import copy
+from abc import abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -95,8 +96,9 @@ class CollaborationState:
 class Collaboration(Parameterized, Composition):
     """The large model (bare) and the small model on `small_adapters`, one batched small forward per step.
 
-    A strategy combines the two models' log-probabilities (`combine`); one that carries evidence from
-    token to token overrides `start` (after the prompt) and `advance` (after each new token).
+    A strategy says how the two models' log-probabilities combine after the prompt (`start`) and after
+    each new token (`advance`), carrying what it needs between them; one that combines each position on
+    its own subclasses `PositionwiseCollaboration` and writes only `combine`.
     Options every strategy takes: `token_map` (when the vocabularies differ, see compose.vocab) and
     `fast_small` (decode steps of the small model with runtime.lean; False keeps the HF/PEFT step).
     """
@@ -109,22 +111,16 @@ class Collaboration(Parameterized, Composition):
         self.large, self.small, self.small_adapters, self.name = large, small, small_adapters, name
         self.fast_small = fast_small
 
-    def combine(self, large_lp: torch.Tensor, small_lp: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        """large_lp [B, ..., V], small_lp [k, B, ..., V] (one slice per small adapter) -> log-probs [B, ..., V].
-
-        `real` [B, ...] marks the positions that are not padding. A strategy implements this, or
-        `start` and `advance` when it carries evidence between tokens.
-        """
-        raise NotImplementedError(f"{type(self).__name__} implements neither combine nor start/advance")
-
+    @abstractmethod
     def start(self, large_lp, small_lp, input_ids: torch.Tensor, real: torch.Tensor):
-        """After the prompt: (log-probs [B, T, V], memory for the steps)."""
-        return self.combine(large_lp, small_lp, real), None
+        """After the prompt: (log-probs [B, T, V], memory for the steps).
 
+        large_lp [B, T, V], small_lp [k, B, T, V] (one slice per small adapter); `real` marks non-padding.
+        """
+
+    @abstractmethod
     def advance(self, large_lp, small_lp, next_ids: torch.Tensor, memory):
         """After one more token per row: (log-probs [B, V], memory)."""
-        return self.combine(large_lp, small_lp, torch.ones(next_ids.shape[0], dtype=torch.bool,
-                                                           device=large_lp.device)), memory
 
     def _small_rows(self, rows: int) -> list[str]:
         return [a for a in self.small_adapters for _ in range(rows)]
@@ -161,7 +157,25 @@ class Collaboration(Parameterized, Composition):
         return self._readable(out), CollaborationState(large, small, memory)
 
 
-class ProxyComposition(Collaboration):
+class PositionwiseCollaboration(Collaboration):
+    """A strategy whose combination at a position needs nothing from earlier positions (proxy, defer)."""
+
+    @abstractmethod
+    def combine(self, large_lp: torch.Tensor, small_lp: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """large_lp [B, ..., V], small_lp [k, B, ..., V] (one slice per small adapter) -> log-probs [B, ..., V].
+
+        `real` [B, ...] marks the positions that are not padding.
+        """
+
+    def start(self, large_lp, small_lp, input_ids, real):
+        return self.combine(large_lp, small_lp, real), None
+
+    def advance(self, large_lp, small_lp, next_ids, memory):
+        return self.combine(large_lp, small_lp, torch.ones(next_ids.shape[0], dtype=torch.bool,
+                                                           device=large_lp.device)), memory
+
+
+class ProxyComposition(PositionwiseCollaboration):
     """Proxy-tuning: the large model shifted by α times what tuning changed in the small model."""
 
     Params = ProxyParams
@@ -213,7 +227,7 @@ class FusionComposition(Collaboration):
         return self._shifted(large_lp, small_lp, by_row, evidence), FusionEvidence(evidence, by_row)
 
 
-class DeferComposition(Collaboration):
+class DeferComposition(PositionwiseCollaboration):
     """The small expert decodes; tokens where its entropy exceeds `threshold` (nats) go to the large model."""
 
     Params = DeferParams
