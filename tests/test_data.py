@@ -138,6 +138,28 @@ def test_a_file_without_empty_lines_is_one_running_text_by_default(tmp_path, mic
     assert load_corpus(domain(tmp_path / "docs.txt")).reading == "blank_line"
 
 
+def test_a_folder_mixing_records_and_running_text_separates_only_the_records(tmp_path, micro_base_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(micro_base_dir)
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "notes.jsonl").write_text("".join(json.dumps({"text": f"note {i} about things"}) + "\n"
+                                                for i in range(300)))
+    (folder / "code.txt").write_text("".join(f"x{i} = f(x{i - 1})\n" for i in range(1, 600)))
+    corpus = load_corpus(domain(folder))
+    assert corpus.reading == "records+stream"
+    pieces = [ex for split in corpus.splits.values() for ex in split]
+    assert all(ex.continues == ex.text.startswith("x") for ex in pieces)
+    stream_only = [ex for ex in corpus.splits["train"] if ex.continues]
+    blocks = make_blocks(tok, type(corpus)("d", {"train": stream_only}), "train", 16)
+    assert not (blocks.input_ids == tok.eos_token_id).any()
+    records_only = [ex for ex in corpus.splits["train"] if not ex.continues]
+    n_eos = int((make_blocks(tok, type(corpus)("d", {"train": records_only}), "train", 16).input_ids
+                 == tok.eos_token_id).sum())
+    assert n_eos > 0
+
+
 def bos_tokenizer(micro_base_dir):
     """The micro tokenizer made to put a BOS token before every text, as Gemma's does."""
     from tokenizers.processors import TemplateProcessing

@@ -1,6 +1,6 @@
 """Corpora -> documents -> train/valid/test splits -> token blocks, and the replay-mixed training stream.
 
-A source is a .txt file (one document per line, or blank-line separated), a
+A source is a .txt file (documents between empty lines, one per line, or one running text), a
 .jsonl file (a text field, or prompt/response pairs for SFT), a folder of such
 files, or a Hugging Face `datasets` dataset. A folder that already holds
 train/valid/test files keeps those splits; otherwise documents are split
@@ -34,6 +34,7 @@ class Example:
     text: str = ""
     prompt: str | None = None
     response: str | None = None
+    continues: bool = False  # a piece of a running text (a "stream" file): no end-of-text after it
 
     @property
     def full_text(self) -> str:
@@ -44,8 +45,8 @@ class Example:
 class Corpus:
     name: str
     splits: dict[str, list[Example]] = field(default_factory=dict)
-    # how the text became documents (see SourceConfig.documents; "records" for JSON lines and datasets).
-    # A "stream" is one running text cut into pieces only for splitting: no end-of-text between them.
+    # how the text became documents (see SourceConfig.documents; "records" for JSON lines and datasets),
+    # e.g. "stream", or "records+stream" for a folder of both kinds of file
     reading: str = "records"
 
     def fingerprint(self) -> str:
@@ -134,7 +135,7 @@ def _read_file(path: Path, source: SourceConfig, task: str) -> tuple[list[Exampl
     if task == "sft":
         raise ExpertkitError(f"{path}: task 'sft' needs .jsonl with prompt/response fields, got plain text")
     reading = text_reading(text, source.documents)
-    return [Example(text=d) for d in _documents_from_text(text, reading)], reading
+    return [Example(text=d, continues=reading == "stream") for d in _documents_from_text(text, reading)], reading
 
 
 def _data_files(folder: Path) -> list[Path]:
@@ -205,11 +206,9 @@ def load_corpus(domain: DomainConfig) -> Corpus:
         if not files:
             raise ExpertkitError(f"domain '{domain.name}': no .txt or .jsonl files in {path}")
         given = _given_splits(files) if path.is_dir() else None
-        read = {f: _read_file(f, source, domain.task) for f in files if not given or f in sum(given.values(), [])}
+        wanted = [f for paths in given.values() for f in paths] if given else files
+        read = {f: _read_file(f, source, domain.task) for f in wanted}
         readings = {reading for _, reading in read.values()}
-        if len(readings) > 1:
-            raise ExpertkitError(f"domain '{domain.name}': its files read differently ({sorted(readings)}: some have "
-                                 "empty lines between documents, some not); set source.documents for all of them")
         if given:
             splits = {s: [ex for f in given.get(s, []) for ex in read[f][0]] for s in SPLITS}
             everything = None
@@ -228,7 +227,7 @@ def load_corpus(domain: DomainConfig) -> Corpus:
         for s in ("train", "test"):
             if not splits.get(s):
                 raise ExpertkitError(f"domain '{domain.name}': the {s} split is empty; add text to it")
-    return Corpus(domain.name, {s: list(splits.get(s, [])) for s in SPLITS}, readings.pop())
+    return Corpus(domain.name, {s: list(splits.get(s, [])) for s in SPLITS}, "+".join(sorted(readings)))
 
 
 # ---------------------------------------------------------------- tokens and blocks
@@ -259,8 +258,8 @@ def _eos_id(tokenizer) -> int:
     return tokenizer.eos_token_id
 
 
-def pack_text(tokenizer, examples: list[Example], block_size: int, separate: bool = True) -> Blocks:
-    """Concatenate documents (separated by EOS when `separate`) and cut the stream into equal blocks.
+def pack_text(tokenizer, examples: list[Example], block_size: int) -> Blocks:
+    """Concatenate documents (each followed by EOS, unless it `continues`) and cut the stream into equal blocks.
 
     Each block starts with the tokenizer's own prefix (BOS, for models that expect one), never scored;
     the remainder of the stream is dropped.
@@ -270,9 +269,10 @@ def pack_text(tokenizer, examples: list[Example], block_size: int, separate: boo
     stream: list[int] = []
     texts = [ex.full_text for ex in examples]
     for start in range(0, len(texts), 1000):
-        for ids in tokenizer(texts[start:start + 1000], add_special_tokens=False)["input_ids"]:
+        encoded = tokenizer(texts[start:start + 1000], add_special_tokens=False)["input_ids"]
+        for ex, ids in zip(examples[start:start + 1000], encoded):
             stream.extend(ids)
-            if separate:
+            if not ex.continues:
                 stream.append(eos)
     body = block_size - len(prefix)
     n = len(stream) // body if body > 0 else 0
@@ -311,9 +311,7 @@ def make_blocks(tokenizer, corpus: Corpus, split: str, block_size: int, task: st
     if not examples:
         raise ExpertkitError(f"domain '{corpus.name}': the {split} split is empty")
     try:
-        if task == "sft":
-            return pack_sft(tokenizer, examples, block_size)
-        return pack_text(tokenizer, examples, block_size, separate=corpus.reading != "stream")
+        return (pack_sft if task == "sft" else pack_text)(tokenizer, examples, block_size)
     except ExpertkitError as e:
         raise ExpertkitError(f"domain '{corpus.name}' ({split}): {e}") from None
 

@@ -172,7 +172,8 @@ def write_report(card: dict, out_dir: str | Path) -> dict[str, Path]:
         if context else ""
     md = f"# expertkit scorecard\n\nToken-level test perplexity{scored} (lower is better).\n\n" + markdown_table(card)
     if card.get("readings"):
-        md += "\nText read as: " + ", ".join(f"{d}: {READINGS.get(r, r)}" for d, r in card["readings"].items()) + "\n"
+        md += "\nText read as: " + ", ".join(f"{d}: " + " + ".join(READINGS.get(part, part) for part in r.split("+"))
+                                     for d, r in card["readings"].items()) + "\n"
     if card.get("verdicts"):
         md += "\n" + "\n".join(f"- {v}" for v in card["verdicts"]) + "\n"
     atomic_write_text(paths["md"], md)
