@@ -75,7 +75,7 @@ def bench_config(data: Path, build: dict | None = None, recipe: dict | None = No
 
 # Real checkpoints (expertkit.models): the domains every real-model suite trains, and a recipe gentle enough
 # to keep general ability (lower learning rate and fewer steps than the tiny base needs).
-REAL_DOMAINS = ("medical", "code", "news")
+REAL_DOMAINS = {"chosen": ("medical", "code", "news")}  # run.py --domains changes it
 REAL_RECIPE = {
     "rank": 8, "alpha": 16, "learning_rate": 3e-4, "steps": 60, "batch_size": 8, "block_size": 128,
     "replay": 0.25, "checkpoint_every": 20, "warmup_steps": 6,
@@ -83,16 +83,22 @@ REAL_RECIPE = {
 REAL_EVALUATION = {"block_size": 128, "batch_size": 8, "max_blocks": 32}
 
 
-def real_config(data: Path, base: str, domains: tuple[str, ...] = REAL_DOMAINS,
-                recipe: dict | None = None) -> ProjectConfig:
-    """The project config of a suite on a real checkpoint (fetched and imported once per machine)."""
+def real_config(data: Path, base: str, domains: tuple[str, ...] | None = None,
+                recipe: dict | None = None, exclude: tuple[str, ...] = ()) -> ProjectConfig:
+    """The project config of a suite on a real checkpoint (fetched and imported once per machine).
+
+    The library is keyed by data and recipe, not by the domain list: a suite that needs one more domain
+    trains only that expert. A library without some domains (`exclude`) is a library of its own.
+    """
     from expertkit.models import ensure_model
 
+    domains = domains or REAL_DOMAINS["chosen"]
     missing = [d for d in (GENERAL, *domains) if not (data / d).is_dir()]
     if missing:
         raise ExpertkitError(f"--data {data} has no folder(s) {missing}")
     recipe = {**REAL_RECIPE, **(recipe or {})}
-    library_dir = CACHE / f"{base}-library-{_key(str(data), domains, recipe)}"
+    domains = tuple(d for d in domains if d not in exclude)
+    library_dir = CACHE / f"{base}-library-{_key(str(data), recipe, *([exclude] if exclude else []))}"
     raw = {  # the files are read the default way: without empty lines, each is one running text
         "base": {"path": str(ensure_model(base))},
         "general": {"name": GENERAL, "source": {"path": str(data / GENERAL)}},
@@ -102,3 +108,35 @@ def real_config(data: Path, base: str, domains: tuple[str, ...] = REAL_DOMAINS,
         "library": str(library_dir),
     }
     return config_from_dict(raw, origin="benchmark config")
+
+
+def suite_config(data: Path, base: str, domains: tuple[str, ...] | None = None,
+                 exclude: tuple[str, ...] = ()) -> ProjectConfig:
+    """The config a suite runs on `base`: the micro benchmark base, or a real checkpoint with `domains`."""
+    from suites import MICRO
+
+    if base == MICRO:
+        return bench_config(data, exclude=exclude)
+    return real_config(data, base, domains, exclude=exclude)
+
+
+def reuse_experts(source: ProjectConfig, target: ProjectConfig, base) -> None:
+    """Copy into `target`'s library the experts `source`'s library already has for `target`'s domains.
+
+    Training is deterministic per recipe, so a library that leaves a domain out need not retrain the others.
+    """
+    import shutil
+
+    from expertkit.library import Kind, Library
+
+    have, want = Library(source.library), Library(target.library)
+    if not have.exists():
+        return
+    want.create_or_check(base.identity())
+    for domain in target.domains:
+        if have.has(Kind.EXPERT, domain.name) and not want.has(Kind.EXPERT, domain.name):
+            entry = have.get(domain.name)
+            manifest = {k: v for k, v in entry.manifest.items() if k not in ("name", "kind", "base", "created")}
+            want.add_entry(Kind.EXPERT, domain.name,
+                           lambda tmp, src=entry.path: [shutil.copy2(f, tmp / f.name) for f in src.iterdir()
+                                                        if f.is_file() and f.name != "expert.json"], manifest)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from common import GENERAL, bench_config
-from suites import suite
+from common import GENERAL, suite_config
+from suites import MICRO, REAL_BASES, suite
 
 # One setting per method, from the ranges the papers recommend (fixed, so runs compare).
 RECIPES = {
@@ -26,19 +26,19 @@ SEARCH_BUDGET_SECONDS = 240
 LOSSLESS = 1e-4  # relative reconstruction error below which the rank-r adapter is the exact merge
 
 
-@suite("merge")
-def run(data: Path, device: str | None) -> dict:
+@suite("merge", bases=(MICRO, *REAL_BASES))
+def run(data: Path, device: str | None, base: str = MICRO) -> dict:
     from expertkit.library import Library
     from expertkit.merging import make_recipe, merge_experts
     from expertkit.runtime import ExpertPool
     from expertkit.train import train_all
     from expertkit.workflow import load_project_base, run_merge_search, run_scorecard
 
-    cfg, base = load_project_base(bench_config(data), device)
-    train_all(cfg, base)
+    cfg, model = load_project_base(suite_config(data, base), device)
+    train_all(cfg, model)
     library = Library(cfg.library)
     experts = [e.name for e in library.entries() if e.kind == "expert"]
-    pool = ExpertPool(base, library)
+    pool = ExpertPool(model, library)
     reconstruction, full_models = {}, []
     for method, params in RECIPES.items():
         recipe = make_recipe(method=method, experts=experts, **params)
@@ -48,10 +48,10 @@ def run(data: Path, device: str | None) -> dict:
             merge_experts(pool, library, recipe.model_copy(update={"output": "model"}), f"merge-{method}-model",
                           overwrite=True)
             full_models.append(method)
-    searched = run_merge_search(cfg, base, experts, "merge-searched", SEARCH_BUDGET_SECONDS, overwrite=True)
+    searched = run_merge_search(cfg, model, experts, "merge-searched", SEARCH_BUDGET_SECONDS, overwrite=True)
     names = ["base", *experts, *(f"merge-{m}" for m in RECIPES), *(f"merge-{m}-model" for m in full_models),
              "merge-searched"]
-    card = run_scorecard(cfg, base, out=Path(cfg.library).parent / (Path(cfg.library).name + "-merge-scorecard"),
+    card = run_scorecard(cfg, model, out=Path(cfg.library).parent / (Path(cfg.library).name + "-merge-scorecard"),
                          names=names)
     ppl = card["ppl"]
     domains = list(ppl["base"])
@@ -61,7 +61,7 @@ def run(data: Path, device: str | None) -> dict:
     best = min(merges, key=lambda m: sum(math.log(v) for v in merges[m].values()))  # geometric mean over domains
     oracle = {d: ppl[d][d] if d in ppl else ppl["base"][d] for d in domains}
     result = {
-        "base": ppl["base"], "experts": {e: ppl[e] for e in experts},
+        "base_model": base, "base": ppl["base"], "experts": {e: ppl[e] for e in experts},
         "merges": {m: merges[m] for m in RECIPES},
         "merges_full_model": {m: merges[f"{m} (full model)"] for m in full_models},
         "search": {"recipe": searched["recipe"], **ppl["merge-searched"], "validation_ppl": searched["validation_ppl"],

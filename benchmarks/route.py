@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from common import GENERAL, bench_config
-from suites import suite
+from common import GENERAL, reuse_experts, suite_config
+from suites import MICRO, REAL_BASES, suite
 
 DOCS_PER_DOMAIN = 200
 PREFIX_TOKENS = 32
@@ -85,14 +85,15 @@ def oracle(cfg, pool, blocks: dict, context_tokens: int = 0) -> dict:
     return {d: perplexities(cfg, pool, [own[d]], {d: blocks[d]}, context_tokens)[own[d]][d] for d in blocks}
 
 
-def held_out(data: Path, device, main_cfg) -> dict:
+def held_out(data: Path, device, main_cfg, base_name: str) -> dict:
     """A library without one domain: that domain's test perplexity under each strategy vs the base."""
     from expertkit.data import load_corpus, make_blocks
     from expertkit.train import train_all
     from expertkit.workflow import load_project_base
 
     domain = main_cfg.domains[-1].name
-    cfg, base = load_project_base(bench_config(data, exclude=(domain,)), device)  # its own model: adapters differ
+    cfg, base = load_project_base(suite_config(data, base_name, exclude=(domain,)), device)  # its own model
+    reuse_experts(main_cfg, cfg, base)
     train_all(cfg, base)
     pool, routers, _ = build_strategies(cfg, base)
     ev = cfg.evaluation
@@ -162,16 +163,16 @@ def print_tables(result: dict, domains: list[str]) -> None:
           + ", ".join(f"{n} {v:+.2%}" for n, v in held["loss_vs_base"].items()))
 
 
-@suite("route")
-def run(data: Path, device: str | None) -> dict:
+@suite("route", bases=(MICRO, *REAL_BASES))
+def run(data: Path, device: str | None, base_name: str = MICRO) -> dict:
     from expertkit.evaluate import test_blocks
     from expertkit.train import train_all
     from expertkit.workflow import load_project_base
 
-    cfg, base = load_project_base(bench_config(data), device)
+    cfg, base = load_project_base(suite_config(data, base_name), device)
     train_all(cfg, base)
     pool, routers, reports = build_strategies(cfg, base)
-    result = {"accuracy": routing_accuracy(cfg, pool, routers)}
+    result = {"base_model": base_name, "accuracy": routing_accuracy(cfg, pool, routers)}
     blocks = test_blocks(cfg, base.tokenizer)
     result["ppl"] = perplexities(cfg, pool, [*(f"router-{k}" for k in routers), MIXTURE], blocks)
     result["oracle"] = oracle(cfg, pool, blocks)
@@ -180,7 +181,7 @@ def run(data: Path, device: str | None) -> dict:
                                        LEAK_FREE_CONTEXT)
     result["leak_free_oracle"] = oracle(cfg, pool, blocks, LEAK_FREE_CONTEXT)
     result["router_cost"] = router_cost(cfg, pool, routers)
-    result["held_out_domain"] = held_out(data, device, cfg)
+    result["held_out_domain"] = held_out(data, device, cfg, base_name)
     domains = list(blocks)
     gaps = {n: max(row[d] / result["oracle"][d] - 1 for d in domains) for n, row in result["ppl"].items()}
     free_gaps = {n: max(row[d] / result["leak_free_oracle"][d] - 1 for d in domains)

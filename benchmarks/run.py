@@ -15,8 +15,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import DEFAULT_DATA  # noqa: E402
-from suites import MICRO, SUITES, TASK_EXAMPLES  # noqa: E402
+from common import DEFAULT_DATA, REAL_DOMAINS  # noqa: E402
+from suites import MICRO, REAL_BASES, SUITES, TASK_EXAMPLES  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,11 +27,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder with a 'general' folder and any number of domain folders (train/valid/test.txt)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--base", default=MICRO, help=f"{MICRO} (the tiny pretrained Llama of the earlier figures) "
-                                                      "or a real checkpoint: smollm2-135m, gemma3-270m")
+                                                      f"or a real checkpoint: {', '.join(REAL_BASES)}")
     parser.add_argument("--task-examples", type=int, default=TASK_EXAMPLES["per_task"],
                         help="examples per task where a suite measures task accuracy (all of a smaller task)")
+    parser.add_argument("--domains", default=",".join(REAL_DOMAINS["chosen"]),
+                        help="real bases: the domains whose experts the suites train (comma-separated)")
     args = parser.parse_args(argv)
     TASK_EXAMPLES["per_task"] = args.task_examples
+    REAL_DOMAINS["chosen"] = tuple(d.strip() for d in args.domains.split(",") if d.strip())
 
     from expertkit.errors import ExpertkitError
     from expertkit.evaluate import environment

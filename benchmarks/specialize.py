@@ -12,8 +12,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from common import GENERAL, bench_config, real_config
-from suites import MICRO, TASK_EXAMPLES, suite
+from common import GENERAL, suite_config
+from suites import MICRO, REAL_BASES, TASK_EXAMPLES, suite
 
 OWN_DOMAIN_GAIN = {MICRO: 0.20}
 REAL_OWN_DOMAIN_GAIN = 0.25
@@ -22,13 +22,13 @@ FORGETTING_LIMIT = -1.0  # real: points of mean acc_norm change over the general
 DOMAIN_TASK_GOAL = 2.0  # real: points on the domain's own task
 
 
-@suite("specialize", bases=(MICRO, "smollm2-135m", "gemma3-270m"))
+@suite("specialize", bases=(MICRO, *REAL_BASES))
 def run(data: Path, device: str | None, base: str = MICRO) -> dict:
     from expertkit.library import Library
     from expertkit.train import train_all
     from expertkit.workflow import load_project_base, run_scorecard
 
-    cfg = bench_config(data) if base == MICRO else real_config(data, base)
+    cfg = suite_config(data, base)
     cfg, model = load_project_base(cfg, device)
     started = time.time()
     train_all(cfg, model)

@@ -12,6 +12,7 @@ from typing import Callable
 from expertkit.registry import Registry
 
 MICRO = "micro"
+REAL_BASES = ("smollm2-135m", "gemma3-270m")  # expertkit.models
 TASK_EXAMPLES = {"per_task": 500}  # examples per task for suites that measure task accuracy (run.py --task-examples)
 
 

@@ -17,8 +17,8 @@ import json
 import time
 from pathlib import Path
 
-from common import ROOT, bench_config, real_config
-from suites import MICRO, TASK_EXAMPLES, suite
+from common import ROOT, suite_config
+from suites import MICRO, REAL_BASES, TASK_EXAMPLES, suite
 
 CROSS_CHECK_TASKS = ("arc_easy", "piqa")
 CROSS_CHECK_EXAMPLES = 200
@@ -33,12 +33,12 @@ PUBLISHED = {"smollm2-135m": {
     "arc_challenge": ("acc_norm", 27.73)}}
 
 
-@suite("tasks", bases=(MICRO, "smollm2-135m", "gemma3-270m"))
+@suite("tasks", bases=(MICRO, *REAL_BASES))
 def run(data: Path, device: str | None, base: str = MICRO) -> dict:
     from expertkit.library import Kind, Library
     from expertkit.workflow import load_project_base, run_task_scorecard
 
-    cfg = bench_config(data) if base == MICRO else real_config(data, base)
+    cfg = suite_config(data, base)
     cfg, model = load_project_base(cfg, device)
     library = Library(cfg.library)
     names = ["base"]

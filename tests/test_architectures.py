@@ -101,24 +101,31 @@ def test_every_composition_generates_and_the_router_routes(trained_arch):
 
 
 def test_the_server_engine_answers_as_generate_does(trained_arch):
-    arch, _, base, library = trained_arch
+    """Requests of different experts and lengths share the running batch (Gemma3's sliding-window layers too,
+    past its window of 8 tokens) and each answers as generate() alone does."""
+    _, _, base, library = trained_arch
     pool = ExpertPool(base, library)
     compositions = {c.name: c for c in build_compositions(pool)}
-    prompt_ids = left_pad(base.tokenizer, ["patient dose trial"])[0][0].tolist()
-    params = SamplingParams(max_new_tokens=8)
-    # sliding-window caches cannot be edited row-wise: such a model is served one request at a time
-    engine = Engine(pool, compositions, max_batch=1 if arch == "gemma3" else 4).start()
-    done, events = threading.Event(), []
+    requests = [("alpha", "patient dose trial"), ("beta", "def return self import for in if x"), ("base", "the")]
+    params = SamplingParams(max_new_tokens=12)
+    engine = Engine(pool, compositions, max_batch=4).start()
+    ends, finished = {}, threading.Semaphore(0)
 
-    def emit(event: dict) -> None:
-        events.append(event)
-        if event["type"] in ("end", "error"):
-            done.set()
+    def emitter(i: int):
+        def emit(event: dict) -> None:
+            if event["type"] in ("end", "error"):
+                ends[i] = event
+                finished.release()
+        return emit
 
     try:
-        engine.submit(Job("alpha", prompt_ids, params, emit))
-        assert done.wait(60)
+        for i, (model, prompt) in enumerate(requests):
+            engine.submit(Job(model, left_pad(base.tokenizer, [prompt])[0][0].tolist(), params, emitter(i)))
+        for _ in requests:
+            assert finished.acquire(timeout=60)
     finally:
         engine.stop()
-    assert events[-1]["type"] == "end", events[-1]
-    assert events[-1]["full_text"] == generate(compositions["alpha"], base.tokenizer, ["patient dose trial"], params)[0]
+    assert engine.stats.steps < len(requests) * params.max_new_tokens  # the rows did share decoding steps
+    for i, (model, prompt) in enumerate(requests):
+        assert ends[i]["type"] == "end", ends[i]
+        assert ends[i]["full_text"] == generate(compositions[model], base.tokenizer, [prompt], params)[0]

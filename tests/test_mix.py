@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from expertkit.compose import build_compositions
+from expertkit.compose.adapters import AdapterComposition
 from expertkit.compose.mix import MixtureComposition, add_mixture
 from expertkit.config import MixtureConfig
 from expertkit.errors import ExpertkitError
@@ -19,6 +20,11 @@ from expertkit.runtime.tokens import left_pad
 from conftest import assert_cached_steps_match, write_project
 
 COMPONENTS = ["alpha", "beta", BASE_ADAPTER]
+
+
+def adapter_mixture(pool, adapters: list[str], top_k: int | None, name: str = "m") -> MixtureComposition:
+    """A mixture of adapters of the pool (the mixture's fast path)."""
+    return MixtureComposition(pool, [AdapterComposition(pool, a, a) for a in adapters], top_k, name)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +68,7 @@ def reference_mixture(pool, ids, mask, components, top_k):
 
 def test_one_component_at_posterior_one_is_that_expert(pool):
     ids, mask = ids_and_mask(0)
-    mixed, _ = MixtureComposition(pool, ["alpha"], None, "m").prefill(ids, mask)
+    mixed, _ = adapter_mixture(pool, ["alpha"], None).prefill(ids, mask)
     alpha, _ = pool.prefill(ids, mask, ["alpha"] * len(ids))
     real = mask.bool()
     torch.testing.assert_close(mixed[real], torch.log_softmax(alpha, -1)[real], rtol=1e-5, atol=1e-5)
@@ -71,7 +77,7 @@ def test_one_component_at_posterior_one_is_that_expert(pool):
 @pytest.mark.parametrize("top_k", [1, 2, 3])
 def test_mixture_equals_the_posterior_weighted_ensemble(pool, top_k):
     ids, mask = ids_and_mask(1)
-    mixed, _ = MixtureComposition(pool, COMPONENTS, top_k, "m").prefill(ids, mask)
+    mixed, _ = adapter_mixture(pool, COMPONENTS, top_k).prefill(ids, mask)
     expected = reference_mixture(pool, ids, mask, COMPONENTS, top_k)
     real = mask.bool()
     torch.testing.assert_close(mixed[real], expected[real], rtol=1e-4, atol=1e-4)
@@ -82,7 +88,7 @@ def test_logits_at_t_do_not_depend_on_later_tokens(pool):
     ids, mask = ids_and_mask(2)
     changed = ids.clone()
     changed[:, 9:] = torch.randint(3, 200, changed[:, 9:].shape, generator=torch.Generator().manual_seed(5))
-    mixture = MixtureComposition(pool, COMPONENTS, 2, "m")
+    mixture = adapter_mixture(pool, COMPONENTS, 2)
     a, _ = mixture.prefill(ids, mask)
     b, _ = mixture.prefill(changed, mask)
     torch.testing.assert_close(a[:, :9], b[:, :9], rtol=1e-5, atol=1e-5)
@@ -90,7 +96,7 @@ def test_logits_at_t_do_not_depend_on_later_tokens(pool):
 
 def test_cached_steps_equal_recomputation(pool):
     ids, mask = ids_and_mask(3)
-    mixture = MixtureComposition(pool, COMPONENTS, 2, "m")
+    mixture = adapter_mixture(pool, COMPONENTS, 2)
     assert_cached_steps_match(mixture, ids, mask, split=8)
 
 
@@ -115,10 +121,10 @@ def test_bad_mixtures_and_inputs_are_clear_errors(trained, pool):
     ids, mask = left_pad(base.tokenizer, ["patient", "dose"])
     mask[0] = 0
     with pytest.raises(ExpertkitError, match="row 0 of the batch is empty"):
-        MixtureComposition(pool, COMPONENTS, None, "m").prefill(ids, mask)
+        adapter_mixture(pool, COMPONENTS, None).prefill(ids, mask)
     long_ids = torch.randint(3, 200, (1, 70))
     with pytest.raises(ExpertkitError, match="exceeds the model's context of 64"):
-        MixtureComposition(pool, COMPONENTS, None, "m").prefill(long_ids, torch.ones_like(long_ids))
+        adapter_mixture(pool, COMPONENTS, None).prefill(long_ids, torch.ones_like(long_ids))
 
 
 def test_cli_mixture_add(monkeypatch, capsys, trained):
@@ -132,3 +138,46 @@ def test_cli_mixture_add(monkeypatch, capsys, trained):
     assert entry.kind == "mixture" and entry.manifest["top_k"] == 1 and not entry.manifest["include_base"]
     code, _, err = run_cli(monkeypatch, capsys, "mixture", "add", project, "--name", "mix3", "--expert", "nope")
     assert code == 1 and "names ['nope']" in err
+
+
+def test_a_served_mixture_answers_like_generate(trained, pool):
+    """The server batches a mixture's rows as the mixture, never as plain rows of the pool."""
+    import httpx
+
+    from expertkit.serve.app import create_app
+    from expertkit.serve.server import BackgroundServer, ServeOptions, build_local_service
+
+    _, base, library = trained
+    if not library.has("mixture", "mix-served"):
+        add_mixture(library, "mix-served", MixtureConfig(top_k=2))
+    pool.ensure(["mix-served"])
+    (mix,) = build_compositions(pool, ["mix-served"])
+    prompts = ["patient dose", "def return x"]
+    expected = generate(mix, base.tokenizer, prompts, SamplingParams(max_new_tokens=6))
+    service = build_local_service(library.root, ServeOptions(max_batch=8, models=["mix-served", "alpha"]))
+    with BackgroundServer(create_app(service)) as server:
+        reply = httpx.post(server.url + "/v1/completions", json={
+            "model": "mix-served", "prompt": prompts, "max_tokens": 6, "temperature": 0}, timeout=60)
+    assert reply.status_code == 200, reply.text
+    assert [c["text"] for c in sorted(reply.json()["choices"], key=lambda c: c["index"])] == expected
+
+
+def test_a_component_that_is_not_an_adapter_runs_as_itself(trained, pool):
+    """A mixture of a full merged model and an adapter equals the mixture of the adapters it stands for."""
+    from expertkit.compose.nesting import StackedState, entry_composition
+    from expertkit.merging import make_recipe, merge_experts
+
+    _, _, library = trained
+    if not library.has("merged_model", "alpha-full"):
+        merge_experts(pool, library, make_recipe(method="linear", experts=["alpha"], output="model"), "alpha-full")
+    pool.ensure(["alpha-full"])
+    nested = MixtureComposition(pool, [entry_composition(pool, "alpha-full"), AdapterComposition(pool, "beta", "beta")],
+                                None, "nested")
+    ids, mask = ids_and_mask(5)
+    got, state = nested.prefill(ids, mask)
+    torch.testing.assert_close(got, adapter_mixture(pool, ["alpha", "beta"], None).prefill(ids, mask)[0], rtol=1e-4,
+                               atol=1e-4)
+    assert isinstance(state.components, StackedState)
+    assert_cached_steps_match(nested, ids, mask, split=9)
+    with pytest.raises(ExpertkitError, match="not other mixtures"):
+        add_mixture(library, "mix-of-mix", MixtureConfig(experts=["alpha", "mix-served"]))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from expertkit.compose import build_compositions
-from expertkit.compose.route import RoutedComposition
+from expertkit.compose.route import route_to_entries
 from expertkit.errors import ExpertkitError
 from expertkit.evaluate import score
 from expertkit.evaluate import test_blocks as domain_test_blocks
@@ -99,7 +99,7 @@ def test_every_kind_survives_save_and_reload(setup, tmp_path):
 
 def test_routed_mixed_batch_equals_one_at_a_time(setup, lexical):
     _, base, pool = setup
-    routed = RoutedComposition(pool, lexical, "routed")
+    routed = route_to_entries(pool, lexical, "routed")
     prompts = ["patient dose trial cohort tumor clinical therapy risk blood", "def return self import for in if",
                "the a of and to in is was for on that with as by at from it his an were are"]
     ids, mask = left_pad(base.tokenizer, prompts)
@@ -131,7 +131,7 @@ def test_bad_prompts_are_clear_errors_or_documented_fallbacks(setup, lexical):
     cfg, base, pool = setup
     with pytest.raises(ExpertkitError, match="prompt 1 is empty"):
         Prompts.from_texts(base.tokenizer, ["patient", "  "])
-    routed = RoutedComposition(pool, lexical, "routed")
+    routed = route_to_entries(pool, lexical, "routed")
     ids, mask = left_pad(base.tokenizer, ["patient dose", "the"])
     mask[1] = 0
     with pytest.raises(ExpertkitError, match="row 1 of the batch is empty"):
@@ -195,3 +195,30 @@ def test_routed_scores_are_leak_free(setup, lexical):
     stepped = nll_sum(alpha, batch, context_tokens=8)
     assert stepped[1] == one_prefill[1] == 4 * (batch.input_ids.shape[1] - 8)
     assert stepped[0] == pytest.approx(one_prefill[0], rel=1e-5)
+
+
+def test_a_choice_that_is_not_an_adapter_runs_as_itself_on_its_rows(setup, lexical):
+    """A router's choice may be any composition: a full merged model answers its rows by itself."""
+    from expertkit.compose.nesting import SplitState, entry_composition
+    from expertkit.compose.route import RoutedComposition
+    from expertkit.merging import make_recipe, merge_experts
+
+    cfg, base, pool = setup
+    library = Library(cfg.library)
+    if not library.has("merged_model", "alpha-full"):
+        merge_experts(pool, library, make_recipe(method="linear", experts=["alpha"], output="model"), "alpha-full")
+    pool.ensure(["alpha-full"])
+    adapters = route_to_entries(pool, lexical, "routed")
+    full = entry_composition(pool, "alpha-full")
+    nested = RoutedComposition(pool, lexical, "nested", {**adapters.choices, "alpha": full})
+    prompts = ["patient dose trial cohort tumor clinical therapy risk blood", "def return self import for in if",
+               "the a of and to in is was for on that with as by at from it his an were are"]
+    ids, mask = left_pad(base.tokenizer, prompts)
+    expected, _ = adapters.prefill(ids, mask)
+    got, state = nested.prefill(ids, mask)
+    assert isinstance(state, SplitState) and len(state.groups) == 3
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    (_, nested_state), (_, adapter_state) = nested.prefill(ids[:, :-1], mask[:, :-1]), adapters.prefill(ids[:, :-1],
+                                                                                                          mask[:, :-1])
+    torch.testing.assert_close(nested.step(nested_state, ids[:, -1])[0], adapters.step(adapter_state, ids[:, -1])[0],
+                               rtol=1e-4, atol=1e-4)

@@ -13,7 +13,7 @@ import typer
 from rich.markup import escape
 
 from expertkit.compose.collaborate import STRATEGIES
-from expertkit.config import ServeOptions
+from expertkit.config import GenerateOptions, ServeOptions
 from expertkit.errors import ExpertkitError
 from expertkit.executors.base import EXECUTORS
 from expertkit.merging.methods import METHODS
@@ -128,12 +128,19 @@ def evaluate(config: Path = ConfigArg,
         run_scorecard(cfg, base, out, names=model, executor=runner, small=small)
 
 
+def _option_from(options, name: str, **limits):
+    """A CLI option whose default and help come from a config.py options model (defaults live there only)."""
+    field = options.model_fields[name]
+    return typer.Option(field.default, help=field.description, **limits)
+
+
 @app.command()
 def generate(config: Path = ConfigArg, prompt: str = typer.Argument(..., help="text to continue"),
              model: str = typer.Option("base", help="'base' or a library entry name; with --small, a collaboration "
                                                     f"spec, STRATEGY:EXPERT or fusion ({STRATEGIES.listing()})"),
-             max_tokens: int = typer.Option(48, min=0), temperature: float = typer.Option(0.0, min=0.0),
-             top_p: float = typer.Option(1.0), seed: int = typer.Option(0),
+             max_tokens: int = _option_from(GenerateOptions, "max_tokens", min=0),
+             temperature: float = _option_from(GenerateOptions, "temperature", min=0.0),
+             top_p: float = _option_from(GenerateOptions, "top_p"), seed: int = _option_from(GenerateOptions, "seed"),
              stop: Optional[list[str]] = typer.Option(None, help="stop string (repeatable)"),
              small: Optional[Path] = typer.Option(None, help="a small model steering this one: its project YAML "
                                                               "or its library folder"),
@@ -323,12 +330,6 @@ export_app = typer.Typer(no_args_is_help=True, help="Hand the library to other s
 app.add_typer(export_app, name="export")
 
 
-def _serve_option(name: str):
-    """A `serve` option whose default and help come from config.ServeOptions (defaults live there only)."""
-    field = ServeOptions.model_fields[name]
-    return typer.Option(field.default, min=1, help=field.description)
-
-
 @app.command()
 def serve(library: Path = typer.Argument(..., help="library folder"),
           host: str = typer.Option("127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)"),
@@ -342,9 +343,10 @@ def serve(library: Path = typer.Argument(..., help="library folder"),
           backend: Optional[str] = typer.Option(None, help="URL of an OpenAI-compatible server (vLLM, LoRAX) that "
                                                            "decodes; this process then only routes and forwards"),
           backend_base_model: str = typer.Option("base", help="the backend's name for the bare base model"),
-          max_batch: int = _serve_option("max_batch"), max_queue: int = _serve_option("max_queue"),
-          max_prompt_tokens: Optional[int] = _serve_option("max_prompt_tokens"),
-          max_tokens: int = _serve_option("max_tokens"),
+          max_batch: int = _option_from(ServeOptions, "max_batch", min=1),
+          max_queue: int = _option_from(ServeOptions, "max_queue", min=1),
+          max_prompt_tokens: Optional[int] = _option_from(ServeOptions, "max_prompt_tokens", min=1),
+          max_tokens: int = _option_from(ServeOptions, "max_tokens", min=1),
           api_key: Optional[str] = typer.Option(None, envvar="EXPERTKIT_API_KEY",
                                                 help="require 'Authorization: Bearer KEY' (or set "
                                                      "EXPERTKIT_API_KEY)"),

@@ -180,6 +180,28 @@ class CardParams(Strict):
                                                               "tokens (None: the whole prompt)")
 
 
+class GenerateOptions(Strict):
+    """How text is generated when the caller says nothing (`expertkit generate`, runtime.SamplingParams)."""
+
+    max_tokens: int = Field(48, ge=0, description="new tokens at most")
+    temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling: smallest token set with this mass")
+    seed: int = Field(0, description="sampling seed (each prompt draws from its own generator so seeded)")
+
+
+GENERATE = GenerateOptions()
+
+
+class TaskModelOptions(Strict):
+    """How expertkit's lm-eval model (`--model expertkit`) runs where lm-eval's arguments say nothing."""
+
+    batch_size: int = Field(16, ge=1, description="requests scored together")
+    max_gen_toks: int = Field(256, ge=1, description="generate_until's limit when a task sets none (lm-eval's)")
+
+
+TASK_MODEL = TaskModelOptions()
+
+
 class ServeOptions(Strict):
     """How `expertkit serve` runs (the CLI's options, and the API of `serve.server.build_local_service`)."""
 

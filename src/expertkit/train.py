@@ -103,7 +103,7 @@ def _load_checkpoint(ckpt: Path, peft_model, optimizer, scheduler) -> int:
 
 
 @torch.no_grad()
-def mean_loss(model, blocks: Blocks, device, batch_size: int = 16) -> float:
+def mean_loss(model, blocks: Blocks, device, batch_size: int) -> float:
     """Token-weighted mean loss over blocks (labels -100 ignored)."""
     from expertkit.evaluate import shifted_nll
 
@@ -182,7 +182,7 @@ def train_expert_job(job: ExpertJob, state: TrainState, advance) -> dict:
         losses, start = _run_steps(peft_model, stream, recipe, domain.name, ckpt_dir, rhash, base.device, advance)
         metrics = {"train_loss_last": losses[-1] if losses else None}
         if job.valid is not None:
-            metrics["valid_ppl"] = perplexity(mean_loss(peft_model, job.valid, base.device))
+            metrics["valid_ppl"] = perplexity(mean_loss(peft_model, job.valid, base.device, recipe.batch_size))
         with atomic_dir(ckpt_dir / FINAL, overwrite=True) as tmp:
             peft_model.save_pretrained(tmp)
     finally:

@@ -1,7 +1,8 @@
 """Token-level mixture (BTM / DEMix ensemble): p(x_t) = sum_k p(k | x_<t) p_k(x_t | x_<t).
 
-Every component (each expert, and the base unless excluded) runs on its own
-copy of each row in one mixed-adapter batch, each with its KV cache. The
+Every component (each named entry, and the base unless excluded) is a composition of its own
+(compose/nesting.py): adapters of the pool run on their own copies of each row in one mixed-adapter
+batch, each with its KV cache; any other entry (a full merged model, a router) runs as itself. The
 posterior starts uniform and is updated by each component's likelihood of the
 tokens seen so far, so the logits at position t depend only on tokens <= t
 (perplexity stays honest); only the top-k components by posterior are mixed.
@@ -21,8 +22,9 @@ from pydantic import ValidationError
 from expertkit.compose.base import register
 from expertkit.config import MixtureConfig, format_validation_error
 from expertkit.errors import ExpertkitError
-from expertkit.library import MIXTURE_SPEC, Entry, Kind, Library
-from expertkit.runtime import BASE_ADAPTER, Composition, ExpertPool, PoolState
+from expertkit.compose.nesting import Stack, entry_composition
+from expertkit.library import BASE, MIXTURE_SPEC, Entry, Kind, Library
+from expertkit.runtime import Composition, ExpertPool
 from expertkit.runtime.tokens import real_rows
 
 
@@ -58,23 +60,22 @@ def top_k_log_posterior(evidence: torch.Tensor, top_k: int) -> torch.Tensor:
 
 
 @dataclass
-class MixtureState(PoolState):
-    """The components' rows of the pool, plus each row's running evidence for each component."""
+class MixtureState:
+    """The components' state (opaque: never rows a server may step as plain rows of the pool), plus
+    each row's running evidence for each component."""
 
-    evidence: torch.Tensor = None  # [B, C] log prior + log-likelihood of the tokens so far
-    last_log_probs: torch.Tensor = None  # [B, C, V] each component's prediction of the next token
+    components: object  # the Stack's state
+    evidence: torch.Tensor  # [B, C] log prior + log-likelihood of the tokens so far
+    last_log_probs: torch.Tensor  # [B, C, V] each component's prediction of the next token
 
 
 class MixtureComposition(Composition):
-    def __init__(self, pool: ExpertPool, components: list[str], top_k: int | None, name: str):
+    def __init__(self, pool: ExpertPool, components: list[Composition], top_k: int | None, name: str):
         if not components:
             raise ExpertkitError(f"mixture '{name}' has no components; name some experts or include the base")
-        self.pool, self.components, self.name = pool, list(components), name
+        self.pool, self.components, self.name = pool, Stack(pool, components), name
         self.top_k = min(top_k or len(components), len(components))
         self.log_prior = torch.full((len(components),), -math.log(len(components)))
-
-    def _replicated(self, rows: int) -> list[str]:
-        return self.components * rows
 
     def _mix(self, evidence: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
         """evidence [..., C], log_probs [..., C, V] -> mixture log-probabilities [..., V]."""
@@ -82,33 +83,34 @@ class MixtureComposition(Composition):
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_only: bool = False):
         real_rows(input_ids, attention_mask, self.pool.context_length)
-        (rows, width), n = input_ids.shape, len(self.components)
-        logits, inner = self.pool.prefill(input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0),
-                                          self._replicated(rows))
-        log_probs = torch.log_softmax(logits.float(), dim=-1).view(rows, n, width, -1)
+        logits, inner = self.components.prefill(input_ids, attention_mask)
+        log_probs = torch.log_softmax(logits.float(), dim=-1)  # [B, C, T, V]
         evidence = prefix_evidence(log_probs, input_ids, attention_mask, self.log_prior)  # [B, C, T]
         if last_only:  # the evidence needs every position; the mixture only the last one
             mixed = self._mix(evidence[:, :, -1:].transpose(1, 2), log_probs[:, :, -1:].transpose(1, 2))
         else:
             mixed = self._mix(evidence.transpose(1, 2), log_probs.transpose(1, 2))
-        return mixed, MixtureState(**vars(inner), evidence=evidence[:, :, -1], last_log_probs=log_probs[:, :, -1])
+        return mixed, MixtureState(inner, evidence[:, :, -1], log_probs[:, :, -1])
 
     def step(self, state: MixtureState, next_ids: torch.Tensor):
-        rows, n = next_ids.shape[0], len(self.components)
         evidence = next_evidence(state.evidence, state.last_log_probs, next_ids)
-        logits, inner = self.pool.step(state, next_ids.repeat_interleave(n, 0))
-        log_probs = torch.log_softmax(logits.float(), dim=-1).view(rows, n, -1)
-        return self._mix(evidence, log_probs), MixtureState(**vars(inner), evidence=evidence, last_log_probs=log_probs)
+        logits, inner = self.components.step(state.components, next_ids)
+        log_probs = torch.log_softmax(logits.float(), dim=-1)  # [B, C, V]
+        return self._mix(evidence, log_probs), MixtureState(inner, evidence, log_probs)
 
 
 def mixture_experts(library: Library, spec: MixtureConfig, name: str) -> list[str]:
-    """The spec's experts, or every expert in the library; each must be there."""
+    """The spec's entries (any kind but a mixture), or every expert in the library; each must be there."""
     if spec.experts is None:
         return [e.name for e in library.entries(Kind.EXPERT)]
     missing = [e for e in spec.experts if not library.has_name(e)]
     if missing:
         raise ExpertkitError(f"mixture '{name}' names {missing}, which library {library.root} does not hold; "
                              "recreate it with `expertkit mixture add` or restore those experts")
+    nested = [e for e in spec.experts if library.get(e).kind == Kind.MIXTURE]
+    if nested:
+        raise ExpertkitError(f"mixture '{name}' names the mixture(s) {nested}; a mixture mixes experts, merges, "
+                             "merged models or routers, not other mixtures: name their experts instead")
     return list(spec.experts)
 
 
@@ -129,6 +131,6 @@ def mixture_composition(pool: ExpertPool, entry) -> Composition:
         spec = MixtureConfig.model_validate(json.loads(path.read_text(encoding="utf-8")))
     except ValidationError as e:
         raise ExpertkitError(format_validation_error(e, str(path))) from None
-    experts = mixture_experts(pool.library, spec, entry.name)
-    pool.ensure(experts)
-    return MixtureComposition(pool, experts + ([BASE_ADAPTER] if spec.include_base else []), spec.top_k, entry.name)
+    names = mixture_experts(pool.library, spec, entry.name) + ([BASE] if spec.include_base else [])
+    pool.ensure([n for n in names if n != BASE])
+    return MixtureComposition(pool, [entry_composition(pool, n) for n in names], spec.top_k, entry.name)

@@ -21,7 +21,6 @@ from expertkit.errors import ExpertkitError
 from expertkit.library import ROUTER_STATE, Entry, Kind, Library
 from expertkit.routing.base import BASE, Prompts, Router, router_class
 from expertkit.routing.calibrate import decide
-from expertkit.runtime import BASE_ADAPTER
 
 
 @dataclass
@@ -35,10 +34,6 @@ class Routing:
     @property
     def chosen(self) -> list[str]:
         return [self.labels[i] for i in self.choices.tolist()]
-
-    @property
-    def adapters(self) -> list[str]:
-        return [BASE_ADAPTER if label == BASE else label for label in self.chosen]
 
 
 @dataclass

@@ -15,7 +15,8 @@ from expertkit.runtime.state import PoolState
 
 
 def check_joinable(past) -> None:
-    """Continuous batching edits caches row-wise; that needs plain full-attention dynamic layers."""
+    """Continuous batching edits caches row-wise; that needs plain dynamic layers (the pool's prefill makes
+    them, sliding-window models included: a cache from elsewhere may be of another kind)."""
     layers = getattr(past, "layers", None)
     if not isinstance(past, DynamicCache) or layers is None or any(type(layer) is not DynamicLayer
                                                                    for layer in layers):

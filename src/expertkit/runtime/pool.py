@@ -15,6 +15,7 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
+from transformers.cache_utils import DynamicCache
 
 from expertkit.base import Base
 from expertkit.errors import ExpertkitError
@@ -157,7 +158,10 @@ class ExpertPool:
         positions = position_ids(attention_mask)
         if last_only:
             model_kwargs["logits_to_keep"] = 1
-        out = self.forward(input_ids, attention_mask, adapters, position_ids=positions, **model_kwargs)
+        # A plain DynamicCache keeps every layer's keys whole, sliding-window layers too (their attention
+        # mask still applies the window), so a server can join and trim rows of it (kvcache.py).
+        out = self.forward(input_ids, attention_mask, adapters, past=DynamicCache(), position_ids=positions,
+                           **model_kwargs)
         state = PoolState(out.past_key_values, attention_mask.to(self.device), positions[:, -1].to(self.device) + 1,
                           list(adapters), self)
         return out.logits, state

@@ -6,15 +6,16 @@ from dataclasses import dataclass
 
 import torch
 
+from expertkit.config import GENERATE
 from expertkit.errors import ExpertkitError
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_new_tokens: int = 32
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    seed: int = 0
+    max_new_tokens: int = GENERATE.max_tokens
+    temperature: float = GENERATE.temperature  # 0 = greedy
+    top_p: float = GENERATE.top_p
+    seed: int = GENERATE.seed
     stop: tuple[str, ...] = ()
 
     def __post_init__(self):

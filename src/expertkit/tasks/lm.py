@@ -15,18 +15,16 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 
+from expertkit.config import TASK_MODEL
 from expertkit.errors import ExpertkitError
 from expertkit.progress import progress_bar
 from expertkit.runtime import Composition, SamplingParams, generate_ids
 from expertkit.runtime.tokens import pad_id
 from expertkit.scoring import continuation_log_probs
 
-DEFAULT_BATCH = 16
-DEFAULT_MAX_GEN_TOKS = 256
-
 
 class ExpertkitLM(TemplateLM):
-    def __init__(self, composition: Composition, tokenizer, max_length: int, batch_size: int = DEFAULT_BATCH):
+    def __init__(self, composition: Composition, tokenizer, max_length: int, batch_size: int = TASK_MODEL.batch_size):
         super().__init__()
         if batch_size < 1:
             raise ExpertkitError(f"batch_size must be >= 1, got {batch_size}")
@@ -35,7 +33,7 @@ class ExpertkitLM(TemplateLM):
 
     @classmethod
     def from_library(cls, library: str | Path, model: str = "base", base: str | None = None,
-                     device: str | None = None, batch_size: int = DEFAULT_BATCH) -> "ExpertkitLM":
+                     device: str | None = None, batch_size: int = TASK_MODEL.batch_size) -> "ExpertkitLM":
         """The composition `model` of a library (an entry name or 'base') on its base model."""
         from expertkit.base import load_base
         from expertkit.compose import build_compositions
@@ -135,7 +133,7 @@ class ExpertkitLM(TemplateLM):
         out: list[str | None] = [None] * len(requests)
         with progress_bar(f"generating ({self.composition.name})", len(requests), disable=disable_tqdm) as advance:
             for indices in groups.values():
-                settings = normalize_gen_kwargs(dict(requests[indices[0]].args[1]), DEFAULT_MAX_GEN_TOKS)
+                settings = normalize_gen_kwargs(dict(requests[indices[0]].args[1]), TASK_MODEL.max_gen_toks)
                 until = handle_stop_sequences(settings.get("until"), eos=eos)
                 new_tokens = settings["max_gen_toks"]
                 params = SamplingParams(max_new_tokens=new_tokens, temperature=float(settings.get("temperature") or 0),
