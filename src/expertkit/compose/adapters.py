@@ -1,18 +1,24 @@
-"""The simplest compositions: the bare base, and one library adapter (an expert or a merge)."""
+"""The simplest compositions: the bare base, one library adapter (an expert or a merge), and a weighted
+mix of adapters named `mix:a=0.7,b=0.3` (each row gets exactly sum_k w_k ΔW_k; nothing merged on disk)."""
 
 from __future__ import annotations
 
 import torch
 
+import math
+
 from expertkit.compose.base import register
+from expertkit.errors import ExpertkitError
 from expertkit.library import BASE, Kind
-from expertkit.runtime import BASE_ADAPTER, Composition, ExpertPool, PoolState
+from expertkit.runtime import BASE_ADAPTER, AdapterMix, Composition, ExpertPool, PoolState
+
+MIX_PREFIX = "mix:"
 
 
 class AdapterComposition(Composition):
-    """Every row answered by one adapter of the pool (BASE_ADAPTER = the base itself)."""
+    """Every row answered by one adapter of the pool (BASE_ADAPTER = the base itself), or one AdapterMix."""
 
-    def __init__(self, pool: ExpertPool, adapter: str, name: str):
+    def __init__(self, pool: ExpertPool, adapter: str | AdapterMix, name: str):
         self.pool, self.adapter, self.name = pool, adapter, name
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_only: bool = False):
@@ -31,3 +37,40 @@ def base_composition(pool: ExpertPool, entry) -> Composition:
 @register(Kind.MERGE)
 def adapter_composition(pool: ExpertPool, entry) -> Composition:
     return AdapterComposition(pool, entry.name, entry.name)
+
+
+def is_mix(name: str) -> bool:
+    return name.startswith(MIX_PREFIX)
+
+
+def parse_mix(spec: str, adapters: list[str]) -> AdapterMix:
+    """`mix:a=0.7,b=0.3` as an AdapterMix of `adapters`; one clear error for any other spelling."""
+    form = f"the form is {MIX_PREFIX}EXPERT=WEIGHT,EXPERT=WEIGHT"
+    body = spec[len(MIX_PREFIX):] if is_mix(spec) else spec
+    weights: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in body.split(","))):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        try:
+            weight = float(value) if sep else math.nan
+        except ValueError:
+            weight = math.nan
+        if not sep or not math.isfinite(weight) or weight < 0:
+            raise ExpertkitError(f"'{spec}': the weight of '{name}' must be a finite number >= 0 ({form})")
+        if name in weights:
+            raise ExpertkitError(f"'{spec}' names '{name}' twice; give each expert once")
+        weights[name] = weight
+    if not weights:
+        raise ExpertkitError(f"'{spec}' mixes nothing; {form}")
+    unknown = sorted(set(weights) - set(adapters))
+    if unknown:
+        raise ExpertkitError(f"'{spec}' names {unknown}, which are not adapters served here; available: {adapters}")
+    if not any(weights.values()):
+        raise ExpertkitError(f"'{spec}': every weight is 0; give at least one expert a positive weight")
+    return AdapterMix(tuple(weights.items()))
+
+
+def mix_composition(pool: ExpertPool, spec: str, adapters: list[str] | None = None) -> AdapterComposition:
+    """The composition of a weighted mix over the pool's adapters (or just `adapters`, those a server serves)."""
+    mix = parse_mix(spec, pool.adapter_names if adapters is None else adapters)
+    return AdapterComposition(pool, mix, str(mix))

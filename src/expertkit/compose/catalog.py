@@ -7,6 +7,7 @@ like any library entry.
 
 from __future__ import annotations
 
+from expertkit.compose.adapters import is_mix, mix_composition
 from expertkit.compose.base import COMPOSITIONS
 from expertkit.compose.collaborate import build_collaboration, collaboration_names, is_collaboration
 from expertkit.errors import ExpertkitError
@@ -18,7 +19,8 @@ def build_compositions(pool: ExpertPool, names: list[str] | None = None,
                        small: ExpertPool | None = None) -> list[Composition]:
     """The base, one composition per library entry and, with `small`, every collaboration it offers.
 
-    With `names`, just those, in that order (a collaboration spec needs `small`).
+    With `names`, just those, in that order (a collaboration spec needs `small`; `mix:a=0.7,b=0.3` is a
+    weighted mix of the pool's adapters).
     """
     by_name = {BASE: COMPOSITIONS[BASE](pool, None)}
     for entry in list(pool.entries):  # a factory may attach the entries it needs (see ExpertPool.ensure)
@@ -30,11 +32,17 @@ def build_compositions(pool: ExpertPool, names: list[str] | None = None,
     wanted = [*by_name, *offered] if names is None else names
     if small is None:
         require_small([n for n in wanted if n not in by_name])
-    missing = [n for n in wanted if n not in by_name and not is_collaboration(n)]
+    missing = [n for n in wanted if n not in by_name and not is_collaboration(n) and not is_mix(n)]
     if missing:
         raise ExpertkitError(f"unknown composition(s) {missing}; available: {sorted(by_name)}"
-                             + (f" and {offered}" if offered else ""))
-    return [by_name[n] if n in by_name else build_collaboration(n, pool, small) for n in wanted]
+                             + (f" and {offered}" if offered else "") + " and mixes mix:EXPERT=WEIGHT,...")
+
+    def build(name: str) -> Composition:
+        if name in by_name:
+            return by_name[name]
+        return mix_composition(pool, name) if is_mix(name) else build_collaboration(name, pool, small)
+
+    return [build(n) for n in wanted]
 
 
 def require_small(names: list[str]) -> None:

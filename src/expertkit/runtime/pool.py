@@ -22,7 +22,7 @@ from expertkit.errors import ExpertkitError
 from expertkit.library import Entry, Library
 from expertkit.runtime.lean import LeanDecoder, LeanState
 from expertkit.runtime.row_lora import RowLoRA
-from expertkit.runtime.state import BASE_ADAPTER, PoolState
+from expertkit.runtime.state import BASE_ADAPTER, AdapterMix, PoolState, RowAdapter
 from expertkit.runtime.tokens import position_ids
 
 log = logging.getLogger("expertkit.runtime")
@@ -132,20 +132,26 @@ class ExpertPool:
         return [e.name for e in self.entries if e.is_adapter]
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: list[str],
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: list[RowAdapter],
                 past=None, position_ids: torch.Tensor | None = None, **model_kwargs):
-        """One forward where row i uses adapter `adapters[i]` (BASE_ADAPTER for the bare base)."""
-        unknown = sorted(set(adapters) - set(self.adapter_names) - {BASE_ADAPTER})
+        """One forward where row i uses adapter `adapters[i]` (BASE_ADAPTER for the bare base, an AdapterMix
+        for a weighted sum of adapters)."""
+        mixes = any(isinstance(a, AdapterMix) for a in adapters)
+        named = {n for a in adapters for n in (a.adapters if isinstance(a, AdapterMix) else [a])}
+        unknown = sorted(named - set(self.adapter_names) - {BASE_ADAPTER})
         if unknown:
             raise ExpertkitError(f"adapter(s) {unknown} are not loaded; loaded: {self.adapter_names}")
         kwargs = {}
         rows = contextlib.nullcontext()
         if self.host is not None:
-            if len(set(adapters)) == 1:
+            if len(set(adapters)) == 1 and not mixes:
                 self.host.activate(adapters[0])
             elif self.host.row_lora is not None:  # the base for every row, plus each adapter's delta on its rows
                 self.host.activate(BASE_ADAPTER)
                 rows = self.host.row_lora.rows(adapters, BASE_ADAPTER, self.device)
+            elif mixes:
+                raise ExpertkitError("weighted adapter mixes need plain LoRA layers, and these adapters use a LoRA "
+                                     "variant; pin the mix as a merge instead (expertkit merge --method linear)")
             else:
                 kwargs = {"adapter_names": list(adapters)}
         with rows:
@@ -153,7 +159,7 @@ class ExpertPool:
                               position_ids=position_ids.to(self.device) if position_ids is not None else None,
                               past_key_values=past, use_cache=True, **kwargs, **model_kwargs)
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: list[str],
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: list[RowAdapter],
                 last_only: bool = False, **model_kwargs) -> tuple[torch.Tensor, PoolState]:
         positions = position_ids(attention_mask)
         if last_only:
@@ -173,7 +179,7 @@ class ExpertPool:
         `lean`: move the cache into the lean decode step (lean.py) when it covers this model and these
         adapters, and keep stepping there; the rows of such a state stay in their own batch.
         """
-        if lean and isinstance(state, PoolState):
+        if lean and isinstance(state, PoolState) and not any(isinstance(a, AdapterMix) for a in state.adapters):
             decoder = LeanDecoder.build(self.base.model, list(dict.fromkeys(state.adapters)))
             if decoder is not None:
                 state = decoder.start(state.past, state.attention_mask, state.next_position, state.adapters)

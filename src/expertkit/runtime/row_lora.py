@@ -5,7 +5,8 @@ layer of every forward; at the batch sizes a server runs on small models that bo
 much as the model itself. Here the row groups are turned into index tensors once per forward, PEFT
 runs the bare base layers (no adapter active), and a forward hook on each LoRA layer adds
 `scaling · B(A(x[rows]))` into those rows: the same math as PEFT's, read from PEFT's own weights
-(nothing is copied). Layers this does not cover (DoRA and other LoRA variants, LoRA biases, merged
+(nothing is copied). A row of an AdapterMix gets each member's delta times its weight: the exact
+weighted sum of their ΔW, which PEFT itself has no per-row way to apply. Layers this does not cover (DoRA and other LoRA variants, LoRA biases, merged
 adapters, non-Linear layers) make `RowLoRA.build` return None, and the caller keeps PEFT's path.
 """
 
@@ -16,11 +17,14 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from expertkit.runtime.state import AdapterMix, RowAdapter
+
 
 class RowLoRA:
     def __init__(self, layers: list):
         self.layers = layers
-        self.groups: list[tuple[str, torch.Tensor]] | None = None  # set only during a mixed forward
+        # set only during a mixed forward: (adapter, its rows, per-row weights or None for all 1)
+        self.groups: list[tuple[str, torch.Tensor, torch.Tensor | None]] | None = None
         self._hooked: set[int] = set()
         self._install()
 
@@ -45,13 +49,19 @@ class RowLoRA:
                 self._hooked.add(id(layer))
 
     @contextmanager
-    def rows(self, adapters: list[str], skip: str, device: torch.device):
-        """Within this block, forwards add adapter `adapters[i]`'s delta to row i (none for `skip` rows)."""
-        by_adapter: dict[str, list[int]] = {}
+    def rows(self, adapters: list[RowAdapter], skip: str, device: torch.device):
+        """Within this block, forwards add adapter `adapters[i]`'s delta to row i (none for `skip` rows;
+        each member's delta times its weight for an AdapterMix)."""
+        by_adapter: dict[str, tuple[list[int], list[float]]] = {}
         for row, adapter in enumerate(adapters):
-            if adapter != skip:
-                by_adapter.setdefault(adapter, []).append(row)
-        self.groups = [(a, torch.tensor(rows, dtype=torch.long, device=device)) for a, rows in by_adapter.items()]
+            for name, weight in adapter.weights if isinstance(adapter, AdapterMix) else [(adapter, 1.0)]:
+                if name != skip:
+                    rows, weights = by_adapter.setdefault(name, ([], []))
+                    rows.append(row)
+                    weights.append(weight)
+        self.groups = [(name, torch.tensor(rows, dtype=torch.long, device=device),
+                        None if all(w == 1.0 for w in weights) else torch.tensor(weights, device=device))
+                       for name, (rows, weights) in by_adapter.items()]
         try:
             yield
         finally:
@@ -61,11 +71,13 @@ class RowLoRA:
         if not self.groups:
             return output
         x = args[0]
-        for adapter, index in self.groups:
+        for adapter, index, weights in self.groups:
             if adapter not in layer.lora_A:
                 continue
             a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
             delta = F.linear(F.linear(x.index_select(0, index).to(a.dtype), a), b)
+            if weights is not None:
+                delta = delta * weights.to(delta.dtype).view(-1, *[1] * (delta.dim() - 1))
             output.index_add_(0, index, delta.to(output.dtype), alpha=layer.scaling[adapter])
         return output
 

@@ -286,7 +286,7 @@ class Engine:
         shared = isinstance(state, PoolState) and state.pool is self.pool
         for i, job in enumerate(jobs):
             if shared:
-                job.expert = BASE if state.adapters[i] == BASE_ADAPTER else state.adapters[i]
+                job.expert = BASE if state.adapters[i] == BASE_ADAPTER else str(state.adapters[i])
             job.emit({"type": "start", "expert": job.expert})
         next_ids = torch.zeros(len(jobs), dtype=torch.long)
         lane = PoolLane(jobs, state, next_ids) if shared else CompositionLane(composition, jobs, state,

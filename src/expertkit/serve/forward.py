@@ -71,6 +71,9 @@ class ForwardingService:
             return self._route(prompt_text())
         if model in ("base", *self.adapters):
             return model
+        if model.startswith("mix:"):
+            raise OpenAIError(400, "weighted adapter mixes are served by expertkit's own engine, not when forwarding "
+                                   "to vLLM; serve without --forward, or pin the mix as a merge", param="model")
         raise OpenAIError(404, f"model '{model}' does not exist; available: {self.model_names()}",
                           code="model_not_found", param="model")
 
@@ -83,13 +86,13 @@ class ForwardingService:
             p = prompts[0]
             return p if isinstance(p, str) else self.tokenizer.decode(p)
 
-        return await self._forward("/v1/completions", req, self._expert_for(req.model, text))
+        return await self._forward("/v1/completions", req, self._expert_for(req.model_name, text))
 
     async def chat(self, req: ChatRequest):
         def text():
             return "\n".join(m.text() for m in req.messages if m.role == "user")
 
-        return await self._forward("/v1/chat/completions", req, self._expert_for(req.model, text))
+        return await self._forward("/v1/chat/completions", req, self._expert_for(req.model_name, text))
 
     # ------------------------------------------------------------ forwarding
 

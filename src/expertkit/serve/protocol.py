@@ -28,6 +28,12 @@ class OpenAIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+class MixMember(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=256)
+    weight: float = Field(ge=0.0, allow_inf_nan=False)
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -50,6 +56,15 @@ class _Request(BaseModel):
     # defer: entropy threshold; card: relevance threshold); refused (400) by a model that takes none
     alpha: Optional[float] = Field(default=None, description="proxy/fusion: strength of the small expert's shift")
     threshold: Optional[float] = Field(default=None, description="defer/card: the strategy's threshold")
+    # a weighted mix of served adapters for this request; the same as model "mix:a=0.7,b=0.3"
+    adapters: Optional[list[MixMember]] = Field(default=None, min_length=1, max_length=16)
+
+    @property
+    def model_name(self) -> str:
+        """The model this request asks for: `model`, or the mix its `adapters` field spells."""
+        if self.adapters is None:
+            return self.model
+        return "mix:" + ",".join(f"{m.name}={m.weight!r}" for m in self.adapters)
 
     @property
     def composition_params(self) -> dict:

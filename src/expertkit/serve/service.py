@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from expertkit.compose.adapters import AdapterComposition, is_mix, mix_composition
 from expertkit.errors import ExpertkitError
-from expertkit.runtime import SamplingParams
+from expertkit.runtime import BASE_ADAPTER, SamplingParams
 from expertkit.runtime.tokens import encode_prompts
 from expertkit.serve.engine import Engine, Job, QueueFull
 from expertkit.serve.protocol import ChatRequest, CompletionRequest, OpenAIError
@@ -22,6 +23,7 @@ from expertkit.serve.text import chat_prompt
 
 EXPERT_HEADER = "X-Expertkit-Expert"
 AUTO = "auto"
+MAX_MIXES = 256  # distinct weighted mixes a server holds; a mix used often is better pinned as a merge
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ class LocalService:
     # ------------------------------------------------------------ what is served
 
     def model_names(self) -> list[str]:
-        names = list(self.engine.compositions)
+        names = [n for n in self.engine.compositions if not is_mix(n)]
         return names + [AUTO] if self.router else names
 
     def resolve(self, model: str) -> str:
@@ -52,8 +54,25 @@ class LocalService:
             return self.router
         if model in self.engine.compositions:
             return model
+        if is_mix(model):
+            return self._mix(model)
         raise OpenAIError(404, f"model '{model}' does not exist; available: {self.model_names()}",
                           code="model_not_found", param="model")
+
+    def _mix(self, spec: str) -> str:
+        """A weighted mix of served adapters, made on first use and kept (its rows batch with all others)."""
+        served = [name for name, c in self.engine.compositions.items()
+                  if isinstance(c, AdapterComposition) and isinstance(c.adapter, str) and c.adapter != BASE_ADAPTER]
+        try:
+            composition = mix_composition(self.engine.pool, spec, served)
+        except ExpertkitError as e:
+            raise OpenAIError(400, str(e), param="model") from None
+        if composition.name not in self.engine.compositions:
+            if sum(map(is_mix, self.engine.compositions)) >= MAX_MIXES:
+                raise OpenAIError(400, f"this server already holds {MAX_MIXES} distinct mixes; reuse one, or pin a "
+                                       "frequent mix as a merge (expertkit merge --method linear)", param="model")
+            self.engine.compositions[composition.name] = composition
+        return composition.name
 
     def health(self) -> dict:
         return {"status": "ok", "models": len(self.model_names()), "queue": self.engine.queue_depth,
@@ -104,7 +123,7 @@ class LocalService:
                               stop=tuple(req.stop) + extra_stops)
 
     async def completion(self, req: CompletionRequest):
-        composition = self.resolve(req.model)
+        composition = self.resolve(req.model_name)
         new_tokens = req.max_tokens if req.max_tokens is not None else self.limits.default_max_tokens
         prompts = [self._prompt_ids(p) for p in req.prompts()]
         for ids in prompts:
@@ -119,7 +138,7 @@ class LocalService:
         return await run.respond(shape, req.stream, req.include_usage)
 
     async def chat(self, req: ChatRequest):
-        composition = self.resolve(req.model)
+        composition = self.resolve(req.model_name)
         new_tokens = req.new_tokens if req.new_tokens is not None else self.limits.max_tokens
         text, template_stops = chat_prompt(self.tokenizer, req.as_dicts())
         ids = self._prompt_ids(text)
