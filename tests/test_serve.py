@@ -287,3 +287,52 @@ def test_a_request_whose_prompts_finish_at_different_times(served_library, serve
     assert [c.index for c in reply.choices] == [0, 1, 2]
     for choice, prompt in zip(reply.choices, prompts):
         assert choice.text == prompt + reference(server, "beta", prompt, max_new_tokens=3)
+
+
+def test_tokenizer_endpoints_answer_as_vllm_does(server):
+    """/tokenize, /detokenize, /tokenizer_info: the served tokenizer, for lm-eval's local-completions and others."""
+    tokenizer, headers = server.service.tokenizer, {"Authorization": f"Bearer {KEY}"}
+    text = "patient dose trial"
+    reply = httpx.post(server.url + "/tokenize", headers=headers, json={"model": "alpha", "prompt": text,
+                                                                        "return_token_strs": True})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["tokens"] == tokenizer(text)["input_ids"] and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == server.service.context_length
+    assert body["token_strs"] == tokenizer.convert_ids_to_tokens(body["tokens"])
+    chat = httpx.post(server.url + "/tokenize", headers=headers,
+                      json={"messages": [{"role": "user", "content": text}]}).json()
+    assert chat["tokens"] == tokenizer("User: " + text + "\nAssistant:", add_special_tokens=False)["input_ids"]
+    back = httpx.post(server.url + "/detokenize", headers=headers, json={"tokens": body["tokens"]})
+    assert back.status_code == 200 and back.json() == {"prompt": tokenizer.decode(body["tokens"])}
+    info = httpx.get(server.url + "/tokenizer_info", headers=headers).json()
+    assert info["tokenizer_class"] == type(tokenizer).__name__ and "vocab_file" not in info
+    json.dumps(info)
+    for path, body, status in [("/tokenize", {"model": "nope", "prompt": "x"}, 404),
+                               ("/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "y"}]}, 400),
+                               ("/tokenize", {}, 400), ("/detokenize", {"tokens": [10**9]}, 400),
+                               ("/detokenize", {"tokens": "abc"}, 400)]:
+        reply = httpx.post(server.url + path, headers=headers, json=body)
+        assert reply.status_code == status and reply.json()["error"]["message"], (path, body, reply.text)
+    assert httpx.post(server.url + "/tokenize", json={"prompt": "x"}).status_code == 401
+
+
+def test_tokenize_renders_the_models_chat_template(served_library):
+    from transformers import AutoTokenizer
+
+    from expertkit.library import Library
+    from expertkit.serve.protocol import TokenizeRequest
+    from expertkit.serve.tokenization import tokenize, tokenizer_info
+
+    _, library = served_library
+    tokenizer = AutoTokenizer.from_pretrained(Library(library).base_identity()["name"])
+    tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}" \
+                              "{% if add_generation_prompt %}<assistant>{% endif %}"
+    messages = [{"role": "user", "content": "dose"}]
+    got = tokenize(tokenizer, 64, TokenizeRequest(messages=messages))
+    expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert expected == "<user>dose<assistant>"
+    assert got["tokens"] == tokenizer(expected, add_special_tokens=False)["input_ids"]
+    plain = tokenize(tokenizer, 64, TokenizeRequest(messages=messages, add_generation_prompt=False))
+    assert plain["tokens"] == tokenizer("<user>dose", add_special_tokens=False)["input_ids"]
+    assert tokenizer_info(tokenizer)["chat_template"] == tokenizer.chat_template

@@ -19,7 +19,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from expertkit.serve.metrics import Metrics
-from expertkit.serve.protocol import ChatRequest, CompletionRequest, OpenAIError
+from expertkit.serve.protocol import ChatRequest, CompletionRequest, DetokenizeRequest, OpenAIError, TokenizeRequest
+from expertkit.serve.tokenization import detokenize, tokenize, tokenizer_info
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 log = logging.getLogger("expertkit.serve")
@@ -133,6 +134,32 @@ def create_app(service, api_key: str | None = None, max_body_bytes: int = MAX_BO
         request.state.model = req.model
         return await service.chat(req)
 
+    tokenizer = getattr(service, "tokenizer", None)
+    if tokenizer is not None:
+        _tokenizer_routes(app, service, tokenizer, check_key)
     if max_body_bytes:
         app.add_middleware(BodyLimit, limit=max_body_bytes)
     return app
+
+
+def _tokenizer_routes(app: FastAPI, service, tokenizer, check_key) -> None:
+    """vLLM's /tokenize, /detokenize and /tokenizer_info: every served model shares the base's tokenizer."""
+
+    def check_model(model: str | None) -> None:
+        if model is not None and model not in service.model_names() and not model.startswith("mix:"):
+            raise OpenAIError(404, f"model '{model}' does not exist; available: {service.model_names()}",
+                              code="model_not_found", param="model")
+
+    @app.post("/tokenize", dependencies=[Depends(check_key)])
+    async def tokenize_route(req: TokenizeRequest):
+        check_model(req.model)
+        return tokenize(tokenizer, getattr(service, "context_length", None), req)
+
+    @app.post("/detokenize", dependencies=[Depends(check_key)])
+    async def detokenize_route(req: DetokenizeRequest):
+        check_model(req.model)
+        return detokenize(tokenizer, req)
+
+    @app.get("/tokenizer_info", dependencies=[Depends(check_key)])
+    async def tokenizer_info_route():
+        return tokenizer_info(tokenizer)

@@ -164,3 +164,33 @@ class ChatRequest(_Request):
     def as_dicts(self) -> list[dict]:
         role = {"developer": "system"}
         return [{"role": role.get(m.role, m.role), "content": m.text()} for m in self.messages]
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's POST /tokenize: a `prompt`, or chat `messages` rendered by the model's chat template."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: Optional[str] = Field(default=None, max_length=256)
+    prompt: Optional[str] = None
+    messages: Optional[list[ChatMessage]] = Field(default=None, min_length=1)
+    add_special_tokens: Optional[bool] = Field(default=None, description="default: true for a prompt, false for "
+                                                                         "messages (the template writes them)")
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        if self.add_generation_prompt and self.continue_final_message:
+            raise ValueError("add_generation_prompt and continue_final_message cannot both be true")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's POST /detokenize."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: Optional[str] = Field(default=None, max_length=256)
+    tokens: list[int]
