@@ -350,6 +350,10 @@ def serve(library: Path = typer.Argument(..., help="library folder"),
           api_key: Optional[str] = typer.Option(None, envvar="EXPERTKIT_API_KEY",
                                                 help="require 'Authorization: Bearer KEY' (or set "
                                                      "EXPERTKIT_API_KEY)"),
+          admin_key: Optional[str] = typer.Option(None, envvar="EXPERTKIT_ADMIN_KEY",
+                                                  help="allow POST /v1/library/reload with 'Authorization: Bearer "
+                                                       "KEY' (or set EXPERTKIT_ADMIN_KEY)"),
+          watch_s: Optional[float] = _option_from(ServeOptions, "watch_s", min=0.1),
           device: Optional[str] = typer.Option(None)):
     """Serve the library behind an OpenAI-compatible API (completions, chat, streaming, model 'auto')."""
     _setup()
@@ -361,18 +365,19 @@ def serve(library: Path = typer.Argument(..., help="library folder"),
     if backend:
         from expertkit.serve.forward import build_forwarding_service
 
-        if small:
-            raise ExpertkitError("--small decodes locally; it cannot be combined with --backend")
+        if small or watch_s:
+            raise ExpertkitError("--small and --watch-s work on expertkit's own engine; they cannot be combined "
+                                 "with --backend")
         service = build_forwarding_service(library, backend, router, base, device, backend_base_model,
                                            os.environ.get("EXPERTKIT_BACKEND_API_KEY"))
     else:
         options = ServeOptions(base=base, device=device, models=tuple(model) if model else None, router=router,
                                small=str(small) if small else None, max_batch=max_batch, max_queue=max_queue,
-                               max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens)
+                               max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, watch_s=watch_s)
         service = build_local_service(library, options)
     console.print(f"serving {service.model_names()} on http://{host}:{port}/v1"
                   + (" (API key required)" if api_key else ""), highlight=False)
-    run(create_app(service, api_key=api_key), host, port)
+    run(create_app(service, api_key=api_key, admin_key=admin_key), host, port)
 
 
 @export_app.command("vllm")

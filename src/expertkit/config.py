@@ -214,6 +214,9 @@ class ServeOptions(Strict):
     max_queue: int = Field(256, ge=1, description="most requests waiting; more are answered 429")
     max_prompt_tokens: int | None = Field(None, ge=1, description="default: the model's context")
     max_tokens: int = Field(512, ge=1, description="largest max_tokens a request may ask for")
+    watch_s: float | None = Field(None, gt=0, description="check the library for new, rewritten and removed "
+                                                          "entries every this many seconds (default: only on "
+                                                          "POST /v1/library/reload)")
 
 
 class ProjectConfig(Strict):

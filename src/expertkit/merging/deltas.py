@@ -64,7 +64,9 @@ def expert_deltas(pool, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
         if entry is None:
             raise ExpertkitError(f"'{name}' is not a library adapter; known: {pool.adapter_names}")
         check_mergeable(entry)
-        by_expert[name] = {m: layer.get_delta_weight(name).float() for m, layer in lora_layers(pool.model, name).items()}
+        (loaded,) = pool.resolve([name])  # the PEFT name of its current version
+        by_expert[name] = {m: layer.get_delta_weight(loaded).float()
+                           for m, layer in lora_layers(pool.model, loaded).items()}
     modules = {n: sorted(d) for n, d in by_expert.items()}
     first = names[0]
     for n in names[1:]:

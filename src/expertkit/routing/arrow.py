@@ -48,7 +48,8 @@ class ArrowRouter(Router):
     def fit(cls, pool, data: TrainingData, settings) -> "ArrowRouter":
         experts = data.labels[:-1]
         pool.ensure(experts)
-        tensors = {name: prototypes(m, experts) for name, m in lora_modules(pool.model, experts).items()}
+        loaded = pool.resolve(experts)  # the PEFT names of the experts' current versions
+        tensors = {name: prototypes(m, loaded) for name, m in lora_modules(pool.model, loaded).items()}
         return cls(data.labels, tensors, {"temperature": TEMPERATURE})
 
     @torch.no_grad()

@@ -33,11 +33,15 @@ class AdapterHost:
     """The one PeftModel that holds a base model's attached adapters, shared by every pool on that base.
 
     PEFT injects LoRA layers into the base model's own modules, so two PeftModels on one base would
-    fight over them: every pool on a base goes through its host.
+    fight over them: every pool on a base goes through its host. An entry rewritten on disk is loaded
+    as a new version under a PEFT name of its own (`name@2`), so rows that started on the old weights
+    can finish on them; old versions are deleted once no live row uses them.
     """
 
     model: object  # peft.PeftModel
-    versions: dict[str, str | None] = field(default_factory=dict)  # adapter -> manifest "created" when loaded
+    current: dict[str, tuple[str, str | None]] = field(default_factory=dict)  # entry -> (PEFT name, "created")
+    entry_of: dict[str, str] = field(default_factory=dict)  # PEFT name -> entry name, every version held
+    loads: dict[str, int] = field(default_factory=dict)  # entry -> versions loaded so far
     row_lora: RowLoRA | None = None  # None when some LoRA layer is not one RowLoRA handles
     active: list[str] | None = None  # the adapters PEFT applies to every row right now
     generic_said: bool = False  # the log already says that mixed batches take PEFT's path
@@ -48,6 +52,32 @@ class AdapterHost:
         if self.active != wanted:
             self.model.base_model.set_adapter(wanted, inference_mode=True)
             self.active = wanted
+
+    def load(self, entry: Entry) -> None:
+        """Load `entry`'s adapter as its current version (a new PEFT name when an older one is held)."""
+        self.loads[entry.name] = self.loads.get(entry.name, 0) + 1
+        name = entry.name if self.loads[entry.name] == 1 else f"{entry.name}@{self.loads[entry.name]}"
+        self.model.load_adapter(str(entry.path), adapter_name=name, low_cpu_mem_usage=True)
+        self.current[entry.name] = (name, entry.manifest.get("created"))
+        self.entry_of[name] = entry.name
+
+    def retire(self, entry: str) -> None:
+        """`entry` is no longer served: new rows cannot ask for it (its rows in flight still run)."""
+        self.current.pop(entry, None)
+
+    def drop_unused(self, live: set[str]) -> None:
+        """Delete every PEFT adapter that is no entry's current version and that no row in `live` uses."""
+        current = {name for name, _ in self.current.values()}
+        unused = [n for n in self.entry_of if n not in current and n not in live]
+        for name in unused:
+            if len(self.model.peft_config) == 1:
+                break  # a PeftModel cannot run without one adapter config: the last one stays, unused
+            self.model.delete_adapter(name)
+            del self.entry_of[name]
+        if unused:
+            if self.model.active_adapter not in self.model.peft_config:  # PEFT keeps a deleted name when none
+                self.model.active_adapter = next(iter(self.model.peft_config))  # was active (the bare base)
+            self.active = None
 
 
 # base -> its host; weak, so a base that is dropped takes its adapters with it (a host never refers to its Base)
@@ -69,26 +99,26 @@ class ExpertPool:
             library.check_entry(entry, identity)
         self._attach(wanted)
 
-    def _attach(self, entries: list[Entry]) -> None:
-        """Load adapter entries into the base's host (created on first use)."""
+    def _attach(self, entries: list[Entry], live: set[str] = frozenset()) -> None:
+        """Load adapter entries into the base's host (created on first use); an entry rewritten since it was
+        loaded gets a new version, and the old one goes unless a row in `live` still uses it."""
         from peft import PeftModel
 
         for entry in entries:
-            self.entries.append(entry)
+            self.entries = [e for e in self.entries if e.name != entry.name] + [entry]
             if not entry.is_adapter:
                 continue  # a full model (merged_model) brings its own weights; its composition loads them
-            version = entry.manifest.get("created")
             if self.host is None:
                 model = PeftModel.from_pretrained(self.base.model, str(entry.path), adapter_name=entry.name,
                                                   low_cpu_mem_usage=True)
-                self.host = _HOSTS[self.base] = AdapterHost(model.eval())
-            elif self.host.versions.get(entry.name) != version:
-                if entry.name in self.host.model.peft_config:  # rewritten on disk since loaded: drop the stale copy
-                    self.host.model.delete_adapter(entry.name)
-                self.host.model.load_adapter(str(entry.path), adapter_name=entry.name, low_cpu_mem_usage=True)
-            self.host.versions[entry.name] = version
+                self.host = _HOSTS[self.base] = AdapterHost(model.eval(), {entry.name: (entry.name, entry.manifest.get(
+                    "created"))}, {entry.name: entry.name}, {entry.name: 1})
+            elif self.host.current.get(entry.name, (None, None))[1] != entry.manifest.get("created") \
+                    or entry.name not in self.host.current:
+                self.host.load(entry)
         if self.host is not None:
             self.host.active = None  # loading may touch PEFT's active set: re-set it on the next forward
+            self.host.drop_unused(set(live))
             host = self.host
             host.row_lora = RowLoRA.build(host.model) if host.row_lora is None \
                 else host.row_lora if host.row_lora.refresh(host.model) else None
@@ -96,6 +126,48 @@ class ExpertPool:
                 host.generic_said = True
                 log.info("row-wise LoRA does not cover these adapters' layers (a LoRA variant or a layer type it "
                          "lacks): mixed batches use PEFT's per-row adapter_names")
+
+    def sync(self, live: set[str], only: set[str] | None = None) -> dict:
+        """Hold what the library holds now (of `only`, when given): new and rewritten entries attached,
+        removed ones retired.
+
+        Rows in flight keep the weights they started on (`live`: the PEFT names they use). Entries that
+        fail their checks (another base, a corrupted file) are left out and named in the report; a library
+        of another base, or one that cannot be read, changes nothing and raises.
+        """
+        identity, held = self.base.identity(), {e.name: e for e in self.entries}
+        self.library.check_base(identity, what=f"library {self.library.root}")
+        found, refused = {}, {}
+        for entry in [e for e in self.library.entries() if only is None or e.name in only]:
+            try:
+                self.library.check_entry(entry, identity)
+                found[entry.name] = entry
+            except ExpertkitError as e:
+                refused[entry.name] = str(e)
+        changed = [e for name, e in found.items() if name not in held or held[name].manifest.get("created")
+                   != e.manifest.get("created")]
+        removed = [name for name in held if name not in found]
+        for name in removed:
+            if self.host is not None:
+                self.host.retire(name)
+        self.entries = [e for e in self.entries if e.name not in removed]
+        self._attach(changed, live)
+        return {"added": [e.name for e in changed if e.name not in held],
+                "updated": [e.name for e in changed if e.name in held], "removed": removed, "refused": refused}
+
+    def resolve(self, adapters: list[RowAdapter]) -> list[RowAdapter]:
+        """Entry names as the PEFT names of their current versions (what a new row runs on)."""
+        if self.host is None:
+            return list(adapters)
+        peft = lambda name: self.host.current[name][0] if name in self.host.current else name
+        return [AdapterMix(tuple((peft(n), w) for n, w in a.weights)) if isinstance(a, AdapterMix) else peft(a)
+                for a in adapters]
+
+    def entry_name(self, adapter: RowAdapter) -> str:
+        """The library entry (or mix of entries) a row's PEFT adapter name belongs to."""
+        if isinstance(adapter, AdapterMix):
+            return str(AdapterMix(tuple((self.entry_name(n), w) for n, w in adapter.weights)))
+        return self.host.entry_of.get(adapter, adapter) if self.host is not None else adapter
 
     def ensure(self, names: list[str]) -> None:
         """Attach library entries this pool does not hold yet (a router or a mixture needs its experts)."""
@@ -138,7 +210,7 @@ class ExpertPool:
         for a weighted sum of adapters)."""
         mixes = any(isinstance(a, AdapterMix) for a in adapters)
         named = {n for a in adapters for n in (a.adapters if isinstance(a, AdapterMix) else [a])}
-        unknown = sorted(named - set(self.adapter_names) - {BASE_ADAPTER})
+        unknown = sorted(named - set(self.host.entry_of if self.host is not None else ()) - {BASE_ADAPTER})
         if unknown:
             raise ExpertkitError(f"adapter(s) {unknown} are not loaded; loaded: {self.adapter_names}")
         kwargs = {}
@@ -161,6 +233,7 @@ class ExpertPool:
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: list[RowAdapter],
                 last_only: bool = False, **model_kwargs) -> tuple[torch.Tensor, PoolState]:
+        adapters = self.resolve(adapters)
         positions = position_ids(attention_mask)
         if last_only:
             model_kwargs["logits_to_keep"] = 1

@@ -67,20 +67,29 @@ def _validation_error(exc: RequestValidationError) -> OpenAIError:
     return OpenAIError(400, "invalid request: " + "; ".join(parts), param=fields[0] if fields else None)
 
 
-def create_app(service, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    app = FastAPI(title="expertkit", docs_url=None, redoc_url=None, openapi_url=None)
-    metrics = Metrics()
-    app.state.service, app.state.metrics = service, metrics
+def bearer_check(key: str | None, what: str = "API key"):
+    """A dependency that refuses a request without `Authorization: Bearer KEY` (none needed when key is None)."""
 
-    def check_key(request: Request) -> None:
-        if api_key is None:
+    def check(request: Request) -> None:
+        if key is None:
             return
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not given:
-            raise OpenAIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
-        if not secrets.compare_digest(given.strip().encode(), api_key.encode()):
-            raise OpenAIError(401, "incorrect API key", code="invalid_api_key")
+            raise OpenAIError(401, f"missing {what}: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+        if not secrets.compare_digest(given.strip().encode(), key.encode()):
+            raise OpenAIError(401, f"incorrect {what}", code="invalid_api_key")
+
+    return check
+
+
+def create_app(service, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+               admin_key: str | None = None) -> FastAPI:
+    """`admin_key` guards POST /v1/library/reload; without one, reloading over HTTP is off (403)."""
+    app = FastAPI(title="expertkit", docs_url=None, redoc_url=None, openapi_url=None)
+    metrics = Metrics()
+    app.state.service, app.state.metrics = service, metrics
+    check_key = bearer_check(api_key)
 
     @app.exception_handler(OpenAIError)
     async def openai_error(request: Request, exc: OpenAIError):
@@ -137,9 +146,26 @@ def create_app(service, api_key: str | None = None, max_body_bytes: int = MAX_BO
     tokenizer = getattr(service, "tokenizer", None)
     if tokenizer is not None:
         _tokenizer_routes(app, service, tokenizer, check_key)
+    if hasattr(service, "reload_library"):
+        _reload_route(app, service, admin_key)
     if max_body_bytes:
         app.add_middleware(BodyLimit, limit=max_body_bytes)
     return app
+
+
+def _reload_route(app: FastAPI, service, admin_key: str | None) -> None:
+    """POST /v1/library/reload: what the library holds now becomes what is served (admin key only)."""
+    check_admin = bearer_check(admin_key, "admin key")
+
+    def admin_only(request: Request) -> None:
+        if admin_key is None:
+            raise OpenAIError(403, "reloading the library over HTTP is off: start the server with --admin-key (or "
+                                   "EXPERTKIT_ADMIN_KEY), or with --watch-s SECONDS", code="reload_disabled")
+        check_admin(request)
+
+    @app.post("/v1/library/reload", dependencies=[Depends(admin_only)])
+    async def reload_library():
+        return await service.reload_library()
 
 
 def _tokenizer_routes(app: FastAPI, service, tokenizer, check_key) -> None:

@@ -21,6 +21,7 @@ import time
 import traceback
 from abc import ABC, abstractmethod
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -29,7 +30,8 @@ import torch
 from expertkit.config import ServeOptions
 from expertkit.errors import ExpertkitError
 from expertkit.library import BASE
-from expertkit.runtime import BASE_ADAPTER, Composition, DecodeState, ExpertPool, PoolState, SamplingParams, Sequence
+from expertkit.runtime import (BASE_ADAPTER, AdapterMix, Composition, DecodeState, ExpertPool, PoolState,
+                               SamplingParams, Sequence)
 from expertkit.runtime.decoding import choose_tokens
 from expertkit.runtime.kvcache import check_joinable, join, keep_rows
 from expertkit.runtime.tokens import pad_id, pad_left
@@ -161,6 +163,7 @@ class Engine:
         self.shared: PoolLane | None = None
         self.lanes: list[CompositionLane] = []
         self.stats = EngineStats()
+        self.calls: deque[tuple[Callable, Future]] = deque()  # work that must run between decoding steps
         self._wake = threading.Condition()
         self._running = False
         self._thread: threading.Thread | None = None
@@ -193,11 +196,32 @@ class Engine:
             self.pending.append(job)
             self._wake.notify()
 
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run `fn` in the engine thread between two decoding steps (it may change the model: nothing else
+        runs it meanwhile); the future holds its result or its exception."""
+        future: Future = Future()
+        with self._wake:
+            self.calls.append((fn, future))
+            self._wake.notify()
+        return future
+
+    def live_adapters(self) -> set[str]:
+        """The PEFT adapter names rows in flight use (only the engine thread may ask)."""
+        rows = list(self.shared.state.adapters) if self.shared is not None and self.shared.jobs else []
+        names = {n for a in rows for n in (a.adapters if isinstance(a, AdapterMix) else [a])}
+        if self.lanes:  # an opaque lane's state may hold any adapter: keep every version while one runs
+            names |= set(self.pool.host.entry_of) if self.pool.host is not None else set()
+        return names
+
     def start(self) -> "Engine":
         self._running = True
         self._thread = threading.Thread(target=self._loop, name="expertkit-engine", daemon=True)
         self._thread.start()
         return self
+
+    @property
+    def running(self) -> bool:
+        return self._running
 
     def stop(self) -> None:
         self._running = False
@@ -212,15 +236,28 @@ class Engine:
         torch.set_grad_enabled(False)
         while self._running:
             with self._wake:
-                while self._running and not self._admissible() and not self.active_rows:
+                while self._running and not self._admissible() and not self.active_rows and not self.calls:
                     self._wake.wait(timeout=self._admission_wait())
                 arrivals = self._take_arrivals() if self._admissible() else []
+                calls, self.calls = list(self.calls), deque()
+            for fn, future in calls:
+                try:
+                    future.set_result(fn())
+                except Exception as e:  # the caller's to report
+                    future.set_exception(e)
             try:
                 self._admit(arrivals)
                 self._step_all()
+                self._drop_old_versions()
             except Exception:  # faults are confined per group and lane below; this is the last resort
                 log.error("engine loop failed:\n%s", traceback.format_exc())
                 self._fail_everything(arrivals, "internal error while decoding; see the server log")
+
+    def _drop_old_versions(self) -> None:
+        """Adapters replaced or removed by a library reload go once the last row using them has finished."""
+        host = self.pool.host
+        if host is not None and len(host.entry_of) > len(host.current):
+            host.drop_unused(self.live_adapters())
 
     def _admissible(self) -> bool:
         """Whether the waiting requests should join now (see ADMIT_SHARE)."""
@@ -252,6 +289,10 @@ class Engine:
                 groups.setdefault(job.group, []).append(job)
         for group in groups.values():
             name, params = group[0].composition, group[0].composition_params
+            if name not in self.compositions:  # removed from the library while it waited
+                for job in group:
+                    self._fail(job, 404, f"model '{name}' was removed from the library while this request waited")
+                continue
             for start in range(0, len(group), PREFILL_ROWS):
                 chunk = group[start:start + PREFILL_ROWS]
                 with self._confined(chunk, f"admitting requests for '{name}'"):
@@ -286,7 +327,7 @@ class Engine:
         shared = isinstance(state, PoolState) and state.pool is self.pool
         for i, job in enumerate(jobs):
             if shared:
-                job.expert = BASE if state.adapters[i] == BASE_ADAPTER else str(state.adapters[i])
+                job.expert = BASE if state.adapters[i] == BASE_ADAPTER else self.pool.entry_name(state.adapters[i])
             job.emit({"type": "start", "expert": job.expert})
         next_ids = torch.zeros(len(jobs), dtype=torch.long)
         lane = PoolLane(jobs, state, next_ids) if shared else CompositionLane(composition, jobs, state,

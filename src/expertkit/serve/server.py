@@ -9,7 +9,7 @@ from pathlib import Path
 
 from expertkit.config import ServeOptions
 from expertkit.errors import ExpertkitError
-from expertkit.library import Kind
+from expertkit.library import BASE, MANIFEST, Kind
 
 log = logging.getLogger("expertkit.serve")
 
@@ -60,7 +60,60 @@ def build_local_service(library_path: Path, options: ServeOptions):
     limits = Limits(max_prompt_tokens=options.max_prompt_tokens or context or 2048,
                     max_tokens=min(options.max_tokens, context or options.max_tokens))
     engine = Engine(pool, compositions, max_batch=options.max_batch, max_queue=options.max_queue).start()
-    return LocalService(engine, limits, context, router)
+    return LocalService(engine, limits, context, router, LibraryReloader(engine, options, small), options.watch_s)
+
+
+class LibraryReloader:
+    """Serve what the library holds now, without a restart (POST /v1/library/reload, or --watch-s).
+
+    New entries become servable, rewritten ones serve their new weights to new requests, removed ones
+    stop being served; requests in flight finish on the weights they started on. It runs in the engine
+    thread between decoding steps, so nothing else touches the model meanwhile.
+    """
+
+    def __init__(self, engine, options: ServeOptions, small):
+        self.engine, self.options, self.small = engine, options, small
+        self.only = set(options.models) - {BASE} if options.models else None
+        self.signature = library_signature(engine.pool.library.root)
+
+    def reload(self) -> dict:
+        """In the engine thread: sync the pool with the library, rebuild the compositions, re-pick the router."""
+        from expertkit.compose import build_compositions
+
+        pool = self.engine.pool
+        self.signature = library_signature(pool.library.root)
+        report = pool.sync(self.engine.live_adapters(), self.only)
+        compositions = {}
+        for name in [BASE, *(e.name for e in pool.entries)]:
+            try:
+                (compositions[name],) = build_compositions(pool, [name], small=self.small)
+            except ExpertkitError as e:
+                report["refused"][name] = str(e)
+        if self.small is not None:
+            compositions.update({c.name: c for c in build_compositions(pool, small=self.small)
+                                 if c.name not in compositions and c.name not in report["refused"]})
+        self.engine.compositions = compositions
+        try:
+            report["router"] = pick_router(pool.entries, self.options.router)
+        except ExpertkitError as e:
+            report["router"], report["refused"][self.options.router] = None, str(e)
+        return report
+
+    def changed(self) -> bool:
+        return library_signature(self.engine.pool.library.root) != self.signature
+
+
+def library_signature(root: Path) -> tuple:
+    """What changes when an entry is written, rewritten or removed: every manifest's path and mtime."""
+    found = []
+    for path in Path(root).glob("*/*/" + MANIFEST):
+        if any(part.startswith(".") for part in path.relative_to(root).parts):
+            continue  # an entry still being written (atomic_dir's temporary folder)
+        try:
+            found.append((str(path.relative_to(root)), path.stat().st_mtime_ns))
+        except FileNotFoundError:  # removed while we looked
+            continue
+    return tuple(sorted(found))
 
 
 class BackgroundServer:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import threading
 import time
@@ -21,6 +22,8 @@ from expertkit.serve.engine import Engine, Job, QueueFull
 from expertkit.serve.protocol import ChatRequest, CompletionRequest, OpenAIError
 from expertkit.serve.text import chat_prompt
 
+log = logging.getLogger("expertkit.serve")
+
 EXPERT_HEADER = "X-Expertkit-Expert"
 AUTO = "auto"
 MAX_MIXES = 256  # distinct weighted mixes a server holds; a mix used often is better pinned as a merge
@@ -37,11 +40,42 @@ class Limits:
 class LocalService:
     """The models of one library, decoded by an Engine in this process."""
 
-    def __init__(self, engine: Engine, limits: Limits, context_length: int | None, router: str | None):
+    def __init__(self, engine: Engine, limits: Limits, context_length: int | None, router: str | None,
+                 reloader=None, watch_s: float | None = None):
         self.engine, self.limits, self.router = engine, limits, router
         self.context_length = context_length
         self.tokenizer = engine.tokenizer
         self.vocab_size = len(self.tokenizer)
+        self.reloader = reloader  # serve/server.py's LibraryReloader, or None (a fixed set of models)
+        if reloader is not None and watch_s:
+            threading.Thread(target=self._watch, args=(watch_s,), name="expertkit-library-watch", daemon=True).start()
+
+    # ------------------------------------------------------------ a live library
+
+    def _reload_now(self) -> dict:
+        """Reload in the engine thread and wait for it (any thread but the engine's)."""
+        report = self.engine.call(self.reloader.reload).result(timeout=600)
+        self.router = report["router"]
+        log.info("library reloaded: %s", {k: v for k, v in report.items() if v})
+        return report
+
+    async def reload_library(self) -> dict:
+        if self.reloader is None:
+            raise OpenAIError(400, "this server does not serve a library it can reload")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, self._reload_now)
+        except ExpertkitError as e:
+            raise OpenAIError(409, f"library not reloaded: {e}", code="reload_refused") from None
+
+    def _watch(self, every_s: float) -> None:
+        while self.engine.running:
+            time.sleep(every_s)
+            try:
+                if self.engine.running and self.reloader.changed():
+                    self._reload_now()
+            except ExpertkitError as e:
+                log.warning("library not reloaded: %s (tried again at the next check)", e)
+                self.reloader.signature = None
 
     # ------------------------------------------------------------ what is served
 
