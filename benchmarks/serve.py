@@ -31,6 +31,7 @@ import httpx
 import psutil
 
 from common import suite_config
+from serve_live import MIX_TARGET, live_reload, mix_load
 from suites import MICRO, REAL_BASES, suite
 
 REQUESTS = {MICRO: 200}  # concurrent requests under load per base
@@ -54,12 +55,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def server(library: Path, models: list[str], max_batch: int, device: str | None, max_queue: int):
+def server(library: Path, models: list[str], max_batch: int, device: str | None, max_queue: int,
+           extra: tuple[str, ...] = ()):
     """An `expertkit serve` process; yields (url, psutil.Process). Stopped on exit, whatever happens."""
     port = free_port()
     cli = Path(sys.executable).parent / "expertkit"
     args = [str(cli), "serve", str(library), "--port", str(port), "--max-batch", str(max_batch),
-            "--max-queue", str(max_queue), "--max-tokens", str(NEW_TOKENS)]
+            "--max-queue", str(max_queue), "--max-tokens", str(NEW_TOKENS), *extra]
     args += [a for m in models for a in ("--model", m)] + (["--device", device] if device else [])
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -100,7 +102,7 @@ def prompts_for(cfg, experts: list[str], n: int) -> list[tuple[str, str]]:
     return [(experts[i % len(experts)], slices[experts[i % len(experts)]][i // len(experts)]) for i in range(n)]
 
 
-async def _load(url: str, requests: list[tuple[str, str]]) -> dict:
+async def _load(url: str, requests: list[tuple[str, str]], started: asyncio.Event | None = None) -> dict:
     limits = httpx.Limits(max_connections=len(requests) + 10, max_keepalive_connections=len(requests) + 10)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         async def one(model: str, prompt: str):
@@ -114,7 +116,10 @@ async def _load(url: str, requests: list[tuple[str, str]]) -> dict:
             return reply.status_code, elapsed, tokens, reply.json()["choices"][0]["text"] if ok else None
 
         start = time.perf_counter()
-        results = await asyncio.gather(*(one(m, p) for m, p in requests))
+        tasks = [asyncio.ensure_future(one(m, p)) for m, p in requests]
+        if started is not None:
+            started.set()
+        results = await asyncio.gather(*tasks)
         wall = time.perf_counter() - start
     latencies = sorted(r[1] for r in results)
     tokens = sum(r[2] for r in results)
@@ -258,6 +263,12 @@ def print_table(result: dict) -> None:
     print(f"memory: base only {memory['base_only_mib']:.1f} MiB, with {N_EXPERTS} experts "
           f"{memory['with_experts_mib']:.1f} MiB: +{memory['growth_mib']:.2f} MiB vs adapters "
           f"{memory['adapter_mib']:.2f} MiB (limit {memory['limit_mib']:.2f} MiB)")
+    mixes, live = result["mixes"], result["live_reload"]
+    print(f"mixes: a quarter of the requests 2-expert mixes {mixes['mixed_tok_s']} tok/s vs all single-expert "
+          f"{mixes['single_tok_s']} tok/s: {mixes['mix_ratio']:.2f}x (target >= {MIX_TARGET}x), errors {mixes['errors']}")
+    print(f"live reload under load ({live['in_flight']} requests in flight; '{live['rewritten']}' rewritten, "
+          f"'{live['added']}' added): errors {live['errors']}, stale answers {live['stale_answers']} of "
+          f"{live['checked']} checked")
     print(f"fuzz: {N_FUZZ} requests -> statuses {fuzz['statuses']}; non-4xx {fuzz['non_4xx']}; server up "
           f"{fuzz['server_up']}; memory {fuzz['rss_before_mib']:.1f} -> {fuzz['rss_after_mib']:.1f} MiB "
           f"({fuzz['rss_growth']:+.1%})")
@@ -289,6 +300,7 @@ def run(data: Path, device: str | None, base_name: str = MICRO) -> dict:
         with_experts = warm_rss(url, process)
         result["load"]["batched"] = {**asyncio.run(_load(url, requests)), "engine": engine_metrics(url)}
         batched_texts = result["load"]["batched"].pop("texts")
+        result["mixes"] = mix_load(url, requests, experts)
         before = rss_mib(process)
         fuzz = asyncio.run(_fuzz(url, hostile_requests(N_FUZZ, experts + ["base", "auto"])))
         up = httpx.get(url + "/health", timeout=10).status_code == 200
@@ -297,6 +309,8 @@ def run(data: Path, device: str | None, base_name: str = MICRO) -> dict:
         result["load"]["sequential"] = {**asyncio.run(_load(url, requests)), "engine": engine_metrics(url)}
         result["load"]["sequential"].pop("texts")
     exactness = mismatches(library, requests, batched_texts)
+    result["live_reload"] = live_reload(library, experts, requests, lambda root, models, extra: server(
+        root, models, 64, device, n_requests + 50, extra))
 
     adapters = adapter_bytes(library, experts) / 2**20
     batched, sequential = result["load"]["batched"], result["load"]["sequential"]
@@ -309,6 +323,8 @@ def run(data: Path, device: str | None, base_name: str = MICRO) -> dict:
         "vs_bare_base": round(batched["tok_s"] / result["load"]["bare_base"]["tok_s"], 2),
         "rss_growth_bytes": round((with_experts - base_only) * 2**20),
         "adapter_bytes": adapter_bytes(library, experts),
+        "mix_ratio": result["mixes"]["mix_ratio"], "reload_errors": result["live_reload"]["errors"],
+        "stale_answers": result["live_reload"]["stale_answers"],
         "p50_ms": batched["p50_ms"], "p99_ms": batched["p99_ms"],
         "memory": {"base_only_mib": round(base_only, 2), "with_experts_mib": round(with_experts, 2),
                    "growth_mib": round(with_experts - base_only, 2), "adapter_mib": round(adapters, 2),
@@ -324,6 +340,8 @@ def run(data: Path, device: str | None, base_name: str = MICRO) -> dict:
         "memory": result["memory"]["growth_mib"] <= result["memory"]["limit_mib"],
         "fuzz_only_4xx": fuzz["non_4xx"] == 0 and up,
         "fuzz_memory": result["fuzz"]["rss_growth"] < FUZZ_GROWTH_LIMIT,
+        "mix_ratio": result["mix_ratio"] >= MIX_TARGET and result["mixes"]["errors"] == 0,
+        "live_reload": result["reload_errors"] == 0 and result["stale_answers"] == 0,
     }
     print_table(result)
     print("checks:", result["checks"])

@@ -39,6 +39,12 @@ def adapter_composition(pool: ExpertPool, entry) -> Composition:
     return AdapterComposition(pool, entry.name, entry.name)
 
 
+def single_adapters(compositions: dict[str, Composition]) -> list[str]:
+    """The names among `compositions` that answer with one library adapter (what a mix may combine)."""
+    return [name for name, c in compositions.items()
+            if isinstance(c, AdapterComposition) and isinstance(c.adapter, str) and c.adapter != BASE_ADAPTER]
+
+
 def is_mix(name: str) -> bool:
     return name.startswith(MIX_PREFIX)
 

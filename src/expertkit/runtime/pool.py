@@ -53,11 +53,20 @@ class AdapterHost:
             self.model.base_model.set_adapter(wanted, inference_mode=True)
             self.active = wanted
 
+    def holds(self, entry: Entry) -> bool:
+        """Whether the current version of `entry` is the one on disk now."""
+        return entry.name in self.current and self.current[entry.name][1] == entry.manifest.get("created")
+
     def load(self, entry: Entry) -> None:
         """Load `entry`'s adapter as its current version (a new PEFT name when an older one is held)."""
-        self.loads[entry.name] = self.loads.get(entry.name, 0) + 1
-        name = entry.name if self.loads[entry.name] == 1 else f"{entry.name}@{self.loads[entry.name]}"
+        version = self.loads.get(entry.name, 0) + 1
+        name = entry.name if version == 1 else f"{entry.name}@{version}"
         self.model.load_adapter(str(entry.path), adapter_name=name, low_cpu_mem_usage=True)
+        self.record(entry, name)
+
+    def record(self, entry: Entry, name: str) -> None:
+        """`entry`'s weights are loaded under PEFT name `name`: new rows asking for `entry` run on them."""
+        self.loads[entry.name] = self.loads.get(entry.name, 0) + 1
         self.current[entry.name] = (name, entry.manifest.get("created"))
         self.entry_of[name] = entry.name
 
@@ -111,10 +120,9 @@ class ExpertPool:
             if self.host is None:
                 model = PeftModel.from_pretrained(self.base.model, str(entry.path), adapter_name=entry.name,
                                                   low_cpu_mem_usage=True)
-                self.host = _HOSTS[self.base] = AdapterHost(model.eval(), {entry.name: (entry.name, entry.manifest.get(
-                    "created"))}, {entry.name: entry.name}, {entry.name: 1})
-            elif self.host.current.get(entry.name, (None, None))[1] != entry.manifest.get("created") \
-                    or entry.name not in self.host.current:
+                self.host = _HOSTS[self.base] = AdapterHost(model.eval())
+                self.host.record(entry, entry.name)
+            elif not self.host.holds(entry):
                 self.host.load(entry)
         if self.host is not None:
             self.host.active = None  # loading may touch PEFT's active set: re-set it on the next forward

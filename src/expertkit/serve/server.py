@@ -77,21 +77,27 @@ class LibraryReloader:
         self.signature = library_signature(engine.pool.library.root)
 
     def reload(self) -> dict:
-        """In the engine thread: sync the pool with the library, rebuild the compositions, re-pick the router."""
+        """In the engine thread: sync the pool with the library, rebuild the compositions (and the mixes in use
+        whose experts are still served), re-pick the router."""
         from expertkit.compose import build_compositions
+        from expertkit.compose.adapters import is_mix, mix_composition, single_adapters
+        from expertkit.compose.collaborate import collaboration_names
 
         pool = self.engine.pool
         self.signature = library_signature(pool.library.root)
         report = pool.sync(self.engine.live_adapters(), self.only)
+        offered = collaboration_names(self.small.adapter_names) if self.small is not None else []
         compositions = {}
-        for name in [BASE, *(e.name for e in pool.entries)]:
+        for name in [BASE, *(e.name for e in pool.entries), *offered]:
             try:
                 (compositions[name],) = build_compositions(pool, [name], small=self.small)
             except ExpertkitError as e:
                 report["refused"][name] = str(e)
-        if self.small is not None:
-            compositions.update({c.name: c for c in build_compositions(pool, small=self.small)
-                                 if c.name not in compositions and c.name not in report["refused"]})
+        for name in [n for n in self.engine.compositions if is_mix(n)]:
+            try:
+                compositions[name] = mix_composition(pool, name, single_adapters(compositions))
+            except ExpertkitError:
+                continue  # one of its experts is gone: asked for again, it is a 400 naming it
         self.engine.compositions = compositions
         try:
             report["router"] = pick_router(pool.entries, self.options.router)

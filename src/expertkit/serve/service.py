@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from expertkit.compose.adapters import AdapterComposition, is_mix, mix_composition
+from expertkit.compose.adapters import is_mix, mix_composition, single_adapters
 from expertkit.errors import ExpertkitError
-from expertkit.runtime import BASE_ADAPTER, SamplingParams
+from expertkit.runtime import SamplingParams
 from expertkit.runtime.tokens import encode_prompts
 from expertkit.serve.engine import Engine, Job, QueueFull
 from expertkit.serve.protocol import ChatRequest, CompletionRequest, OpenAIError
@@ -95,10 +95,8 @@ class LocalService:
 
     def _mix(self, spec: str) -> str:
         """A weighted mix of served adapters, made on first use and kept (its rows batch with all others)."""
-        served = [name for name, c in self.engine.compositions.items()
-                  if isinstance(c, AdapterComposition) and isinstance(c.adapter, str) and c.adapter != BASE_ADAPTER]
         try:
-            composition = mix_composition(self.engine.pool, spec, served)
+            composition = mix_composition(self.engine.pool, spec, single_adapters(self.engine.compositions))
         except ExpertkitError as e:
             raise OpenAIError(400, str(e), param="model") from None
         if composition.name not in self.engine.compositions:
