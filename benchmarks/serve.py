@@ -265,7 +265,8 @@ def print_table(result: dict) -> None:
           f"{memory['adapter_mib']:.2f} MiB (limit {memory['limit_mib']:.2f} MiB)")
     mixes, live = result["mixes"], result["live_reload"]
     print(f"mixes: a quarter of the requests 2-expert mixes {mixes['mixed_tok_s']} tok/s vs all single-expert "
-          f"{mixes['single_tok_s']} tok/s: {mixes['mix_ratio']:.2f}x (target >= {MIX_TARGET}x), errors {mixes['errors']}")
+          f"{mixes['single_tok_s']} tok/s: {mixes['mix_ratio']:.2f}x (target >= {MIX_TARGET}x), "
+          f"errors {mixes['errors']}")
     print(f"live reload under load ({live['in_flight']} requests in flight; '{live['rewritten']}' rewritten, "
           f"'{live['added']}' added): errors {live['errors']}, stale answers {live['stale_answers']} of "
           f"{live['checked']} checked")

@@ -116,7 +116,8 @@ def live_reload(library, experts: list[str], requests: list[tuple[str, str]], st
         new = peft_solo_texts(live, after)
     stale = sum(first["texts"][i] != expected for i, expected in zip(watched, old))
     stale += sum(text != expected for text, expected in zip(second["texts"], new))
-    return {"in_flight": len(wave), "all_admitted_before_reload": admitted, "running_at_reload": running, "rewritten": rewritten, "added": ADDED,
+    return {"in_flight": len(wave), "all_admitted_before_reload": admitted, "running_at_reload": running,
+            "rewritten": rewritten, "added": ADDED,
             "reload_status": reply.status_code, "reload_report": reply.json() if reply.status_code == 200 else None,
             "errors": first["errors"] + second["errors"] + (reply.status_code != 200),
             "checked": len(watched) + len(after), "stale_answers": stale}

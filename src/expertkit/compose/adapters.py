@@ -3,9 +3,9 @@ mix of adapters named `mix:a=0.7,b=0.3` (each row gets exactly sum_k w_k ΔW_k; 
 
 from __future__ import annotations
 
-import torch
-
 import math
+
+import torch
 
 from expertkit.compose.base import register
 from expertkit.errors import ExpertkitError

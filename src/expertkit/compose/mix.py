@@ -20,9 +20,9 @@ import torch
 from pydantic import ValidationError
 
 from expertkit.compose.base import register
+from expertkit.compose.nesting import Stack, entry_composition
 from expertkit.config import MixtureConfig, format_validation_error
 from expertkit.errors import ExpertkitError
-from expertkit.compose.nesting import Stack, entry_composition
 from expertkit.library import BASE, MIXTURE_SPEC, Entry, Kind, Library
 from expertkit.runtime import Composition, ExpertPool
 from expertkit.runtime.tokens import real_rows

@@ -19,7 +19,7 @@ import torch
 from expertkit.config import RoutingConfig
 from expertkit.errors import ExpertkitError
 from expertkit.library import ROUTER_STATE, Entry, Kind, Library
-from expertkit.routing.base import BASE, Prompts, Router, router_class
+from expertkit.routing.base import Prompts, Router, router_class
 from expertkit.routing.calibrate import decide
 
 

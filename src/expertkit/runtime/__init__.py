@@ -13,5 +13,6 @@ from expertkit.runtime.pool import ExpertPool
 from expertkit.runtime.sampling import SamplingParams
 from expertkit.runtime.state import BASE_ADAPTER, AdapterMix, DecodeState, PoolState
 
-__all__ = ["BASE_ADAPTER", "AdapterMix", "Composition", "DecodeState", "ExpertPool", "PoolState", "SamplingParams", "Sequence",
+__all__ = ["BASE_ADAPTER", "AdapterMix", "Composition", "DecodeState", "ExpertPool", "PoolState", "SamplingParams",
+           "Sequence",
            "generate", "generate_ids"]

@@ -167,7 +167,9 @@ class ExpertPool:
         """Entry names as the PEFT names of their current versions (what a new row runs on)."""
         if self.host is None:
             return list(adapters)
-        peft = lambda name: self.host.current[name][0] if name in self.host.current else name
+        def peft(name: str) -> str:
+            return self.host.current[name][0] if name in self.host.current else name
+
         return [AdapterMix(tuple((peft(n), w) for n, w in a.weights)) if isinstance(a, AdapterMix) else peft(a)
                 for a in adapters]
 

@@ -1,13 +1,13 @@
 """Mixed-adapter batches at half PEFT's per-row cost: each adapter's LoRA delta only for its own rows.
 
-PEFT's `adapter_names` path rebuilds Python index lists and gathers/scatters the rows in every LoRA
-layer of every forward; at the batch sizes a server runs on small models that bookkeeping costs as
-much as the model itself. Here the row groups are turned into index tensors once per forward, PEFT
-runs the bare base layers (no adapter active), and a forward hook on each LoRA layer adds
-`scaling · B(A(x[rows]))` into those rows: the same math as PEFT's, read from PEFT's own weights
-(nothing is copied). A row of an AdapterMix gets each member's delta times its weight: the exact
-weighted sum of their ΔW, which PEFT itself has no per-row way to apply. Layers this does not cover (DoRA and other LoRA variants, LoRA biases, merged
-adapters, non-Linear layers) make `RowLoRA.build` return None, and the caller keeps PEFT's path.
+PEFT's `adapter_names` path rebuilds Python index lists and gathers/scatters the rows in every LoRA layer of
+every forward; at the batch sizes a server runs on small models that bookkeeping costs as much as the model
+itself. Here the row groups are turned into index tensors once per forward, PEFT runs the bare base layers (no
+adapter active), and a forward hook on each LoRA layer adds `scaling · B(A(x[rows]))` into those rows: the
+same math as PEFT's, read from PEFT's own weights (nothing is copied). A row of an AdapterMix gets each
+member's delta times its weight: the exact weighted sum of their ΔW, which PEFT itself has no per-row way to
+apply. Layers this does not cover (DoRA and other LoRA variants, LoRA biases, merged adapters, non-Linear
+layers) make `RowLoRA.build` return None, and the caller keeps PEFT's path.
 """
 
 from __future__ import annotations

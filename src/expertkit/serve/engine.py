@@ -30,8 +30,16 @@ import torch
 from expertkit.config import ServeOptions
 from expertkit.errors import ExpertkitError
 from expertkit.library import BASE
-from expertkit.runtime import (BASE_ADAPTER, AdapterMix, Composition, DecodeState, ExpertPool, PoolState,
-                               SamplingParams, Sequence)
+from expertkit.runtime import (
+    BASE_ADAPTER,
+    AdapterMix,
+    Composition,
+    DecodeState,
+    ExpertPool,
+    PoolState,
+    SamplingParams,
+    Sequence,
+)
 from expertkit.runtime.decoding import choose_tokens
 from expertkit.runtime.kvcache import check_joinable, join, keep_rows
 from expertkit.runtime.tokens import pad_id, pad_left
