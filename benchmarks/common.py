@@ -125,8 +125,6 @@ def reuse_experts(source: ProjectConfig, target: ProjectConfig, base) -> None:
 
     Training is deterministic per recipe, so a library that leaves a domain out need not retrain the others.
     """
-    import shutil
-
     from expertkit.library import Kind, Library
 
     have, want = Library(source.library), Library(target.library)
@@ -135,8 +133,4 @@ def reuse_experts(source: ProjectConfig, target: ProjectConfig, base) -> None:
     want.create_or_check(base.identity())
     for domain in target.domains:
         if have.has(Kind.EXPERT, domain.name) and not want.has(Kind.EXPERT, domain.name):
-            entry = have.get(domain.name)
-            manifest = {k: v for k, v in entry.manifest.items() if k not in ("name", "kind", "base", "created")}
-            want.add_entry(Kind.EXPERT, domain.name,
-                           lambda tmp, src=entry.path: [shutil.copy2(f, tmp / f.name) for f in src.iterdir()
-                                                        if f.is_file() and f.name != "expert.json"], manifest)
+            want.copy_entry(have.get(domain.name))

@@ -32,6 +32,7 @@ import psutil
 
 from common import suite_config
 from serve_live import MIX_TARGET, live_reload, mix_load
+from serve_llamacpp import AGREEMENT_TARGET, available, llamacpp_rows
 from suites import MICRO, REAL_BASES, suite
 
 REQUESTS = {MICRO: 200}  # concurrent requests under load per base
@@ -129,8 +130,9 @@ async def _load(url: str, requests: list[tuple[str, str]], started: asyncio.Even
             "texts": [r[3] for r in results]}
 
 
-def peft_solo_texts(library, requests: list[tuple[str, str]]) -> list[str]:
-    """Each (expert, prompt) answered alone by PEFT on a fresh copy of the base: greedy, NEW_TOKENS, EOS ignored."""
+def peft_solo_ids(library, requests: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, greedy ids) of each (expert, prompt) answered alone by PEFT on a fresh copy of the base:
+    NEW_TOKENS tokens, EOS ignored."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -138,20 +140,27 @@ def peft_solo_texts(library, requests: list[tuple[str, str]]) -> list[str]:
     from expertkit.encoding import encode_texts
 
     base_dir = library.base_identity()["name"]
-    tokenizer, models, texts = AutoTokenizer.from_pretrained(base_dir), {}, []
+    tokenizer, models, answers = AutoTokenizer.from_pretrained(base_dir), {}, []
     for expert, prompt in requests:
         if expert not in models:
             models[expert] = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir),
                                                        str(library.get(expert).path)).eval()
-        ids = torch.tensor(encode_texts(tokenizer, [prompt]))
-        generated, past = [], None
+        prompt_ids = encode_texts(tokenizer, [prompt])[0]
+        ids, generated, past = torch.tensor([prompt_ids]), [], None
         with torch.no_grad():
             for _ in range(NEW_TOKENS):
                 out = models[expert](input_ids=ids, past_key_values=past, use_cache=True)
                 past, ids = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
                 generated.append(int(ids))
-        texts.append(tokenizer.decode(generated))
-    return texts
+        answers.append((prompt_ids, generated))
+    return answers
+
+
+def peft_solo_texts(library, requests: list[tuple[str, str]]) -> list[str]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(library.base_identity()["name"])
+    return [tokenizer.decode(generated) for _, generated in peft_solo_ids(library, requests)]
 
 
 def mismatches(library, requests: list[tuple[str, str]], texts: list[str | None]) -> dict:
@@ -270,6 +279,18 @@ def print_table(result: dict) -> None:
     print(f"live reload under load ({live['in_flight']} requests in flight; '{live['rewritten']}' rewritten, "
           f"'{live['added']}' added): errors {live['errors']}, stale answers {live['stale_answers']} of "
           f"{live['checked']} checked")
+    llama = result["llamacpp"]
+    if "skipped" in llama:
+        print(f"llama.cpp side by side: skipped ({llama['skipped']})")
+    else:
+        ours, theirs = llama["expertkit"], llama["llamacpp"]
+        print(f"llama.cpp side by side ({llama['setup']}): top-1 agreement {llama['llamacpp_agreement']:.2%} of "
+              f"{llama['agreement']['f32']['positions']} positions on the base dequantized to F32 (target >= "
+              f"{AGREEMENT_TARGET:.0%}), {llama['llamacpp_agreement_quantized_base']:.2%} on its quantized GGUF; "
+              "1 request "
+              f"{ours['single']['tok_s']} vs {theirs['single']['tok_s']} tok/s ({llama['single_ratio']:.2f}x); "
+              f"{theirs['mixed16']['requests']} requests on 4 adapters {ours['mixed16']['tok_s']} vs "
+              f"{theirs['mixed16']['tok_s']} tok/s ({llama['mixed16_ratio']:.2f}x)")
     print(f"fuzz: {N_FUZZ} requests -> statuses {fuzz['statuses']}; non-4xx {fuzz['non_4xx']}; server up "
           f"{fuzz['server_up']}; memory {fuzz['rss_before_mib']:.1f} -> {fuzz['rss_after_mib']:.1f} MiB "
           f"({fuzz['rss_growth']:+.1%})")
@@ -302,6 +323,9 @@ def run(data: Path, device: str | None, base_name: str = MICRO) -> dict:
         result["load"]["batched"] = {**asyncio.run(_load(url, requests)), "engine": engine_metrics(url)}
         batched_texts = result["load"]["batched"].pop("texts")
         result["mixes"] = mix_load(url, requests, experts)
+        missing = "the micro base has no GGUF" if base_name == MICRO else available()
+        result["llamacpp"] = {"skipped": missing} if missing else llamacpp_rows(library, url, requests, NEW_TOKENS,
+                                                                                 peft_solo_ids)
         before = rss_mib(process)
         fuzz = asyncio.run(_fuzz(url, hostile_requests(N_FUZZ, experts + ["base", "auto"])))
         up = httpx.get(url + "/health", timeout=10).status_code == 200
@@ -326,6 +350,9 @@ def run(data: Path, device: str | None, base_name: str = MICRO) -> dict:
         "adapter_bytes": adapter_bytes(library, experts),
         "mix_ratio": result["mixes"]["mix_ratio"], "reload_errors": result["live_reload"]["errors"],
         "stale_answers": result["live_reload"]["stale_answers"],
+        **{k: result["llamacpp"][k] for k in ("llamacpp_agreement", "llamacpp_agreement_quantized_base",
+                                              "single_ratio", "mixed16_ratio")
+           if k in result["llamacpp"]},
         "p50_ms": batched["p50_ms"], "p99_ms": batched["p99_ms"],
         "memory": {"base_only_mib": round(base_only, 2), "with_experts_mib": round(with_experts, 2),
                    "growth_mib": round(with_experts - base_only, 2), "adapter_mib": round(adapters, 2),
@@ -344,6 +371,9 @@ def run(data: Path, device: str | None, base_name: str = MICRO) -> dict:
         "mix_ratio": result["mix_ratio"] >= MIX_TARGET and result["mixes"]["errors"] == 0,
         "live_reload": result["reload_errors"] == 0 and result["stale_answers"] == 0,
     }
+    if "llamacpp_agreement" in result:
+        result["checks"]["llamacpp_agreement"] = result["llamacpp_agreement"] >= AGREEMENT_TARGET
+        result["checks"]["beats_llamacpp_mixed16"] = result["mixed16_ratio"] > 1.0
     print_table(result)
     print("checks:", result["checks"])
     return result

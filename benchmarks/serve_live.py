@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -57,19 +56,8 @@ def copy_experts(library, experts: list[str], root: Path):
     live = Library(root)
     live.create_or_check(library.base_identity())
     for name in experts:
-        copy_entry(library, name, live, name)
+        live.copy_entry(library.get(name))
     return live
-
-
-def copy_entry(source, name: str, target, as_name: str) -> None:
-    from expertkit.library import Kind
-
-    entry = source.get(name)
-    manifest = {k: v for k, v in entry.manifest.items() if k not in ("name", "kind", "base", "created")}
-
-    target.add_entry(Kind.EXPERT, as_name, lambda tmp: [shutil.copy2(f, tmp / f.name) for f in entry.path.iterdir()
-                                                        if f.is_file() and f.name != "expert.json"],
-                     manifest, overwrite=True)
 
 
 def active_rows(url: str) -> int:
@@ -104,8 +92,8 @@ def live_reload(library, experts: list[str], requests: list[tuple[str, str]], st
                 task = asyncio.ensure_future(_load(url, wave, started))
                 await started.wait()
                 admitted = await asyncio.to_thread(wait_admitted, url, len(wave))
-                copy_entry(live, donor, live, rewritten)
-                copy_entry(live, experts[2], live, ADDED)
+                live.copy_entry(live.get(donor), rewritten, overwrite=True)
+                live.copy_entry(live.get(experts[2]), ADDED)
                 running = await asyncio.to_thread(active_rows, url)
                 reply = await asyncio.to_thread(httpx.post, url + "/v1/library/reload", timeout=300,
                                                 headers={"Authorization": f"Bearer {ADMIN}"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,22 @@ def assert_cached_steps_match(composition, ids, mask, split: int) -> None:
         logits, state = composition.step(state, ids[:, t])
     full, _ = composition.prefill(ids, mask)
     torch.testing.assert_close(logits, full[:, -1], rtol=1e-4, atol=1e-4)
+
+
+def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `expertkit ARGS` run in this process."""
+    from expertkit import cli
+
+    monkeypatch.setattr(sys, "argv", ["expertkit", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    out = capsys.readouterr()
+    return exit_info.value.code or 0, out.out, out.err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    """A user's mistake: exit 1, one `error:` line naming it (each fragment in it), no traceback."""
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code == 1 and len(lines) == 1, err
+    assert all(f in lines[0] for f in fragments), err
+    assert "Traceback" not in err

@@ -1,31 +1,13 @@
 """The CLI end to end, in process: exit codes, one-line errors, files written."""
 
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import assert_one_line_error, read_json, run_cli, write_project
 
-from expertkit import cli
 from expertkit.runtime import SamplingParams, decoding, generate
 from expertkit.runtime.tokens import left_pad
-
-from conftest import read_json, write_project
-
-
-def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["expertkit", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    out = capsys.readouterr()
-    return exit_info.value.code or 0, out.out, out.err
-
-
-def assert_one_line_error(code, err, pattern):
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert code == 1, err
-    assert len(lines) == 1 and pattern in lines[0], err
-    assert "Traceback" not in err
 
 
 def capture_generations(monkeypatch) -> list:

@@ -1,15 +1,9 @@
-"""`expertkit base import` and `models.ensure_model` on a micro Llama written as GGUF here (no download).
-
-The GGUF writer below is test scaffolding: it writes what llama.cpp's convert_hf_to_gguf.py writes
-for a Llama (its tensor names, metadata keys, tokenizer.ggml.* keys, and the Q/K row permutation
-that transformers' GGUF loader reverses), in float32 so the round trip must be exact.
-"""
+"""`expertkit base import` and `models.ensure_model` on a micro Llama written as GGUF here (no download)."""
 
 from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
 import sys
 import zipfile
@@ -18,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line_error, run_cli
+from gguf_writer import gqa_llama, write_llama_gguf
 
 from expertkit import cli, models
 from expertkit.errors import ExpertkitError
@@ -26,102 +22,12 @@ PROMPTS = ["patient dose trial cohort", "def return self import", "the a of and 
 CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
 
 
-# ---------------------------------------------------------------- a Llama written the way llama.cpp does
-
-def _permute(weights: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
-    """llama.cpp's Q/K permutation (convert_hf_to_gguf.py LlamaModel.permute): HF's rotate-half order
-    of each head's rows becomes GGML's interleaved pairs."""
-    if n_head_kv is not None and n_head != n_head_kv:
-        n_head = n_head_kv
-    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
-            .swapaxes(1, 2).reshape(weights.shape))
-
-
-LAYER_NAMES = {
-    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-}
-
-
-def write_llama_gguf(model, tokenizer, path: Path, chat_template: str | None = None, architecture: str = "llama",
-                     with_tokenizer: bool = True) -> Path:
-    import gguf
-
-    cfg = model.config
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
-    rope_theta = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
-    writer = gguf.GGUFWriter(str(path), architecture)
-    writer.add_name("micro llama")
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(rope_theta))
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_vocab_size(cfg.vocab_size)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    if with_tokenizer:
-        merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
-        special = set(tokenizer.all_special_ids)
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("default")
-        writer.add_token_list(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
-        writer.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL
-                                for i in range(len(tokenizer))])
-        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
-        writer.add_bos_token_id(tokenizer.bos_token_id)
-        writer.add_eos_token_id(tokenizer.eos_token_id)
-        writer.add_pad_token_id(tokenizer.pad_token_id)
-        writer.add_add_bos_token(False)
-    if chat_template:
-        writer.add_chat_template(chat_template)
-    state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
-    for i in range(cfg.num_hidden_layers):
-        for hf, gg in LAYER_NAMES.items():
-            w = state[f"model.layers.{i}.{hf}.weight"]
-            if gg == "attn_q":
-                w = _permute(w, cfg.num_attention_heads, cfg.num_attention_heads)
-            elif gg == "attn_k":
-                w = _permute(w, cfg.num_attention_heads, cfg.num_key_value_heads)
-            writer.add_tensor(f"blk.{i}.{gg}.weight", np.ascontiguousarray(w))
-    writer.add_tensor("output_norm.weight", state["model.norm.weight"])
-    if not cfg.tie_word_embeddings:
-        writer.add_tensor("output.weight", state["lm_head.weight"])
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
 # ---------------------------------------------------------------- fixtures and helpers
 
 def _load(folder):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(folder)
-
-
-def _gqa_llama(tokenizer):
-    """Grouped-query attention (K permuted with the kv head count) and an untied output head, with
-    weights large enough that a wrong permutation shows in the logits."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.3 + (1.0 if p.dim() == 1 else 0.0))  # norms around 1
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -134,20 +40,6 @@ def micro(micro_base_dir):
 def micro_gguf(micro, tmp_path_factory) -> Path:
     model, tokenizer = micro
     return write_llama_gguf(model, tokenizer, tmp_path_factory.mktemp("gguf") / "micro.gguf", CHAT_TEMPLATE)
-
-
-def run_cli(monkeypatch, capsys, *args) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["expertkit", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    return exit_info.value.code or 0, capsys.readouterr().err
-
-
-def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert code == 1 and len(lines) == 1, err
-    assert all(f in lines[0] for f in fragments), err
-    assert "Traceback" not in err
 
 
 def assert_same_model(reference, tokenizer, folder: Path) -> None:
@@ -166,7 +58,7 @@ def assert_same_model(reference, tokenizer, folder: Path) -> None:
 
 def test_base_import_round_trips_the_micro_llama(monkeypatch, capsys, micro, micro_gguf, tmp_path):
     out = tmp_path / "imported"
-    code, err = run_cli(monkeypatch, capsys, "base", "import", micro_gguf, out)
+    code, _, err = run_cli(monkeypatch, capsys, "base", "import", micro_gguf, out)
     assert code == 0, err
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
         p.name for p in out.iterdir()}
@@ -183,7 +75,7 @@ def test_base_import_reverses_the_gqa_permutation_and_keeps_an_untied_head(micro
     from expertkit.gguf_import import import_gguf
 
     tokenizer = micro[1]
-    model = _gqa_llama(tokenizer)
+    model = gqa_llama(tokenizer)
     path = write_llama_gguf(model, tokenizer, tmp_path / "gqa.gguf")
     out = import_gguf(path, tmp_path / "gqa")
     assert_same_model(model, tokenizer, out)
@@ -249,7 +141,7 @@ def test_base_import_errors_are_one_line_and_write_nothing(monkeypatch, capsys, 
             "architecture": lambda: _other_architecture(tmp_path),
             "no_tokenizer": lambda: _no_tokenizer(tmp_path, micro)}
     out = tmp_path / "out" / "model"
-    code, err = run_cli(monkeypatch, capsys, "base", "import", make[case](), out)
+    code, _, err = run_cli(monkeypatch, capsys, "base", "import", make[case](), out)
     assert_one_line_error(code, err, *fragments)
     assert not out.exists()
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
@@ -259,17 +151,17 @@ def test_base_import_refuses_a_non_empty_out_dir_unless_forced(monkeypatch, caps
     out = tmp_path / "taken"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    code, err = run_cli(monkeypatch, capsys, "base", "import", micro_gguf, out)
+    code, _, err = run_cli(monkeypatch, capsys, "base", "import", micro_gguf, out)
     assert_one_line_error(code, err, "already exists and is not empty", "--force")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
-    code, err = run_cli(monkeypatch, capsys, "base", "import", micro_gguf, out, "--force")
+    code, _, err = run_cli(monkeypatch, capsys, "base", "import", micro_gguf, out, "--force")
     assert code == 0, err
     assert (out / "config.json").is_file() and not (out / "keep.txt").exists()
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    code, err = run_cli(monkeypatch, capsys, "base", "import", micro_gguf, empty)
+    code, _, err = run_cli(monkeypatch, capsys, "base", "import", micro_gguf, empty)
     assert code == 0, err
     assert (empty / "model.safetensors").is_file()
 
@@ -279,7 +171,7 @@ def test_base_import_refuses_to_replace_the_folder_holding_the_gguf(monkeypatch,
     folder.mkdir()
     inside = folder / "m.gguf"
     inside.write_bytes(micro_gguf.read_bytes())
-    code, err = run_cli(monkeypatch, capsys, "base", "import", inside, folder, "--force")
+    code, _, err = run_cli(monkeypatch, capsys, "base", "import", inside, folder, "--force")
     assert_one_line_error(code, err, "the GGUF file is inside")
     assert inside.is_file()
 
@@ -292,7 +184,7 @@ def test_base_import_disk_full_leaves_nothing(monkeypatch, capsys, micro_gguf, t
 
     monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", full)
     out = tmp_path / "model"
-    code, err = run_cli(monkeypatch, capsys, "base", "import", micro_gguf, out)
+    code, _, err = run_cli(monkeypatch, capsys, "base", "import", micro_gguf, out)
     assert_one_line_error(code, err, "cannot write", "No space left")
     assert list(tmp_path.iterdir()) == []
 

