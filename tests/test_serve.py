@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import httpx
 import openai
 import pytest
 import torch
 
+from expertkit.encoding import encode_texts
 from expertkit.runtime import SamplingParams, generate
 from expertkit.serve.app import create_app
 from expertkit.serve.engine import Engine, Job, QueueFull
@@ -72,6 +74,41 @@ def test_concurrent_requests_for_different_experts_share_forwards(client, server
     for i, (model, prompt) in enumerate(prompts):
         assert answers[i] == reference(server, model, prompt, max_new_tokens=16), (model, prompt)
     assert (stats.rows_stepped - rows0) / (stats.steps - steps0) > 1.5  # rows really were batched
+
+
+def test_arrivals_for_different_adapters_are_prefilled_in_one_forward(served_library):
+    """The base, two experts and a mix arriving together: one prefill; each answer equals its solo generate()."""
+    from expertkit.base import load_base
+    from expertkit.compose import build_compositions
+    from expertkit.compose.adapters import mix_composition
+    from expertkit.library import Library
+    from expertkit.runtime import ExpertPool
+
+    _, library_path = served_library
+    library = Library(library_path)
+    pool = ExpertPool(load_base(library.base_identity()["name"]), library)
+    compositions = {c.name: c for c in build_compositions(pool)}
+    mix = mix_composition(pool, "mix:alpha=0.7,beta=0.3")
+    compositions[mix.name] = mix
+    params = SamplingParams(max_new_tokens=10)
+    asked = [(name, doc[:20 + 5 * i]) for i, (name, doc) in enumerate(
+        zip(["base", "alpha", "beta", mix.name] * 2, synthetic_documents("alpha", 8, seed=3)))]
+    answers: dict[int, str] = {}
+    engine = Engine(pool, compositions, max_batch=16)
+    for i, (name, prompt) in enumerate(asked):  # all queued before the engine starts: one arrival burst
+        ids = encode_texts(engine.tokenizer, [prompt])[0]
+        engine.submit(Job(name, ids, params, emit=lambda e, i=i: answers.__setitem__(i, e.get("full_text"))
+                          if e["type"] == "end" else None))
+    engine.start()
+    try:
+        deadline = time.monotonic() + 60
+        while len(answers) < len(asked) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        engine.stop()
+    assert engine.stats.prefills == 1
+    for i, (name, prompt) in enumerate(asked):
+        assert answers[i] == generate(compositions[name], engine.tokenizer, [prompt], params)[0], name
 
 
 def test_a_seed_means_the_same_in_generate_and_in_the_server(client, server):

@@ -27,6 +27,9 @@ class AdapterComposition(Composition):
     def step(self, state: PoolState, next_ids: torch.Tensor):
         return self.pool.step(state, next_ids)
 
+    def pool_rows(self, pool) -> str | AdapterMix | None:
+        return self.adapter if pool is self.pool else None
+
 
 @register(BASE)
 def base_composition(pool: ExpertPool, entry) -> Composition:

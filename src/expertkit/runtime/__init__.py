@@ -11,8 +11,7 @@ from expertkit.runtime.composition import Composition
 from expertkit.runtime.decoding import Sequence, generate, generate_ids
 from expertkit.runtime.pool import ExpertPool
 from expertkit.runtime.sampling import SamplingParams
-from expertkit.runtime.state import BASE_ADAPTER, AdapterMix, DecodeState, PoolState
+from expertkit.runtime.state import BASE_ADAPTER, AdapterMix, DecodeState, PoolState, RowAdapter
 
-__all__ = ["BASE_ADAPTER", "AdapterMix", "Composition", "DecodeState", "ExpertPool", "PoolState", "SamplingParams",
-           "Sequence",
-           "generate", "generate_ids"]
+__all__ = ["BASE_ADAPTER", "AdapterMix", "Composition", "DecodeState", "ExpertPool", "PoolState", "RowAdapter",
+           "SamplingParams", "Sequence", "generate", "generate_ids"]

@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 import torch
 
 from expertkit.errors import ExpertkitError
-from expertkit.runtime.state import DecodeState
+from expertkit.runtime.state import DecodeState, RowAdapter
 
 
 class Composition(ABC):
@@ -40,6 +40,11 @@ class Composition(ABC):
         if params:
             raise ExpertkitError(f"'{self.name}' takes no parameters; got {sorted(params)}")
         return self
+
+    def pool_rows(self, pool) -> RowAdapter | None:
+        """The adapter (or mix) of `pool` that every row of this composition is answered by, if that is all it
+        does: a server may then prefill its rows together with other such rows in one mixed-adapter forward."""
+        return None
 
     def stats(self) -> dict:
         """Counters worth reporting after a run (e.g. the share of tokens a collaboration deferred); none here."""

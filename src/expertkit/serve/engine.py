@@ -1,7 +1,8 @@
 """The serving engine: one thread that owns the model and decodes every request, step by step.
 
-Continuous batching across experts: every request is prefilled through its composition; when
-the state that comes back is rows of the engine's pool (a PoolState: the base, an expert, a merge,
+Continuous batching across experts: every request is prefilled through its composition (arrivals
+for the base, experts, merges and mixes together, one mixed-adapter forward whatever each asks for);
+when the state that comes back is rows of the engine's pool (a PoolState: the base, an expert, a merge,
 a router's choice), those rows join ONE running batch, each step one forward with per-row adapters.
 Requests join after their prefill and leave when they finish, between steps. Other compositions
 (mixtures, collaborations, full merged models) decode in lanes of their own, still interleaved
@@ -37,6 +38,7 @@ from expertkit.runtime import (
     DecodeState,
     ExpertPool,
     PoolState,
+    RowAdapter,
     SamplingParams,
     Sequence,
 )
@@ -124,6 +126,21 @@ class PoolLane(Lane):
         self.next_ids = torch.cat([self.next_ids, other.next_ids])
 
 
+class AdapterRows(Composition):
+    """Arrivals of several plain pool compositions prefilled as one batch: row i on `adapters[i]`."""
+
+    name = "pool rows"
+
+    def __init__(self, pool: ExpertPool, adapters: list[RowAdapter]):
+        self.pool, self.adapters = pool, adapters
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_only: bool = False):
+        return self.pool.prefill(input_ids, attention_mask, self.adapters, last_only=last_only)
+
+    def step(self, state: PoolState, next_ids: torch.Tensor):
+        return self.pool.step(state, next_ids)
+
+
 class CompositionLane(Lane):
     """Requests of one composition admitted together; its state is opaque, so finished rows ride along."""
 
@@ -160,7 +177,9 @@ class Engine:
     """Owns the pool and the compositions; `submit` jobs from any thread, events come back via `job.emit`."""
 
     def __init__(self, pool: ExpertPool, compositions: dict[str, Composition],
-                 max_batch: int = ServeOptions().max_batch, max_queue: int = ServeOptions().max_queue):
+                 max_batch: int = ServeOptions().max_batch, max_queue: int = ServeOptions().max_queue,
+                 threads: int | None = None):
+        """`threads`: torch's intra-op threads in the engine thread (see server.engine_threads)."""
         if max_batch < 1 or max_queue < 1:
             raise ExpertkitError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
         self.pool, self.compositions = pool, compositions
@@ -175,6 +194,7 @@ class Engine:
         self._wake = threading.Condition()
         self._running = False
         self._thread: threading.Thread | None = None
+        self.threads = threads
         if max_batch > 1:
             self._check_batching()
 
@@ -242,6 +262,8 @@ class Engine:
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        if self.threads:
+            torch.set_num_threads(self.threads)
         while self._running:
             with self._wake:
                 while self._running and not self._admissible() and not self.active_rows and not self.calls:
@@ -291,10 +313,23 @@ class Engine:
         return arrivals
 
     def _admit(self, jobs: list[Job]) -> None:
+        """Prefill the arrivals: the rows of plain pool compositions (the base, experts, merges, mixes) in
+        shared mixed-adapter forwards, whatever adapter each asks for; the others by composition."""
         groups: dict[tuple, list[Job]] = {}
+        pooled: list[tuple[Job, RowAdapter]] = []
         for job in jobs:
-            if not job.cancelled:
+            if job.cancelled:
+                continue
+            composition = self.compositions.get(job.composition)
+            adapter = None if composition is None or job.composition_params else composition.pool_rows(self.pool)
+            if adapter is None:
                 groups.setdefault(job.group, []).append(job)
+            else:
+                pooled.append((job, adapter))
+        for start in range(0, len(pooled), PREFILL_ROWS):
+            chunk, adapters = map(list, zip(*pooled[start:start + PREFILL_ROWS]))
+            with self._confined(chunk, "admitting requests"):
+                self._admit_group(AdapterRows(self.pool, adapters), chunk)
         for group in groups.values():
             name, params = group[0].composition, group[0].composition_params
             if name not in self.compositions:  # removed from the library while it waited

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from expertkit.config import ServeOptions
@@ -32,8 +33,32 @@ def pick_router(entries, requested: str | None) -> str | None:
     return best.name
 
 
+@contextmanager
+def engine_threads():
+    """Yields torch's thread count, run with one intra-op thread meanwhile; the engine thread takes the count.
+
+    With OpenMP, torch runs 1.2-1.4x slower in a thread other than the first one that ran multi-threaded
+    ops (2 cores: a 64-row decode step of SmolLM2-135M took 197 ms in the engine thread after the model was
+    loaded with 2 threads in the main thread, 131 ms in the main thread itself). So the main thread loads
+    the model with one thread, and the engine thread is the first to run with all of them.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(threads)
+
+
 def build_local_service(library_path: Path, options: ServeOptions):
     """Load the base once, attach the library's adapters to it, and start the engine."""
+    with engine_threads() as threads:
+        return _build_local_service(library_path, options, threads)
+
+
+def _build_local_service(library_path: Path, options: ServeOptions, threads: int):
     from expertkit.base import load_base
     from expertkit.compose import build_compositions
     from expertkit.library import Library
@@ -59,7 +84,8 @@ def build_local_service(library_path: Path, options: ServeOptions):
     context = pool.context_length
     limits = Limits(max_prompt_tokens=options.max_prompt_tokens or context or 2048,
                     max_tokens=min(options.max_tokens, context or options.max_tokens))
-    engine = Engine(pool, compositions, max_batch=options.max_batch, max_queue=options.max_queue).start()
+    engine = Engine(pool, compositions, max_batch=options.max_batch, max_queue=options.max_queue,
+                    threads=threads).start()
     return LocalService(engine, limits, context, router, LibraryReloader(engine, options, small), options.watch_s)
 
 
