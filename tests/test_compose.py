@@ -35,6 +35,25 @@ def test_mixed_batch_equals_one_at_a_time(pool):
     assert not torch.allclose(mixed[0], pool.prefill(ids[:1], mask[:1], [BASE_ADAPTER])[0][0])
 
 
+def test_keep_last_gives_the_last_columns_of_every_position(served_library):
+    """What scoring asks for a continuation: the last k positions' logits, as the full prefill has them."""
+    from expertkit.base import load_base
+    from expertkit.library import Library
+
+    library = Library(served_library[1])
+    pool = ExpertPool(load_base(library.base_identity()["name"]), library)
+    ids = torch.randint(3, 200, (3, 12), generator=torch.Generator().manual_seed(2))
+    ids[0, :4] = 0
+    mask = (ids != 0).long()
+    compositions = build_compositions(pool)
+    assert "router-lexical" in [c.name for c in compositions]
+    for composition in compositions:
+        full, _ = composition.prefill(ids, mask)
+        last, _ = composition.prefill(ids, mask, keep_last=5)
+        assert last.shape[1] == 5, composition.name
+        torch.testing.assert_close(last, full[:, -5:], rtol=1e-5, atol=1e-5, msg=composition.name)
+
+
 def test_cached_steps_equal_recomputing_the_sequence(pool):
     alpha = build_compositions(pool, ["alpha"])[0]
     ids = torch.randint(3, 200, (2, 10), generator=torch.Generator().manual_seed(1))
@@ -87,8 +106,8 @@ class _StepCounter:
     def __init__(self, inner):
         self.inner, self.steps = inner, 0
 
-    def prefill(self, input_ids, attention_mask, last_only=False):
-        return self.inner.prefill(input_ids, attention_mask, last_only)
+    def prefill(self, input_ids, attention_mask, keep_last=None):
+        return self.inner.prefill(input_ids, attention_mask, keep_last)
 
     def step(self, state, next_ids):
         self.steps += 1

@@ -10,14 +10,13 @@ import httpx
 import openai
 import pytest
 import torch
+from conftest import synthetic_documents
 
 from expertkit.encoding import encode_texts
 from expertkit.runtime import SamplingParams, generate
 from expertkit.serve.app import create_app
 from expertkit.serve.engine import Engine, Job, QueueFull
 from expertkit.serve.server import BackgroundServer, ServeOptions, build_local_service
-
-from conftest import synthetic_documents
 
 KEY = "test-key"
 

@@ -29,10 +29,10 @@ class Faulty(Composition):
     def __init__(self, inner: Composition, name: str, at: int, error: Exception):
         self.inner, self.name, self.at, self.error = inner, name, at, error
 
-    def prefill(self, input_ids, attention_mask, last_only=False):
+    def prefill(self, input_ids, attention_mask, keep_last=None):
         if self.at == 0:
             raise self.error
-        logits, state = self.inner.prefill(input_ids, attention_mask, last_only)
+        logits, state = self.inner.prefill(input_ids, attention_mask, keep_last)
         return logits, (state, 0)
 
     def step(self, state, next_ids):
@@ -49,7 +49,7 @@ class FaultyRouter(Composition):
     def __init__(self, pool, name: str):
         self.pool, self.name = pool, name
 
-    def prefill(self, input_ids, attention_mask, last_only=False):
+    def prefill(self, input_ids, attention_mask, keep_last=None):
         raise RuntimeError("injected routing fault")
 
     def step(self, state, next_ids):

@@ -56,9 +56,9 @@ def test_a_router_scores_choices_it_never_read(task_files):
     class Recording:
         decides_from_prompt, name = True, "recording"
 
-        def prefill(self, ids, mask, last_only=False):
+        def prefill(self, ids, mask, keep_last=None):
             read.extend(row[m.bool()].tolist() for row, m in zip(ids, mask))
-            return lm_base.prefill(ids, mask, last_only)
+            return lm_base.prefill(ids, mask, keep_last)
 
         def step(self, state, next_ids):
             return lm_base.step(state, next_ids)

@@ -40,7 +40,8 @@ def continuation_log_probs(composition: Composition, rows: list[tuple[list[int],
 
 def _one_prefill(composition: Composition, rows, pad: int) -> list[Scored]:
     ids, mask = pad_left([prompt + continuation[:-1] for prompt, continuation in rows], pad)
-    logits, _ = composition.prefill(ids, mask)
+    # rows are left-padded, so every continuation sits in the last columns: the model's head runs only there
+    logits, _ = composition.prefill(ids, mask, keep_last=max(len(continuation) for _, continuation in rows))
     out = []
     for i, (_, continuation) in enumerate(rows):
         log_probs = logits[i, -len(continuation):].float().log_softmax(-1)

@@ -21,8 +21,8 @@ class AdapterComposition(Composition):
     def __init__(self, pool: ExpertPool, adapter: str | AdapterMix, name: str):
         self.pool, self.adapter, self.name = pool, adapter, name
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_only: bool = False):
-        return self.pool.prefill(input_ids, attention_mask, [self.adapter] * input_ids.shape[0], last_only=last_only)
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_last: int | None = None):
+        return self.pool.prefill(input_ids, attention_mask, [self.adapter] * input_ids.shape[0], keep_last=keep_last)
 
     def step(self, state: PoolState, next_ids: torch.Tensor):
         return self.pool.step(state, next_ids)

@@ -89,7 +89,7 @@ class KnowledgeCardComposition(Parameterized, Composition):
 
     # -- the large model's side -------------------------------------------------------------------------
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_only: bool = False):
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_last: int | None = None):
         prompts = real_rows(input_ids, attention_mask)
         query_len = [min(len(p), self.params.query_tokens or len(p)) for p in prompts]
         queries = self._to_small([p[:q] for p, q in zip(prompts, query_len)])
@@ -118,7 +118,7 @@ class KnowledgeCardComposition(Parameterized, Composition):
                                                                 - 1)[:, None]
             logits = logits.clone()
             logits[chosen] = torch.where(before[..., None].to(logits.device), plain, logits[chosen])
-        return (logits[:, -1:] if last_only else logits), state
+        return (logits[:, -keep_last:] if keep_last else logits), state
 
     def step(self, state: PoolState, next_ids: torch.Tensor):
         return self.large.step(state, next_ids)

@@ -136,7 +136,7 @@ class Collaboration(Parameterized, Composition):
         """With a token map, only tokens both models can read may be generated."""
         return self.token_map.mask_unmapped(log_probs) if self.token_map is not None else log_probs
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_only: bool = False):
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_last: int | None = None):
         rows, k = input_ids.shape[0], len(self.small_adapters)
         large_logits, large = self.large.prefill(input_ids, attention_mask, [BASE_ADAPTER] * rows)
         small_ids = self.token_map.to_small(input_ids) if self.token_map is not None else input_ids
@@ -145,7 +145,7 @@ class Collaboration(Parameterized, Composition):
         large_lp, small_lp = self._log_probs(large_logits, small_logits, rows)
         out, memory = self.start(large_lp, small_lp, input_ids, attention_mask.to(large_lp.device).bool())
         out = self._readable(out)
-        return (out[:, -1:] if last_only else out), CollaborationState(large, small, memory)
+        return (out[:, -keep_last:] if keep_last else out), CollaborationState(large, small, memory)
 
     def step(self, state: CollaborationState, next_ids: torch.Tensor):
         rows, k = next_ids.shape[0], len(self.small_adapters)

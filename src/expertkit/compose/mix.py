@@ -81,13 +81,14 @@ class MixtureComposition(Composition):
         """evidence [..., C], log_probs [..., C, V] -> mixture log-probabilities [..., V]."""
         return (top_k_log_posterior(evidence, self.top_k).unsqueeze(-1) + log_probs).logsumexp(dim=-2)
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_only: bool = False):
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_last: int | None = None):
         real_rows(input_ids, attention_mask, self.pool.context_length)
         logits, inner = self.components.prefill(input_ids, attention_mask)
         log_probs = torch.log_softmax(logits.float(), dim=-1)  # [B, C, T, V]
         evidence = prefix_evidence(log_probs, input_ids, attention_mask, self.log_prior)  # [B, C, T]
-        if last_only:  # the evidence needs every position; the mixture only the last one
-            mixed = self._mix(evidence[:, :, -1:].transpose(1, 2), log_probs[:, :, -1:].transpose(1, 2))
+        if keep_last:  # the evidence needs every position; the mixture only the last ones
+            mixed = self._mix(evidence[:, :, -keep_last:].transpose(1, 2),
+                              log_probs[:, :, -keep_last:].transpose(1, 2))
         else:
             mixed = self._mix(evidence.transpose(1, 2), log_probs.transpose(1, 2))
         return mixed, MixtureState(inner, evidence[:, :, -1], log_probs[:, :, -1])

@@ -54,12 +54,12 @@ class SplitState:
 
 
 def split_prefill(chosen: list[Composition], input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  last_only: bool) -> tuple[torch.Tensor, SplitState]:
+                  keep_last: int | None) -> tuple[torch.Tensor, SplitState]:
     """Row i answered by `chosen[i]`: one prefill per distinct composition, on its rows only."""
     parts, groups = [], []
     for composition in dict.fromkeys(chosen):
         index = torch.tensor([i for i, c in enumerate(chosen) if c is composition])
-        logits, state = composition.prefill(input_ids[index], attention_mask[index], last_only=last_only)
+        logits, state = composition.prefill(input_ids[index], attention_mask[index], keep_last=keep_last)
         parts.append((index, logits))
         groups.append((composition, index, state))
     return _put_rows(parts, len(chosen)), SplitState(groups)

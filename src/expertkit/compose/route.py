@@ -27,14 +27,14 @@ class RoutedComposition(Composition):
         self.pool, self.router, self.name, self.choices = pool, calibrated, name, choices
         self.last_routing = None  # the most recent prefill's decisions, for reports
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_only: bool = False):
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_last: int | None = None):
         rows = real_rows(input_ids, attention_mask, self.pool.context_length)
         self.last_routing = self.router.route(self.pool, Prompts.from_ids(self.pool.tokenizer, rows))
         chosen = [self.choices[label] for label in self.last_routing.chosen]
         adapters = pool_adapters(self.pool, chosen)
         if adapters is None:
-            return split_prefill(chosen, input_ids, attention_mask, last_only)
-        return self.pool.prefill(input_ids, attention_mask, adapters, last_only=last_only)
+            return split_prefill(chosen, input_ids, attention_mask, keep_last)
+        return self.pool.prefill(input_ids, attention_mask, adapters, keep_last=keep_last)
 
     def step(self, state, next_ids: torch.Tensor):
         if isinstance(state, SplitState):

@@ -25,10 +25,11 @@ class Composition(ABC):
 
     @abstractmethod
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                last_only: bool = False) -> tuple[torch.Tensor, DecodeState]:
+                keep_last: int | None = None) -> tuple[torch.Tensor, DecodeState]:
         """Logits [B, T, V] for every position (perplexity needs all of them), plus the state to continue.
 
-        `last_only`: the caller reads only the last position (generation); [B, 1, V] saves T x V memory.
+        `keep_last`: the caller reads only the last `keep_last` positions (generation: 1; scoring a continuation:
+        its length): [B, keep_last, V], which spares the model's head and T x V memory for the rest.
         """
 
     @abstractmethod

@@ -83,7 +83,7 @@ def generate_ids(composition: Composition, tokenizer, rows: list[list[int]], par
     sequences = [Sequence(tokenizer, params, incremental=False) for _ in rows]
     if params.max_new_tokens == 0:
         return [""] * len(rows)
-    logits, state = composition.prefill(input_ids, mask, last_only=True)
+    logits, state = composition.prefill(input_ids, mask, keep_last=1)
     logits = logits[:, -1]
     while True:
         tokens = choose_tokens(sequences, logits)

@@ -242,11 +242,11 @@ class ExpertPool:
                               past_key_values=past, use_cache=True, **kwargs, **model_kwargs)
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: list[RowAdapter],
-                last_only: bool = False, **model_kwargs) -> tuple[torch.Tensor, PoolState]:
+                keep_last: int | None = None, **model_kwargs) -> tuple[torch.Tensor, PoolState]:
         adapters = self.resolve(adapters)
         positions = position_ids(attention_mask)
-        if last_only:
-            model_kwargs["logits_to_keep"] = 1
+        if keep_last:
+            model_kwargs["logits_to_keep"] = keep_last
         # A plain DynamicCache keeps every layer's keys whole, sliding-window layers too (their attention
         # mask still applies the window), so a server can join and trim rows of it (kvcache.py).
         out = self.forward(input_ids, attention_mask, adapters, past=DynamicCache(), position_ids=positions,

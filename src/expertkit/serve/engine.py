@@ -134,8 +134,8 @@ class AdapterRows(Composition):
     def __init__(self, pool: ExpertPool, adapters: list[RowAdapter]):
         self.pool, self.adapters = pool, adapters
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_only: bool = False):
-        return self.pool.prefill(input_ids, attention_mask, self.adapters, last_only=last_only)
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_last: int | None = None):
+        return self.pool.prefill(input_ids, attention_mask, self.adapters, keep_last=keep_last)
 
     def step(self, state: PoolState, next_ids: torch.Tensor):
         return self.pool.step(state, next_ids)
@@ -200,7 +200,7 @@ class Engine:
 
     def _check_batching(self) -> None:
         _, state = self.pool.prefill(torch.tensor([[self.eos or 0]]), torch.ones(1, 1, dtype=torch.long),
-                                     [BASE_ADAPTER], last_only=True)
+                                     [BASE_ADAPTER], keep_last=1)
         check_joinable(state.past)
 
     # ------------------------------------------------------------ the thread-safe side
@@ -365,7 +365,8 @@ class Engine:
             self.stats.prompt_tokens += len(job.prompt_ids)
         ids, mask = pad_left([job.prompt_ids for job in jobs], pad_id(self.tokenizer))
         # the logits of every prompt position only when a job echoes the prompt's logprobs (memory: T x vocab)
-        logits, state = composition.prefill(ids, mask, last_only=not any(job.prompt_logprobs for job in jobs))
+        echo = any(job.prompt_logprobs for job in jobs)
+        logits, state = composition.prefill(ids, mask, keep_last=None if echo else 1)
         self.stats.prefills += 1
         shared = isinstance(state, PoolState) and state.pool is self.pool
         for i, job in enumerate(jobs):
