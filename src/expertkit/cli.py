@@ -396,7 +396,7 @@ def export_gguf(library: Path = typer.Argument(..., help="library folder"),
                 base: Optional[Path] = typer.Option(None, help="the library's base model dir (default: the library's)"),
                 base_gguf: Optional[Path] = typer.Option(None, help="the base's GGUF file (default: the file the base "
                                                                     "was imported from)"),
-                no_base: bool = typer.Option(False, help="write only the adapters"),
+                with_base: bool = typer.Option(True, "--with-base/--no-base", help="also write base.gguf"),
                 dtype: str = typer.Option("f32", help="adapter tensor type: f32 or f16"),
                 base_type: str = typer.Option("source", help="base.gguf: 'source' (the GGUF itself) or 'f32' "
                                                              "(dequantized: llama.cpp computes what expertkit does)"),
@@ -405,7 +405,7 @@ def export_gguf(library: Path = typer.Argument(..., help="library folder"),
     _setup()
     from expertkit.gguf_export import export_gguf as write_export
 
-    result = write_export(library, out_dir, base=base, base_gguf=base_gguf, with_base=not no_base, dtype=dtype,
+    result = write_export(library, out_dir, base=base, base_gguf=base_gguf, with_base=with_base, dtype=dtype,
                           base_type=base_type, force=force)
     console.print(f"wrote {len(result.adapters)} adapters to {result.out_dir}; base: {result.base_note}",
                   highlight=False, soft_wrap=True)
