@@ -168,6 +168,7 @@ def test_a_base_not_imported_from_gguf_exports_the_adapters_and_says_how_to_conv
     manifest = json.loads((tmp_path / "out" / "export.json").read_text())
     assert manifest["base"] is None and not (tmp_path / "out" / "base.gguf").exists()
     assert set(manifest["adapters"]) == {e.name for e in Library(library_path).entries() if e.is_adapter}
+    assert manifest["not_adapters"] == ["router-lexical"] and "router-lexical" in err
 
 
 def refused(monkeypatch, capsys, fragment: str, *args) -> None:

@@ -211,6 +211,7 @@ def export_gguf(library_path: Path, out_dir: Path, base: Path | None = None, bas
     if base_type not in BASE_TYPES:
         raise ExpertkitError(f"--base-type {base_type} is not one of {', '.join(BASE_TYPES)}")
     adapters = [e for e in library.entries() if e.is_adapter]
+    skipped = [e.name for e in library.entries() if not e.is_adapter]  # full models, routers, mixtures
     if not adapters:
         raise ExpertkitError(f"library {library.root} has no adapters to export; train experts first")
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not force)):
@@ -239,8 +240,10 @@ def export_gguf(library_path: Path, out_dir: Path, base: Path | None = None, bas
                 BASE_TYPES[base_type](base_file, tmp / "base.gguf")
         manifest = {"architecture": architecture.name, "base": "base.gguf" if base_file else None,
                     "base_source": base_note, "adapters": {n: p.name for n, p in written.items()},
-                    "dtype": dtype, "base_type": base_type,
+                    "dtype": dtype, "base_type": base_type, "not_adapters": skipped,
                     "llama_cpp": f"llama-server -m base.gguf --lora {next(iter(written.values())).name}"}
         (tmp / "export.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    if skipped:
+        console.print(f"not exported (no llama.cpp adapter form): {', '.join(skipped)}", highlight=False)
     return GGUFExport(out_dir, out_dir / "base.gguf" if base_file else None, written, base_note)
 
