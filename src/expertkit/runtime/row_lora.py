@@ -60,10 +60,10 @@ class RowLoRA:
             for name, weight in adapter.weights if isinstance(adapter, AdapterMix) else [(adapter, 1.0)]:
                 if name != skip:
                     cells.append((row, names.setdefault(name, len(names)), weight))
-        weights = torch.zeros(len(adapters), len(names), device=device)
+        table = [[0.0] * len(names) for _ in adapters]
         for row, column, weight in cells:
-            weights[row, column] += weight
-        self.batch = _Batch(list(names), weights) if names else None
+            table[row][column] += weight
+        self.batch = _Batch(list(names), torch.tensor(table, device=device)) if names else None
         try:
             yield
         finally:
