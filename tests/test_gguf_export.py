@@ -181,7 +181,7 @@ def test_bad_exports_are_one_line_and_write_nothing(monkeypatch, capsys, gguf_li
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("mine")
-    refused(monkeypatch, capsys, "not an empty folder", library.root, busy)
+    refused(monkeypatch, capsys, "already exists and is not empty", library.root, busy)
     assert [p.name for p in busy.iterdir()] == ["keep.txt"]
 
     refused(monkeypatch, capsys, "not an expertkit library", tmp_path / "nothing", tmp_path / "a")

@@ -22,7 +22,7 @@ import numpy as np
 
 from expertkit.errors import ExpertkitError
 from expertkit.fsutil import atomic_dir
-from expertkit.gguf_import import inspect_gguf, source_gguf
+from expertkit.gguf_import import check_out_dir, field_str, inspect_gguf, source_gguf
 from expertkit.library import Library
 from expertkit.progress import console
 from expertkit.registry import Registry
@@ -130,6 +130,11 @@ def write_adapter_gguf(path: Path, name: str, architecture: GGUFArchitecture, te
     writer.add_name(name)
     for tensor_name, array in tensors.items():
         writer.add_tensor(tensor_name, array)
+    _finish(writer)
+
+
+def _finish(writer) -> None:
+    """Write a filled GGUFWriter's header, metadata and tensors, and close the file."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -176,8 +181,7 @@ def _dequantized_base(src: Path, dst: Path) -> None:
     import gguf
 
     reader = gguf.GGUFReader(src)
-    architecture = bytes(reader.fields["general.architecture"].parts[-1]).decode()
-    writer = gguf.GGUFWriter(str(dst), architecture)
+    writer = gguf.GGUFWriter(str(dst), field_str(reader, "general.architecture"))
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture":
             continue  # written by the writer itself
@@ -188,10 +192,7 @@ def _dequantized_base(src: Path, dst: Path) -> None:
         writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub_type)
     for tensor in reader.tensors:
         writer.add_tensor(tensor.name, gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _finish(writer)
 
 
 BASE_TYPES = {"source": _place_base, "f32": _dequantized_base}  # --base-type: how base.gguf is made
@@ -210,12 +211,11 @@ def export_gguf(library_path: Path, out_dir: Path, base: Path | None = None, bas
         raise ExpertkitError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
     if base_type not in BASE_TYPES:
         raise ExpertkitError(f"--base-type {base_type} is not one of {', '.join(BASE_TYPES)}")
-    adapters = [e for e in library.entries() if e.is_adapter]
-    skipped = [e.name for e in library.entries() if not e.is_adapter]  # full models, routers, mixtures
+    entries = library.entries()
+    adapters = [e for e in entries if e.is_adapter]
+    skipped = [e.name for e in entries if not e.is_adapter]  # full models, routers, mixtures
     if not adapters:
         raise ExpertkitError(f"library {library.root} has no adapters to export; train experts first")
-    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not force)):
-        raise ExpertkitError(f"{out_dir} already exists and is not an empty folder; remove it or pass --force")
     model_dir = Path(base or library.base_identity()["name"])
     architecture, model_config = base_architecture(model_dir)
     base_file, base_note = None, "not exported (--no-base)"
@@ -227,9 +227,10 @@ def export_gguf(library_path: Path, out_dir: Path, base: Path | None = None, bas
         else:
             _check_base_gguf(base_file, architecture)
             base_note = f"{base_file}" + (" dequantized to F32" if base_type == "f32" else "")
+    replace = check_out_dir(out_dir, base_file, force)
 
     written: dict[str, Path] = {}
-    with atomic_dir(out_dir, overwrite=out_dir.exists()) as tmp:
+    with atomic_dir(out_dir, overwrite=replace) as tmp:
         for entry in adapters:
             console.print(f"  {entry.name} ({entry.kind}) -> {entry.name}.gguf", highlight=False)
             tensors, alpha = adapter_tensors(entry.path, architecture, model_config, DTYPES[dtype])

@@ -36,7 +36,7 @@ class GGUFInfo:
     chat_template: str | None
 
 
-def _field_str(reader, key: str) -> str | None:
+def field_str(reader, key: str) -> str | None:
     field = reader.fields.get(key)
     if field is None or not field.data:
         return None
@@ -84,7 +84,7 @@ def inspect_gguf(path: Path) -> GGUFInfo:
     except (ValueError, IndexError, KeyError, OSError, UnicodeDecodeError) as e:
         raise ExpertkitError(f"{path} is a truncated or corrupt GGUF file ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else 'unreadable'}); download it again") from e
-    architecture = _field_str(reader, "general.architecture")
+    architecture = field_str(reader, "general.architecture")
     if architecture is None:
         raise ExpertkitError(f"{path} has no general.architecture key; it is not a GGUF model file")
     supported = gguf_architectures()
@@ -93,10 +93,10 @@ def inspect_gguf(path: Path) -> GGUFInfo:
 
         raise ExpertkitError(f"{path} holds a '{architecture}' model, which transformers {transformers.__version__} "
                              f"cannot load from GGUF (it can: {', '.join(supported)})")
-    return GGUFInfo(path=path, architecture=architecture, name=_field_str(reader, "general.name"),
+    return GGUFInfo(path=path, architecture=architecture, name=field_str(reader, "general.name"),
                     tensors=len(reader.tensors),
                     tensor_types=sorted({t.tensor_type.name for t in reader.tensors}),
-                    chat_template=_field_str(reader, "tokenizer.chat_template"))
+                    chat_template=field_str(reader, "tokenizer.chat_template"))
 
 
 def record_gguf_source(model_dir: Path, gguf_path: Path, architecture: str) -> None:
@@ -122,12 +122,12 @@ def source_gguf(model_dir: Path) -> Path | None:
     return path
 
 
-def _check_out_dir(out_dir: Path, gguf_path: Path, force: bool) -> bool:
-    """Whether an existing `out_dir` is to be replaced; refuse what would lose data."""
+def check_out_dir(out_dir: Path, gguf_path: Path | None, force: bool) -> bool:
+    """Whether an existing `out_dir` is to be replaced; refuse what would lose data (the GGUF read from, too)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ExpertkitError(f"{out_dir} exists and is not a folder; choose another output folder")
-    if out_dir.is_dir() and gguf_path.resolve().is_relative_to(out_dir.resolve()):
-        raise ExpertkitError(f"the GGUF file is inside {out_dir}, which the import would replace; "
+    if out_dir.is_dir() and gguf_path is not None and gguf_path.resolve().is_relative_to(out_dir.resolve()):
+        raise ExpertkitError(f"the GGUF file is inside {out_dir}, which would be replaced; "
                              "choose another output folder")
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not force:
@@ -181,7 +181,7 @@ def import_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32", force: b
     if dtype not in DTYPES:
         raise ExpertkitError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
     info = inspect_gguf(gguf_path)
-    replace = _check_out_dir(out_dir, gguf_path, force)
+    replace = check_out_dir(out_dir, gguf_path, force)
     size_mb = gguf_path.stat().st_size / 2**20
     console.print(f"{gguf_path.name}: {info.architecture} '{info.name or '?'}', {info.tensors} tensors "
                   f"({'/'.join(info.tensor_types)}), {size_mb:.0f} MB", highlight=False)
