@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 
-def _permute(weights: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
+def permute_qk(weights: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
     """llama.cpp's Q/K permutation (convert_hf_to_gguf.py LlamaModel.permute): HF's rotate-half order
     of each head's rows becomes GGML's interleaved pairs."""
     if n_head_kv is not None and n_head != n_head_kv:
@@ -70,9 +70,9 @@ def write_llama_gguf(model, tokenizer, path: Path, chat_template: str | None = N
         for hf, gg in LAYER_NAMES.items():
             w = state[f"model.layers.{i}.{hf}.weight"]
             if gg == "attn_q":
-                w = _permute(w, cfg.num_attention_heads, cfg.num_attention_heads)
+                w = permute_qk(w, cfg.num_attention_heads, cfg.num_attention_heads)
             elif gg == "attn_k":
-                w = _permute(w, cfg.num_attention_heads, cfg.num_key_value_heads)
+                w = permute_qk(w, cfg.num_attention_heads, cfg.num_key_value_heads)
             writer.add_tensor(f"blk.{i}.{gg}.weight", np.ascontiguousarray(w))
     writer.add_tensor("output_norm.weight", state["model.norm.weight"])
     if not cfg.tie_word_embeddings:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_one_line_error, run_cli
-from gguf_writer import gqa_llama, write_llama_gguf
+from gguf_writer import gqa_llama, permute_qk, write_llama_gguf
 
 from expertkit.library import Kind, Library
 
@@ -97,8 +97,6 @@ def gguf_delta(path: Path) -> tuple[dict[str, np.ndarray], dict]:
 
 
 def test_export_writes_llama_cpp_adapters_whose_delta_is_pefts(monkeypatch, capsys, gguf_library, tmp_path):
-    from gguf_writer import _permute
-
     library, source, base_dir = gguf_library
     out = _exported(monkeypatch, capsys, library, tmp_path / "out")
     assert (out / "base.gguf").read_bytes() == source.read_bytes()  # the file the base was imported from
@@ -115,9 +113,9 @@ def test_export_writes_llama_cpp_adapters_whose_delta_is_pefts(monkeypatch, caps
             layer, module = key.split(".", 1)
             short = module.split(".")[-1]
             if short == "q_proj":
-                delta = _permute(delta, heads, heads)
+                delta = permute_qk(delta, heads, heads)
             elif short == "k_proj":
-                delta = _permute(delta, heads, kv_heads)
+                delta = permute_qk(delta, heads, kv_heads)
             np.testing.assert_allclose(deltas[f"blk.{layer}.{GGUF_NAMES[short]}"], delta, rtol=1e-4, atol=1e-5)
 
 
