@@ -14,6 +14,7 @@ from expertkit.registry import Registry
 MICRO = "micro"
 REAL_BASES = ("smollm2-135m", "gemma3-270m")  # expertkit.models
 TASK_EXAMPLES = {"per_task": 500}  # examples per task for suites that measure task accuracy (run.py --task-examples)
+ROUTE_OPTIONS = {"prompts": False}  # run.py --prompts: the route suite measures routing of real prompts
 
 
 @dataclass(frozen=True)
@@ -41,3 +42,4 @@ import specialize  # noqa: E402,F401
 import task_accuracy  # noqa: E402,F401
 
 import merge  # noqa: E402,F401
+import port  # noqa: E402,F401

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import sys
 import zipfile
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch
 from conftest import assert_one_line_error, run_cli
 from gguf_writer import gqa_llama, write_llama_gguf
 
-from expertkit import cli, models
+from expertkit import models
 from expertkit.errors import ExpertkitError
 
 PROMPTS = ["patient dose trial cohort", "def return self import", "the a of and to in", "naïve café — 東京 <|endoftext|>!"]

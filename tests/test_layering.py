@@ -19,7 +19,7 @@ LAYERS = [
     ["runtime"],
     ["routing"],
     ["compose"],
-    ["scoring", "evaluate", "executors", "merging", "train", "tasks"],
+    ["scoring", "evaluate", "executors", "merging", "train", "tasks", "porting"],
     ["serve"],
     ["workflow", "demo", "cli"],
 ]

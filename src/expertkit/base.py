@@ -136,11 +136,18 @@ class BaseSpec:
         cached = _WORKER_BASES.get(key)
         if cached is None or (clean and cached.has_adapters):
             _WORKER_BASES.clear()
-            cached = load_base(self.path, self.device)
-            mismatch = [k for k in ("config_hash", "weights_hash", "tokenizer_hash")
-                        if cached.identity().get(k) != self.identity.get(k)]
-            if mismatch:
-                raise ExpertkitError(f"the base at {self.path} on this worker differs from the driver's "
-                                     f"({mismatch[0][:-5]} hash); every node must see the same base files")
+            cached = self.load_private()
             _WORKER_BASES[key] = cached
         return cached
+
+    def load_private(self) -> Base:
+        """A copy of its own from `path` (never the shared one), checked hash for hash: for a caller that
+        changes its weights (merging an adapter into it, say)."""
+        base = load_base(self.path, self.device)
+        mismatch = [k for k in ("config_hash", "weights_hash", "tokenizer_hash")
+                    if base.identity().get(k) != self.identity.get(k)]
+        if mismatch:
+            raise ExpertkitError(f"the base at {self.path} is not the one expected ({mismatch[0][:-5]} hash differs): "
+                                 "its files changed, or another model is there; every node must see the base the "
+                                 "experts were trained on")
+        return base

@@ -64,6 +64,18 @@ def tiny_llama(build: BuildConfig, tokenizer):
     return LlamaForCausalLM(config)
 
 
+def pretrain(model, stream: TrainingStream, steps: int, learning_rate: float, warmup_steps: int, device,
+             what: str = "pretraining base") -> None:
+    """Full-model training on a corpus stream (AdamW, cosine schedule): a base's pretraining, or more of it."""
+    optimizer, scheduler = make_optimizer(model.parameters(), learning_rate, 0.1, "cosine", warmup_steps, steps)
+    n_params = sum(p.numel() for p in model.parameters())
+    with progress_bar(f"{what} ({n_params / 1e6:.2f}M params)", steps) as advance:
+        for step in range(steps):
+            loss = train_step(model, stream.batch(step), optimizer, scheduler, 1.0, device)
+            advance(info=f"loss {loss:.3f}")
+    model.eval()
+
+
 def build_base(config: ProjectConfig, out_dir: str | None = None, device: str | None = None,
                force: bool = False) -> Path:
     """Train the tokenizer on every domain's train split (or reuse `build.tokenizer`), then pretrain on the mix."""
@@ -87,15 +99,8 @@ def build_base(config: ProjectConfig, out_dir: str | None = None, device: str | 
     model.to(dev)
     mix = [(make_blocks(tokenizer, all_corpora[name], "train", build.context_length), share)
            for name, share in build.corpus.items()]
-    stream = TrainingStream(mix, build.batch_size, seed=config.seed)
-    optimizer, scheduler = make_optimizer(model.parameters(), build.learning_rate, 0.1, "cosine",
-                                          build.warmup_steps, build.steps)
-    n_params = sum(p.numel() for p in model.parameters())
-    with progress_bar(f"pretraining base ({n_params / 1e6:.2f}M params)", build.steps) as advance:
-        for step in range(build.steps):
-            loss = train_step(model, stream.batch(step), optimizer, scheduler, 1.0, dev)
-            advance(info=f"loss {loss:.3f}")
-    model.eval()
+    pretrain(model, TrainingStream(mix, build.batch_size, seed=config.seed), build.steps, build.learning_rate,
+             build.warmup_steps, dev)
     with atomic_dir(out, overwrite=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

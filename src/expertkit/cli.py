@@ -326,6 +326,34 @@ def mixture_add(config: Path = ConfigArg, name: str = typer.Option("mixture", he
                   + (" + base" if base else "") + f" -> {entry.path}", highlight=False)
 
 
+@app.command()
+def port(source: Path = typer.Argument(..., help="the project YAML whose library to carry (its data refreshes the "
+                                                 "experts, retrains routers and measures the report), or a "
+                                                 "library folder (training-free port only)"),
+         to: str = typer.Option(..., "--to", help="the updated base: a HF model dir (or a hub id while online)"),
+         out: Path = typer.Option(..., "--out", help="the new library folder to write (must not exist)"),
+         refresh: int = typer.Option(0, help="continue training each ported expert this many steps on the new "
+                                             "base, with replay (0: training-free port only)"),
+         compatible: bool = typer.Option(False, help="with --refresh: also match the old expert where it was "
+                                                     "right (MUSCLE), to cut negative flips"),
+         retrained: Optional[Path] = typer.Option(None, help="a library of the same experts trained from scratch "
+                                                             "on the new base, compared against in the report"),
+         task_examples: Optional[int] = typer.Option(None, min=0, help="examples of each domain's labeled task "
+                                                                       "for the flip rates (0: none)"),
+         tasks_data: Optional[Path] = typer.Option(None, help="the folder holding tasks/ and corpora/ (default: "
+                                                              "../shared beside the project)"),
+         device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ...")):
+    """Carry a library's experts to an updated base (PortLLM), optionally refresh them, and report what changed."""
+    _setup()
+    from expertkit.config import port_options
+    from expertkit.workflow import run_port
+
+    options = port_options(refresh=refresh, compatible=compatible,
+                           **({"task_examples": task_examples} if task_examples is not None else {}))
+    run_port(source, to, out, options, retrained, tasks_data, device)
+    console.print(f"new library: {out}")
+
+
 export_app = typer.Typer(no_args_is_help=True, help="Hand the library to other serving stacks.")
 app.add_typer(export_app, name="export")
 

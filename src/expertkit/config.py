@@ -143,6 +143,12 @@ class RoutingConfig(Strict):
     max_tokens: int = Field(128, ge=8, description="routers that run the model read at most this many (last) "
                             "tokens of a prompt")
     batch_size: int = Field(32, ge=1, description="prompts per forward when a router runs the model")
+    prompts: dict[str, str] = Field(default_factory=dict, description="label (an expert's name, or 'base') -> a "
+                                    "file of prompts of that kind (.txt: one per line; .jsonl: a 'text' field), "
+                                    "e.g. logged everyday requests for 'base': routers train on them beside the "
+                                    "domain documents, and a held-out share calibrates and validates")
+    prompt_holdout: float = Field(0.2, gt=0, lt=1, description="share of each prompt file held out (by a hash "
+                                  "of the text) for calibration and validation")
 
 
 class MixtureConfig(Strict):
@@ -200,6 +206,39 @@ class TaskModelOptions(Strict):
 
 
 TASK_MODEL = TaskModelOptions()
+
+
+class PortOptions(Strict):
+    """How `expertkit port` carries a library to a new base (the CLI's options, and porting.port_library's API)."""
+
+    refresh: int = Field(0, ge=0, description="continue training each ported expert this many steps on the new "
+                                               "base, with replay (0: training-free port only)")
+    compatible: bool = Field(False, description="refresh with a KL term towards the old expert on the tokens it "
+                                                "predicted right (MUSCLE), to cut negative flips")
+    compatible_weight: float = Field(3.0, gt=0, description="weight of that KL term beside the LM loss (micro "
+                                     "benchmark, 60-step refresh: 1 / 3 / 10 cut token-level negative flips by "
+                                     "17 / 24 / 24%)")
+    task_examples: int = Field(200, ge=0, description="examples of each domain's labeled task for the flip "
+                                                      "rates (0: no task evaluation)")
+    carry_recovery: float = Field(0.9, gt=0, le=1, description="verdict: an expert is carried over (or "
+                                  "refreshed) when it keeps at least this share of the reference gain")
+    accuracy_drop: float = Field(1.0, ge=0, description="verdict: ... and its domain-task accuracy is at most "
+                                                         "this many points below the reference's (the retrained "
+                                                         "expert's when given, else the old expert's)")
+
+    @model_validator(mode="after")
+    def _compatible_trains(self):
+        if self.compatible and not self.refresh:
+            raise ValueError("--compatible is a way of refreshing: give --refresh STEPS too")
+        return self
+
+
+def port_options(**fields) -> PortOptions:
+    """Validated port options; a bad combination is one ExpertkitError naming it."""
+    try:
+        return PortOptions(**fields)
+    except ValidationError as e:
+        raise ExpertkitError(format_validation_error(e, "port options")) from None
 
 
 class ServeOptions(Strict):
@@ -316,5 +355,7 @@ def resolve_paths(config: ProjectConfig, root: Path) -> ProjectConfig:
             "general": fix_domain(config.general),
             "domains": [fix_domain(d) for d in config.domains],
             "library": local(config.library),
+            "routing": config.routing.model_copy(
+                update={"prompts": {label: local(path) for label, path in config.routing.prompts.items()}}),
         }
     )

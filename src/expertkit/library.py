@@ -257,10 +257,18 @@ class Library:
         """Write `source` (an entry of this library or of another on the same base) here as `name`:
         its files and its manifest, under this library's name, kind and base."""
         self.check_base(self.base_identity(), what=f"{source.kind} '{source.name}'", expected=source.manifest["base"])
+        return self._write_copy(source, name or source.name, {}, overwrite)
+
+    def port_entry(self, source: Entry, provenance: dict) -> Entry:
+        """Write `source`, an entry of a library on another base, here unchanged: its files as they are, its
+        manifest on this library's base with `provenance` (where it came from, how it was carried) added."""
+        return self._write_copy(source, source.name, {"ported": provenance}, overwrite=False)
+
+    def _write_copy(self, source: Entry, name: str, extra: dict, overwrite: bool) -> Entry:
         manifest = {k: v for k, v in source.manifest.items() if k not in ("name", "kind", "base", "created")}
         files = [f for f in source.path.iterdir() if f.is_file() and f.name != MANIFEST]
-        return self.add_entry(source.kind, name or source.name,
-                              lambda tmp: [shutil.copy2(f, tmp / f.name) for f in files], manifest, overwrite)
+        return self.add_entry(source.kind, name, lambda tmp: [shutil.copy2(f, tmp / f.name) for f in files],
+                              {**manifest, **extra}, overwrite)
 
     def check_entry(self, entry: Entry, identity: dict) -> None:
         """An entry may only be loaded onto the base it was trained on, from safetensors."""

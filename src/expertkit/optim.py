@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from transformers import get_scheduler
 
@@ -16,17 +18,23 @@ def make_optimizer(params, learning_rate: float, weight_decay: float, schedule: 
     return optimizer, scheduler
 
 
-def train_step(model, batch: Blocks, optimizer, scheduler, max_grad_norm: float, device) -> float:
-    """One forward/backward/update; returns the batch loss."""
-    model.train()
-    out = model(
+def language_model_loss(model, batch: Blocks, device) -> torch.Tensor:
+    """Next-token cross-entropy of the batch (labels -100 ignored): the loss every training step uses by default."""
+    return model(
         input_ids=batch.input_ids.to(device),
         attention_mask=batch.attention_mask.to(device),
         labels=batch.labels.to(device),
-    )
-    out.loss.backward()
+    ).loss
+
+
+def train_step(model, batch: Blocks, optimizer, scheduler, max_grad_norm: float, device,
+               loss_fn: Callable = language_model_loss) -> float:
+    """One forward/backward/update with `loss_fn(model, batch, device)`; returns the batch loss."""
+    model.train()
+    loss = loss_fn(model, batch, device)
+    loss.backward()
     torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(out.loss.detach())
+    return float(loss.detach())

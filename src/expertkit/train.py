@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Callable, Protocol
 
 import torch
 
@@ -30,9 +31,9 @@ from expertkit.config import DomainConfig, ProjectConfig, TrainConfig
 from expertkit.data import Blocks, TrainingStream, load_corpus, make_blocks
 from expertkit.errors import ExpertkitError
 from expertkit.executors import Context, Executor, Job, LocalExecutor
-from expertkit.fsutil import atomic_dir
-from expertkit.library import Entry, Kind, Library
-from expertkit.optim import make_optimizer, train_step
+from expertkit.fsutil import atomic_dir, sha256_of
+from expertkit.library import ADAPTER_WEIGHTS, Entry, Kind, Library
+from expertkit.optim import language_model_loss, make_optimizer, train_step
 from expertkit.progress import console
 
 TRAINER_STATE = "trainer.pt"
@@ -48,8 +49,12 @@ def lora_config(recipe: TrainConfig):
                       bias="none", task_type="CAUSAL_LM")
 
 
-def recipe_hash(recipe: TrainConfig, task: str, data_fingerprint: str) -> str:
-    payload = json.dumps({"recipe": recipe.model_dump(), "task": task, "data": data_fingerprint}, sort_keys=True)
+def recipe_hash(recipe: TrainConfig, task: str, data_fingerprint: str, extra: dict | None = None) -> str:
+    """What a checkpoint must match to be resumed: recipe, task, data, and (`extra`) what else shapes the run."""
+    fields = {"recipe": recipe.model_dump(), "task": task, "data": data_fingerprint}
+    if extra:  # only then: the hashes of plain experts stay what they were
+        fields["extra"] = extra
+    payload = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -118,7 +123,7 @@ def mean_loss(model, blocks: Blocks, device, batch_size: int) -> float:
 
 
 def _run_steps(peft_model, stream: TrainingStream, recipe: TrainConfig, name: str, ckpt_dir: Path, rhash: str,
-               device, advance) -> tuple[list[float], int]:
+               device, advance, loss_fn: Callable = language_model_loss) -> tuple[list[float], int]:
     """The training loop from the last checkpoint (if any) to recipe.steps; this run's losses and first step."""
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(params, recipe.learning_rate, recipe.weight_decay, recipe.schedule,
@@ -131,12 +136,23 @@ def _run_steps(peft_model, stream: TrainingStream, recipe: TrainConfig, name: st
     losses = []
     advance(start)
     for step in range(start, recipe.steps):
-        losses.append(train_step(peft_model, stream.batch(step), optimizer, scheduler, recipe.max_grad_norm, device))
+        losses.append(train_step(peft_model, stream.batch(step), optimizer, scheduler, recipe.max_grad_norm, device,
+                                 loss_fn))
         advance(info=f"loss {losses[-1]:.3f}")
         done = step + 1
         if done % recipe.checkpoint_every == 0 and done < recipe.steps:
             _save_checkpoint(ckpt_dir, done, peft_model, optimizer, scheduler, rhash)
     return losses, start
+
+
+class LossSpec(Protocol):
+    """A training loss other than next-token cross-entropy (porting's compatible loss), built where the job runs."""
+
+    def describe(self) -> dict:
+        """What the loss is, for the manifest and the checkpoint hash."""
+
+    def build(self, device) -> Callable:
+        """The loss function `(model, batch, device) -> tensor`."""
 
 
 @dataclass(frozen=True)
@@ -149,6 +165,17 @@ class ExpertJob:
     valid: Blocks | None
     recipe: TrainConfig
     checkpoints: str  # on a filesystem every worker sees; a retried job resumes from here
+    start_from: str | None = None  # an adapter dir whose weights training continues from (a ported expert)
+    loss: LossSpec | None = None  # None: next-token cross-entropy
+
+    def provenance(self) -> dict:
+        """What besides recipe and data this run depends on (empty for a plain expert)."""
+        out = {}
+        if self.start_from:
+            out["continued_from_sha256"] = sha256_of(Path(self.start_from) / ADAPTER_WEIGHTS)
+        if self.loss is not None:
+            out["loss"] = self.loss.describe()
+        return out
 
 
 @dataclass
@@ -168,18 +195,24 @@ def train_expert_job(job: ExpertJob, state: TrainState, advance) -> dict:
 
     Runs wherever the executor puts it: it writes only under its own checkpoint folder.
     """
-    from peft import get_peft_model
+    from peft import PeftModel, get_peft_model
 
     started = time.time()
     base, recipe, domain = state.base, job.recipe, job.domain
-    rhash = recipe_hash(recipe, domain.task, job.fingerprint)
+    provenance = job.provenance()
+    rhash = recipe_hash(recipe, domain.task, job.fingerprint, provenance)
     stream = TrainingStream.with_replay(job.blocks, state.general_blocks, recipe.replay, recipe.batch_size,
                                         recipe.seed)
     ckpt_dir = Path(job.checkpoints)
     torch.manual_seed(recipe.seed)
-    peft_model = get_peft_model(base.model, lora_config(recipe))
+    if job.start_from:
+        peft_model = PeftModel.from_pretrained(base.model, job.start_from, is_trainable=True)
+    else:
+        peft_model = get_peft_model(base.model, lora_config(recipe))
+    loss_fn = job.loss.build(base.device) if job.loss is not None else language_model_loss
     try:
-        losses, start = _run_steps(peft_model, stream, recipe, domain.name, ckpt_dir, rhash, base.device, advance)
+        losses, start = _run_steps(peft_model, stream, recipe, domain.name, ckpt_dir, rhash, base.device, advance,
+                                   loss_fn)
         metrics = {"train_loss_last": losses[-1] if losses else None}
         if job.valid is not None:
             metrics["valid_ppl"] = perplexity(mean_loss(peft_model, job.valid, base.device, recipe.batch_size))
@@ -191,11 +224,12 @@ def train_expert_job(job: ExpertJob, state: TrainState, advance) -> dict:
         "domain": domain.name, "task": domain.task, "data_fingerprint": job.fingerprint, "recipe": recipe.model_dump(),
         "recipe_hash": rhash, "steps": recipe.steps, "train_blocks": len(job.blocks), "metrics": metrics,
         "resumed_from_step": start, "train_seconds": round(time.time() - started, 1), "expertkit_version": __version__,
+        **provenance,
     }
     return {"staged": str(ckpt_dir / FINAL), "manifest": manifest}
 
 
-def _add_expert(library: Library, name: str, result: dict, overwrite: bool) -> Entry:
+def add_expert(library: Library, name: str, result: dict, overwrite: bool) -> Entry:
     """Driver side: copy a staged expert into the library atomically, then drop its checkpoints."""
     staged = Path(result["staged"])
     entry = library.add_entry(Kind.EXPERT, name, lambda tmp: shutil.copytree(staged, tmp, dirs_exist_ok=True),
@@ -228,7 +262,7 @@ def train_all(config: ProjectConfig, base: Base, only: list[str] | None = None, 
         return []
     recipe = config.training
     # Read and pack every domain's data before training any: bad data fails fast and writes nothing.
-    jobs = [Job(f"expert {d.name}", _expert_job(d, base.tokenizer, recipe, library), total=recipe.steps)
+    jobs = [Job(f"expert {d.name}", expert_job(d, base.tokenizer, recipe, library), total=recipe.steps)
             for d in todo]
     general_blocks = None
     if recipe.replay > 0:
@@ -239,14 +273,15 @@ def train_all(config: ProjectConfig, base: Base, only: list[str] | None = None, 
     entries: dict[str, Entry] = {}
 
     def finished(job: Job, result: dict) -> None:
-        entries[job.payload.domain.name] = _add_expert(library, job.payload.domain.name, result, force)
+        entries[job.payload.domain.name] = add_expert(library, job.payload.domain.name, result, force)
 
     executor.map(train_expert_job, jobs, Context(partial(train_state, BaseSpec.of(base), general_blocks)),
                  on_result=finished)
     return [entries[d.name] for d in todo]
 
 
-def _expert_job(domain: DomainConfig, tokenizer, recipe: TrainConfig, library: Library) -> ExpertJob:
+def expert_job(domain: DomainConfig, tokenizer, recipe: TrainConfig, library: Library) -> ExpertJob:
+    """One domain's job, its data read and packed here, by the driver: bad data fails before any training."""
     corpus = load_corpus(domain)
     valid = None
     if corpus.splits["valid"]:

@@ -206,6 +206,11 @@ def run_router_train(cfg: ProjectConfig, base: Base, kind: str, name: str, absta
                   f"abstain below {calibrated.threshold:.3f} (target {report['abstain_rate']:.0%} of in-library "
                   f"validation prompts, got {valid['abstain_rate']:.1%}); validation accuracy {valid['accuracy']:.1%}",
                   highlight=False)
+    if "prompt_validation" in report:
+        held = report["prompt_validation"]
+        console.print(f"on {held['n']} held-out prompts (routing.prompts): accuracy {held['accuracy']:.1%} ("
+                      + ", ".join(f"{label} {acc:.1%}" for label, acc in held["by_label"].items()) + ")",
+                      highlight=False)
     console.print(f"written to {entry.path}")
     return entry
 
@@ -220,3 +225,24 @@ def route_text(cfg: ProjectConfig, base: Base, text: str, router: str | None = N
     calibrated = load_router(library, find_router(library, router))
     pool = ExpertPool(base, library, names=calibrated.experts)
     return calibrated, calibrated.route(pool, Prompts.from_texts(base.tokenizer, [text]))
+
+
+def run_port(source: Path, to: str, out: Path, options, retrained: Path | None = None,
+             tasks_data: Path | None = None, device: str | None = None) -> dict:
+    """`expertkit port`: `source` is a project YAML (its library, and its data for refresh and report) or a
+    library folder (training-free port only)."""
+    from expertkit.library import Library
+    from expertkit.porting import port_library
+
+    cfg = None
+    if source.is_file():
+        cfg = load_config(source)
+        library = Library(Path(cfg.library).resolve())
+    elif source.is_dir():
+        library = Library(source)
+    else:
+        raise ExpertkitError(f"{source}: no such project YAML or library folder")
+    library.index()  # a folder that is no library is refused before any model loads
+    new_base = load_base(to, device)
+    return port_library(library, new_base, Path(out), options, cfg, Library(retrained) if retrained else None,
+                        tasks_data)

@@ -29,8 +29,12 @@ def composition_identity(base_identity: dict, manifest: dict | None) -> str:
 
 def evaluate_on_tasks(compositions: dict[str, tuple[Composition, str]], tokenizer, max_length: int,
                       specs: list, limit: int | None = None, batch_size: int = 16,
-                      cache_dir: Path | None = None) -> list[dict]:
-    """{name: (composition, identity)} x task specs -> rows {composition, task, acc, acc_norm, stderr ...}."""
+                      cache_dir: Path | None = None, per_example: bool = False) -> list[dict]:
+    """{name: (composition, identity)} x task specs -> rows {composition, task, acc, acc_norm, stderr ...}.
+
+    `per_example`: each row also holds "correct", the acc_norm (0 or 1) of every example in document order,
+    which is what flip rates between two compositions compare.
+    """
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -44,12 +48,16 @@ def evaluate_on_tasks(compositions: dict[str, tuple[Composition, str]], tokenize
             cache = str(cache_dir / f"{name}-{identity}")
         result = lm_eval.simple_evaluate(model=ExpertkitLM(composition, tokenizer, max_length, batch_size),
                                          tasks=specs, limit=limit, task_manager=TaskManager(), use_cache=cache,
-                                         verbosity="WARNING")
+                                         verbosity="WARNING", log_samples=per_example)
         for task, metrics in sorted(result["results"].items()):
-            rows.append({"composition": name, "task": task.removesuffix(SUFFIX),
-                         "acc": metrics.get("acc,none"), "acc_norm": metrics.get("acc_norm,none"),
-                         "stderr": metrics.get("acc_norm_stderr,none"), "acc_stderr": metrics.get("acc_stderr,none"),
-                         "n": result["n-samples"].get(task, {}).get("effective")})
+            row = {"composition": name, "task": task.removesuffix(SUFFIX),
+                   "acc": metrics.get("acc,none"), "acc_norm": metrics.get("acc_norm,none"),
+                   "stderr": metrics.get("acc_norm_stderr,none"), "acc_stderr": metrics.get("acc_stderr,none"),
+                   "n": result["n-samples"].get(task, {}).get("effective")}
+            if per_example:
+                samples = sorted(result["samples"][task], key=lambda sample: sample["doc_id"])
+                row["correct"] = [int(sample[METRIC]) for sample in samples]
+            rows.append(row)
     return rows
 
 
