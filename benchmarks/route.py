@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from common import GENERAL, reuse_experts, suite_config
-from suites import MICRO, REAL_BASES, suite
+from suites import MICRO, REAL_BASES, ROUTE_OPTIONS, suite
 
 DOCS_PER_DOMAIN = 200
 PREFIX_TOKENS = 32
@@ -171,6 +171,14 @@ def run(data: Path, device: str | None, base_name: str = MICRO) -> dict:
 
     cfg, base = load_project_base(suite_config(data, base_name), device)
     train_all(cfg, base)
+    if ROUTE_OPTIONS["prompts"]:
+        from route_prompts import run_prompts
+
+        from expertkit.library import Library
+        from expertkit.runtime import ExpertPool
+
+        return {"base_model": base_name, **run_prompts(cfg, base, ExpertPool(base, Library(cfg.library),
+                                                                             names=[d.name for d in cfg.domains]))}
     pool, routers, reports = build_strategies(cfg, base)
     result = {"base_model": base_name, "accuracy": routing_accuracy(cfg, pool, routers)}
     blocks = test_blocks(cfg, base.tokenizer)

@@ -16,7 +16,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from common import DEFAULT_DATA, REAL_DOMAINS  # noqa: E402
-from suites import MICRO, REAL_BASES, SUITES, TASK_EXAMPLES  # noqa: E402
+from suites import MICRO, REAL_BASES, ROUTE_OPTIONS, SUITES, TASK_EXAMPLES  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +32,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="examples per task where a suite measures task accuracy (all of a smaller task)")
     parser.add_argument("--domains", default=",".join(REAL_DOMAINS["chosen"]),
                         help="real bases: the domains whose experts the suites train (comma-separated)")
+    parser.add_argument("--prompts", action="store_true",
+                        help="route: measure routing of real prompts (general tasks -> base, domain tasks -> their "
+                             "expert) instead of corpus documents")
     args = parser.parse_args(argv)
+    ROUTE_OPTIONS["prompts"] = args.prompts
     TASK_EXAMPLES["per_task"] = args.task_examples
     REAL_DOMAINS["chosen"] = tuple(d.strip() for d in args.domains.split(",") if d.strip())
 

@@ -18,6 +18,7 @@ from expertkit.encoding import encode_texts
 from expertkit.errors import ExpertkitError
 from expertkit.library import BASE
 from expertkit.registry import Registry
+from expertkit.routing.prompt_text import user_text
 
 LABEL_SMOOTHING = 0.05
 
@@ -38,10 +39,20 @@ class Prompts:
 
     @classmethod
     def from_ids(cls, tokenizer, rows: list[list[int]]) -> "Prompts":
+        """Prompts the model reads; a chat prompt is routed by its last user message (routing/prompt_text.py)."""
         empty = [i for i, r in enumerate(rows) if not r]
         if empty:
             raise ExpertkitError(f"row {empty[0]} has no real tokens (attention mask all zero); nothing to route")
-        return cls([tokenizer.decode(r, skip_special_tokens=True) for r in rows], [list(r) for r in rows])
+        texts, ids = [], []
+        for row in rows:
+            typed = user_text(tokenizer, row)
+            if typed is not None and typed.strip():
+                texts.append(typed)
+                ids += encode_texts(tokenizer, [typed])
+            else:
+                texts.append(tokenizer.decode(row, skip_special_tokens=True))
+                ids.append(list(row))
+        return cls(texts, ids)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -125,3 +136,26 @@ def fit_temperature(scores: torch.Tensor, targets: torch.Tensor) -> float:
     losses = [torch.nn.functional.cross_entropy(scores / t, targets, label_smoothing=LABEL_SMOOTHING).item()
               for t in grid]
     return float(grid[min(range(len(grid)), key=losses.__getitem__)])
+
+
+def fit_prior(scores: torch.Tensor, targets: torch.Tensor, temperature: float, steps: int = 100) -> torch.Tensor:
+    """[L] log-prior per label, fitted to the labels on top of `scores / temperature` (a label without training
+    prompts keeps 0). What makes a score-only router (the likelihood router's losses) learn that some prompts
+    belong to the base even when an expert predicts them slightly better: the prior of Bayes' rule, learned."""
+    logits = scores.double() / temperature
+    counts = torch.bincount(targets, minlength=scores.shape[1])
+    present = counts > 0
+    balance = len(targets) / (present.sum() * counts.clamp(min=1)).double()  # each label weighs the same, however
+    bias = torch.zeros(scores.shape[1], dtype=torch.float64, requires_grad=True)  # many prompts it brought
+    optimizer = torch.optim.LBFGS([bias], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits + bias * present, targets, weight=balance,
+                                                 label_smoothing=LABEL_SMOOTHING)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return (bias.detach() * present).float()
+

@@ -20,7 +20,7 @@ from expertkit.config import RoutingConfig
 from expertkit.errors import ExpertkitError
 from expertkit.library import ROUTER_STATE, Entry, Kind, Library
 from expertkit.routing.base import Prompts, Router, router_class
-from expertkit.routing.calibrate import decide
+from expertkit.routing.calibrate import decide, expert_confidence
 
 
 @dataclass
@@ -30,6 +30,7 @@ class Routing:
     labels: list[str]
     probabilities: torch.Tensor  # [N, L]
     choices: torch.Tensor  # [N] label index
+    abstained: torch.Tensor  # [N] True where no expert was confident enough, so the base answers
 
     @property
     def chosen(self) -> list[str]:
@@ -49,7 +50,8 @@ class CalibratedRouter:
 
     def route(self, pool, prompts: Prompts) -> Routing:
         probs = self.router.probabilities(pool, prompts, self.settings)
-        return Routing(self.router.labels, probs, decide(probs, self.threshold))
+        return Routing(self.router.labels, probs, decide(probs, self.threshold),
+                       expert_confidence(probs) < self.threshold)
 
 
 def save_router(library: Library, calibrated: CalibratedRouter, report: dict, overwrite: bool = False) -> Entry:

@@ -171,6 +171,8 @@ class EngineStats:
     prompt_tokens: int = 0
     finished: int = 0
     failed: int = 0
+    routed: int = 0  # requests a router decided (model auto, or a router by name)
+    abstained: int = 0  # of those, sent to the base because no expert was confident enough
 
 
 class Engine:
@@ -368,6 +370,10 @@ class Engine:
         echo = any(job.prompt_logprobs for job in jobs)
         logits, state = composition.prefill(ids, mask, keep_last=None if echo else 1)
         self.stats.prefills += 1
+        routing = getattr(composition, "last_routing", None) if composition.decides_from_prompt else None
+        if routing is not None:
+            self.stats.routed += len(jobs)
+            self.stats.abstained += int(routing.abstained.sum())
         shared = isinstance(state, PoolState) and state.pool is self.pool
         for i, job in enumerate(jobs):
             if shared:

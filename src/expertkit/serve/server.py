@@ -25,12 +25,23 @@ def pick_router(entries, requested: str | None) -> str | None:
         return requested
     if not routers:
         return None
-    accuracy = lambda e: e.manifest.get("validation", {}).get("accuracy") or 0.0
-    best = max(routers, key=lambda e: (accuracy(e), e.name))
+    best = max(routers, key=lambda e: (*router_rank(e.manifest)[:2], e.name))
     if len(routers) > 1:
-        log.warning("model 'auto' uses router '%s' (validation accuracy %.1f%%, the best of %d); choose another "
-                    "with --router", best.name, 100 * accuracy(best), len(routers))
+        _, accuracy, what = router_rank(best.manifest)
+        log.warning("model 'auto' uses router '%s' (%s %.1f%%, the best of %d); choose another with --router",
+                    best.name, what, 100 * accuracy, len(routers))
     return best.name
+
+
+def router_rank(manifest: dict) -> tuple[bool, float, str]:
+    """How `auto` ranks a router: first those validated on held-out prompts, by the worst of their accuracy on
+    each label's prompts and on validation documents (everyday requests must reach the base as surely as
+    domain requests their expert); then the others, by validation accuracy on documents."""
+    documents = manifest.get("validation", {}).get("accuracy") or 0.0
+    by_label = manifest.get("prompt_validation", {}).get("by_label")
+    if by_label:
+        return True, min(documents, *by_label.values()), "worst of held-out prompt and document accuracy"
+    return False, documents, "validation accuracy"
 
 
 @contextmanager

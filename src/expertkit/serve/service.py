@@ -120,6 +120,9 @@ class LocalService:
             "expertkit_decode_steps": ("Batched decoding steps since start.", stats.steps),
             "expertkit_prefills": ("Prefill forwards since start (newcomers join in groups).", stats.prefills),
             "expertkit_mean_batch_rows": ("Mean rows per decoding step.", stats.rows_stepped / max(stats.steps, 1)),
+            "expertkit_routed_requests": ("Requests a router decided since start.", stats.routed),
+            "expertkit_abstain_rate": ("Share of routed requests sent to the base because no expert was confident "
+                                       "enough.", stats.abstained / max(stats.routed, 1)),
         }
 
     # ------------------------------------------------------------ requests
