@@ -15,7 +15,6 @@ costs under 5% of generating 64 tokens.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -32,7 +31,9 @@ DEF = re.compile(r"^\s*def \w+\(")
 
 
 def in_training_share(key: str) -> bool:
-    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 16 ** 8 < TRAIN_SHARE
+    from expertkit.routing.train import held_out  # the hashed split routing.prompts files get
+
+    return held_out(key, TRAIN_SHARE)
 
 
 def general_prompts(tasks: Path) -> tuple[list[str], list[str]]:

@@ -22,6 +22,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable
 
+from expertkit.base import IDENTITY_KEYS
 from expertkit.errors import ExpertkitError
 from expertkit.fsutil import atomic_dir, atomic_write_text, ensure_writable_dir
 
@@ -178,7 +179,7 @@ class Library:
 
     def check_base(self, identity: dict, what: str, expected: dict | None = None) -> None:
         expected = expected or self.base_identity()
-        for key in ("config_hash", "weights_hash", "tokenizer_hash"):
+        for key in IDENTITY_KEYS:
             if expected.get(key) != identity.get(key):
                 raise ExpertkitError(
                     f"{what} belongs to base '{expected.get('name')}' ({key[:-5]} {expected.get(key)}), but the "

@@ -49,12 +49,12 @@ def port_library(old_library: Library, new_base: Base, out: Path, options: PortO
                              "pass the YAML whose library this is")
     if retrained is not None:
         retrained.check_base(new_base.identity(), what=f"--retrained library {retrained.root}")
-    refresh = _refresh_jobs(experts, cfg, new_base, options, old_spec, Library(out)) if options.refresh else []
+    library = Library(out)  # nothing on disk until create_or_check below
+    refresh = _refresh_jobs(experts, cfg, new_base, options, old_spec, library) if options.refresh else []
     measurer = (Measurer(cfg, {n: e.domain for n, e in experts.items()}, options.task_examples, tasks_data)
                 if cfg is not None else None)
 
     # 2. the training-free port
-    library = Library(out)
     library.create_or_check(new_base.identity())
     provenance = {"from_base": old_identity, "from_library": str(old_library.root), "method": TRAINING_FREE}
     for entry in entries:
