@@ -35,6 +35,7 @@ def suite(name: str, bases: tuple[str, ...] = (MICRO,)):
 
 
 import collaborate  # noqa: E402,F401  (each suite module registers itself)
+import federated  # noqa: E402,F401
 import route  # noqa: E402,F401
 import scale  # noqa: E402,F401
 import serve  # noqa: E402,F401

@@ -19,7 +19,7 @@ LAYERS = [
     ["runtime"],
     ["routing"],
     ["compose"],
-    ["scoring", "evaluate", "executors", "merging", "train", "tasks", "porting"],
+    ["scoring", "evaluate", "executors", "merging", "train", "tasks", "porting", "federated"],
     ["serve"],
     ["workflow", "demo", "cli"],
 ]

@@ -80,12 +80,24 @@ def train(config: Path = ConfigArg,
           force: bool = typer.Option(False, help="retrain experts that are already in the library"),
           device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ..."),
           executor: str = ExecutorOpt, address: Optional[str] = AddressOpt,
-          cpus_per_job: Optional[float] = CpusOpt, gpus_per_job: Optional[float] = GpusOpt):
+          cpus_per_job: Optional[float] = CpusOpt, gpus_per_job: Optional[float] = GpusOpt,
+          federated: bool = typer.Option(False, help="train the domains that list silos, each across its silos "
+                                                     "(Flower; only LoRA updates leave a silo)"),
+          engine: str = typer.Option("flower", help="--federated: 'flower' (Flower's Simulation Runtime on Ray, one "
+                                                    "virtual SuperNode per silo) or 'local' (this process)")):
     """Train one LoRA expert per domain (skipping finished ones; resuming interrupted ones)."""
     _setup()
     from expertkit.train import train_all
-    from expertkit.workflow import load_project_base
+    from expertkit.workflow import load_project_base, run_federated
 
+    if federated:
+        if executor != "local" or address is not None:
+            raise ExpertkitError("--federated runs the silos with --engine (flower or local); "
+                                 "drop --executor/--address")
+        cfg, base = load_project_base(config, device)
+        for entry in run_federated(cfg, base, only=only, force=force, engine=engine):
+            console.print(f"federated expert '{entry.name}' -> {entry.path}")
+        return
     with _executor(executor, address, cpus_per_job, gpus_per_job) as runner:
         cfg, base = load_project_base(config, device)
         for entry in train_all(cfg, base, only=only, force=force, executor=runner):

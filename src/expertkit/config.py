@@ -51,10 +51,41 @@ class SourceConfig(Strict):
         return self
 
 
-class DomainConfig(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class SiloConfig(Strict):
+    """One holder of part of a domain's text (a hospital, a bank): in federated training its text stays with it."""
+
+    name: str = Field(pattern=NAME_PATTERN)
     source: SourceConfig
+
+
+class DomainConfig(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    # The domain's text. With silos it is optional: it is then what the scorecard and routers read where all of
+    # the text may be seen (without it they read the silos' text together); federated training reads only silos.
+    source: SourceConfig | None = None
     task: Literal["cpt", "sft"] = "cpt"
+    silos: list[SiloConfig] = Field(default_factory=list, description="holders of parts of this domain's text "
+                                    "(`expertkit train --federated`)")
+
+    @model_validator(mode="after")
+    def _has_text(self) -> "DomainConfig":
+        if self.source is None and not self.silos:
+            raise ValueError(f"domain '{self.name}' has no text: give 'source', or 'silos' with a source each")
+        if len(self.silos) == 1:
+            raise ValueError(f"domain '{self.name}' lists one silo only: federated training needs at least 2 "
+                             "(with one holder of the text, give it as the domain's 'source' and train centrally)")
+        names = [s.name for s in self.silos]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"domain '{self.name}': silo names must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+    def silo_domain(self, silo: SiloConfig) -> "DomainConfig":
+        """The silo's text as a domain of its own (what a federated client reads)."""
+        return DomainConfig(name=f"{self.name}.{silo.name}", source=silo.source, task=self.task)
 
 
 class BuildConfig(Strict):
@@ -241,6 +272,53 @@ def port_options(**fields) -> PortOptions:
         raise ExpertkitError(format_validation_error(e, "port options")) from None
 
 
+class PrivacyConfig(Strict):
+    """User-level differential privacy at the silo: each client's round update is clipped, the server adds noise."""
+
+    epsilon: float | None = Field(None, gt=0, description="target epsilon: training stops before a round would "
+                                  "exceed it; without noise_multiplier the noise is calibrated so that the planned "
+                                  "rounds end at it")
+    delta: float = Field(1e-5, gt=0, lt=1)
+    clip: float = Field(0.05, gt=0, description="L2 bound on each client's update per round (the sensitivity)")
+    noise_multiplier: float | None = Field(None, gt=0, description="Gaussian noise std / clip; null: from epsilon")
+
+    @model_validator(mode="after")
+    def _epsilon_or_noise(self) -> "PrivacyConfig":
+        if self.epsilon is None and self.noise_multiplier is None:
+            raise ValueError("privacy needs a target 'epsilon' or a 'noise_multiplier' (or both)")
+        return self
+
+
+class CompressionConfig(Strict):
+    """Updates sent quantized (and optionally only their largest entries); what is not sent is carried to the
+    next round (error feedback). The default, every entry in 3 bits, sends about a tenth of the bytes."""
+
+    top_k: float = Field(1.0, gt=0, le=1, description="share of each update's entries sent per round, the "
+                         "largest, with their positions (1: all, no positions sent)")
+    bits: Literal[2, 3, 4, 5, 6, 7, 8, 16, 32] = Field(3, description="bits per sent value: 32 float; 16 or 8 "
+                                                      "integers scaled by the largest; 2-7 packed, scaled to 2.5 std")
+
+
+class FederatedConfig(Strict):
+    """How `expertkit train --federated` trains a domain's expert across its silos."""
+
+    local_steps: int = Field(5, ge=1, description="optimizer steps each client takes per round")
+    batch_size: int | None = Field(None, ge=1, description="blocks per client step; null: training.batch_size")
+    learning_rate: float | None = Field(None, gt=0, description="the clients' peak learning rate; null: "
+                                        "training.learning_rate (a round averages the silos' steps, like a batch "
+                                        "silos times larger, which can take a larger rate)")
+    rounds: int | None = Field(None, ge=1, description="null: as many training tokens as a central expert "
+                               "(training.steps x training.batch_size / (silos x local_steps x batch_size))")
+    min_clients: int | None = Field(None, ge=1, description="a round counts when at least this many clients "
+                                    "answer; null: all silos but one")
+    aggregation: str = Field("alternating", description="which LoRA factor clients train per round so that the "
+                             "mean of their factors is exactly the mean of their updates: 'alternating' (B, then "
+                             "A, ...) or 'frozen_a' (FFA-LoRA: B only)")
+    round_timeout_s: float = Field(3600, gt=0, description="a client that has not answered by then is dropped")
+    privacy: PrivacyConfig | None = None
+    compression: CompressionConfig | None = None
+
+
 class ServeOptions(Strict):
     """How `expertkit serve` runs (the CLI's options, and the API of `serve.server.build_local_service`)."""
 
@@ -265,6 +343,7 @@ class ProjectConfig(Strict):
     training: TrainConfig = TrainConfig()
     evaluation: EvalConfig = EvalConfig()
     routing: RoutingConfig = RoutingConfig()
+    federated: FederatedConfig = FederatedConfig()
     library: str = "library"
     seed: int = 0
 
@@ -340,10 +419,16 @@ def resolve_paths(config: ProjectConfig, root: Path) -> ProjectConfig:
     def local(p: str) -> str:
         return p if Path(p).is_absolute() else str(root / p)
 
+    def fix_source(source: SourceConfig | None) -> SourceConfig | None:
+        if source is None or source.path is None:
+            return source
+        return source.model_copy(update={"path": local(source.path)})
+
     def fix_domain(d: DomainConfig | None) -> DomainConfig | None:
-        if d is None or d.source.path is None:
+        if d is None:
             return d
-        return d.model_copy(update={"source": d.source.model_copy(update={"path": local(d.source.path)})})
+        silos = [s.model_copy(update={"source": fix_source(s.source)}) for s in d.silos]
+        return d.model_copy(update={"source": fix_source(d.source), "silos": silos})
 
     # A base that we build, or that exists next to the config, is a local dir; anything else may be a hub id.
     base_path = config.base.path

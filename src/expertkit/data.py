@@ -191,7 +191,14 @@ def _load_hf(source: SourceConfig, task: str) -> dict[str, list[Example]] | list
 
 
 def load_corpus(domain: DomainConfig) -> Corpus:
-    """Read a domain's source into train/valid/test examples, with clear errors for bad data."""
+    """Read a domain's source into train/valid/test examples, with clear errors for bad data.
+
+    A domain given only as silos reads as its silos' texts together, each silo split as it would be alone.
+    """
+    if domain.source is None:
+        parts = [load_corpus(domain.silo_domain(silo)) for silo in domain.silos]
+        return Corpus(domain.name, {s: [ex for c in parts for ex in c.splits[s]] for s in SPLITS},
+                      "+".join(sorted({r for c in parts for r in c.reading.split("+")})))
     source = domain.source
     readings = {"records"}
     if source.hf_dataset is not None:

@@ -254,6 +254,11 @@ def train_all(config: ProjectConfig, base: Base, only: list[str] | None = None, 
     if unknown:
         raise ExpertkitError(f"--only names unknown domains {unknown}; known: {[d.name for d in config.domains]}")
     domains = [d for d in config.domains if not only or d.name in only]
+    silo_only = [d for d in domains if d.source is None]
+    for d in silo_only:
+        console.print(f"domain '{d.name}' is held in silos only: skipped here (`expertkit train --federated` trains "
+                      "it across them)")
+    domains = [d for d in domains if d.source is not None]
     todo = [d for d in domains if force or not library.has(Kind.EXPERT, d.name)]
     for d in domains:
         if d not in todo:

@@ -246,3 +246,31 @@ def run_port(source: Path, to: str, out: Path, options, retrained: Path | None =
     new_base = load_base(to, device)
     return port_library(library, new_base, Path(out), options, cfg, Library(retrained) if retrained else None,
                         tasks_data)
+
+
+def run_federated(cfg: ProjectConfig, base: Base, only: list[str] | None = None, force: bool = False,
+                  engine: str = "flower") -> list:
+    """Train each domain that lists silos across them (`only`: just these), skipping finished experts."""
+    from expertkit.federated import ENGINES, train_federated
+    from expertkit.library import Library
+
+    if engine not in ENGINES:
+        raise ExpertkitError(f"unknown --engine '{engine}'; known: {', '.join(ENGINES)}")
+    federated = [d for d in cfg.domains if d.silos]
+    if not federated:
+        raise ExpertkitError("no domain lists silos: give a domain 'silos: [{name, source}, ...]' to train it "
+                             "federated")
+    unknown = sorted(set(only or []) - {d.name for d in federated})
+    if unknown:
+        raise ExpertkitError(f"--only names domains without silos {unknown}; domains with silos: "
+                             f"{[d.name for d in federated]}")
+    library = Library(Path(cfg.library).resolve())
+    entries = []
+    for d in federated:
+        if only and d.name not in only:
+            continue
+        if library.has(Kind.EXPERT, d.name) and not force:
+            console.print(f"expert '{d.name}' already in the library: skipped (pass --force to retrain)")
+            continue
+        entries.append(train_federated(cfg, base, d.name, engine=engine, overwrite=force))
+    return entries
