@@ -299,3 +299,10 @@ def test_noise_that_breaks_the_adapter_stops_the_run_with_a_clear_message(tmp_pa
     with pytest.raises(ExpertkitError, match="non-finite.*raise privacy.epsilon, add silos"):
         trainer.run(transport)
     assert not Library(trainer.config.library).has("expert", "alpha")
+
+
+def test_federated_without_silos_or_with_an_unknown_engine_is_one_line(project, monkeypatch, capsys):
+    code, _, err = run_cli(monkeypatch, capsys, "train", project, "--federated")
+    assert_one_line_error(code, err, "no domain lists silos")
+    code, _, err = run_cli(monkeypatch, capsys, "train", project, "--federated", "--executor", "ray")
+    assert_one_line_error(code, err, "--federated runs the silos with --engine")
