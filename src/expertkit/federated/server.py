@@ -129,7 +129,7 @@ class FederatedTrainer:
         federated = manifest["federated"]
         privacy = federated["privacy"]
         console.print(f"{name}: {federated['rounds']} rounds over {len(self.plan.silos)} silos, "
-                      f"{federated['bytes_per_round_per_client'] / 1e6:.3f} MB per round per client"
+                      f"{federated['bytes_per_round_per_client']:,.0f} bytes per round per client"
                       + (f", ε = {privacy['epsilon']:.2f} at δ = {privacy['delta']:g}" if privacy else ""))
         return entry
 
