@@ -19,6 +19,11 @@ import torch
 from expertkit.errors import ExpertkitError
 
 IDENTITY_KEYS = ("config_hash", "weights_hash", "tokenizer_hash")  # what makes two bases the same base
+
+
+def identity_mismatch(found: dict, expected: dict) -> list[str]:
+    """The IDENTITY_KEYS on which two base identities differ (empty: the same base)."""
+    return [k for k in IDENTITY_KEYS if found.get(k) != expected.get(k)]
 VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache",
                         "_attn_implementation_autoset", "_commit_hash"}
 
@@ -145,7 +150,7 @@ class BaseSpec:
         """A copy of its own from `path` (never the shared one), checked hash for hash: for a caller that
         changes its weights (merging an adapter into it, say)."""
         base = load_base(self.path, self.device)
-        mismatch = [k for k in IDENTITY_KEYS if base.identity().get(k) != self.identity.get(k)]
+        mismatch = identity_mismatch(base.identity(), self.identity)
         if mismatch:
             raise ExpertkitError(f"the base at {self.path} is not the one expected ({mismatch[0][:-5]} hash differs): "
                                  "its files changed, or another model is there; every node must see the base the "

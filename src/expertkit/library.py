@@ -22,7 +22,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable
 
-from expertkit.base import IDENTITY_KEYS
+from expertkit.base import identity_mismatch
 from expertkit.errors import ExpertkitError
 from expertkit.fsutil import atomic_dir, atomic_write_text, ensure_writable_dir
 
@@ -179,13 +179,14 @@ class Library:
 
     def check_base(self, identity: dict, what: str, expected: dict | None = None) -> None:
         expected = expected or self.base_identity()
-        for key in IDENTITY_KEYS:
-            if expected.get(key) != identity.get(key):
-                raise ExpertkitError(
-                    f"{what} belongs to base '{expected.get('name')}' ({key[:-5]} {expected.get(key)}), but the "
-                    f"loaded base is '{identity.get('name')}' ({key[:-5]} {identity.get(key)}); load the matching "
-                    "base or retrain the experts on this one"
-                )
+        mismatch = identity_mismatch(identity, expected)
+        if mismatch:
+            key = mismatch[0]
+            raise ExpertkitError(
+                f"{what} belongs to base '{expected.get('name')}' ({key[:-5]} {expected.get(key)}), but the "
+                f"loaded base is '{identity.get('name')}' ({key[:-5]} {identity.get(key)}); load the matching "
+                "base or retrain the experts on this one"
+            )
 
     def _write_index(self, identity: dict | None = None) -> None:
         identity = identity or self.base_identity()

@@ -6,7 +6,6 @@ in this process) and writes the expert into the library with its rounds, silos a
 
 from __future__ import annotations
 
-
 from expertkit.base import Base
 from expertkit.config import ProjectConfig
 from expertkit.errors import ExpertkitError

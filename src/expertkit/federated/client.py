@@ -12,13 +12,13 @@ from pathlib import Path
 
 import torch
 
-from expertkit.base import IDENTITY_KEYS, Base, load_base
+from expertkit.base import Base, identity_mismatch, load_base
 from expertkit.config import FederatedConfig, ProjectConfig, TrainConfig
 from expertkit.data import Blocks, TrainingStream, load_corpus, make_blocks
 from expertkit.errors import ExpertkitError
 from expertkit.federated.compress import Payload, compress, plain_payload
 from expertkit.federated.factors import factor_keys
-from expertkit.fsutil import atomic_write_bytes
+from expertkit.federated.round_files import RoundFiles
 from expertkit.optim import make_optimizer, train_step
 
 _LOADED: dict[tuple, tuple[Base, object]] = {}  # (base path, device, LoRA shape) -> (base, its PEFT model), per process
@@ -94,7 +94,7 @@ class SiloClient:
         if recipe != self.recipe:
             self.recipe, self._blocks = recipe, None
         base, _ = self._model()
-        differs = [k for k in IDENTITY_KEYS if base.identity().get(k) != expected_identity.get(k)]
+        differs = identity_mismatch(base.identity(), expected_identity)
         if differs:
             raise ExpertkitError(f"silo '{self.silo}' runs on another base ({self.config.base.path}: its "
                                  f"{differs[0][:-5]} hash differs from the server's); every silo must train on the "
@@ -148,34 +148,3 @@ class SiloClient:
         payload, left = compress(update, residual, options)
         residuals.save(task.round_index, {**residual, **left})
         return payload
-
-
-class RoundFiles:
-    """A silo's state between rounds (AdamW moments, compression residual), on its own disk, one file per round.
-
-    A round reads the newest file saved before it, so a round the server replays after a restart gets the
-    answer it got the first time; the two newest files are kept.
-    """
-
-    KEEP = 2
-
-    def __init__(self, folder: Path, kind: str):
-        self.folder, self.kind = folder, kind
-
-    def _files(self) -> dict[int, Path]:
-        return {int(p.stem.rsplit("-", 1)[1]): p for p in self.folder.glob(f"{self.kind}-round-*.pt")}
-
-    def latest_before(self, round_index: int) -> dict | None:
-        earlier = [r for r in self._files() if r < round_index]
-        return torch.load(self._files()[max(earlier)], weights_only=True) if earlier else None
-
-    def save(self, round_index: int, value: dict) -> None:
-        import io
-
-        self.folder.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        torch.save(value, buffer)
-        atomic_write_bytes(self.folder / f"{self.kind}-round-{round_index:05d}.pt", buffer.getvalue())
-        files = self._files()
-        for r in sorted(files)[:-self.KEEP]:
-            files[r].unlink(missing_ok=True)

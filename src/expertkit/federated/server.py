@@ -27,12 +27,9 @@ from expertkit.federated.client import ClientUpdate, RoundTask
 from expertkit.federated.compress import decode, payload_bytes
 from expertkit.federated.factors import FACTOR_SCHEDULES, factor_keys
 from expertkit.federated.privacy import PrivacyLedger
-from expertkit.fsutil import atomic_write_bytes
+from expertkit.federated.round_files import RoundFiles
 from expertkit.library import Entry, Kind, Library
 from expertkit.progress import console, progress_bar
-
-KEEP_CHECKPOINTS = 2
-
 
 class ClientRefused(ExpertkitError):
     """A client that cannot take part for a reason its user must fix (another base, no text): the run stops."""
@@ -85,6 +82,7 @@ class FederatedTrainer:
         options = config.federated.privacy
         self.ledger = PrivacyLedger(options, self.plan.rounds) if options is not None else None
         self.folder = self.library.checkpoint_dir(self.domain.name) / "federated"
+        self.checkpoints = RoundFiles(self.folder, "round")
         self.run_hash = ""  # set once the silos have described their data (`_identify`)
 
     def _identify(self, fingerprint: str) -> None:
@@ -200,19 +198,12 @@ class FederatedTrainer:
     # ------------------------------------------------------------ checkpoints
 
     def _save(self, rounds_done: int, state: dict, log: list) -> None:
-        import io
-
-        self.folder.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        torch.save({"hash": self.run_hash, "state": state, "log": log}, buffer)
-        atomic_write_bytes(self.folder / f"round-{rounds_done:05d}.pt", buffer.getvalue())
-        for old in sorted(self.folder.glob("round-*.pt"))[:-KEEP_CHECKPOINTS]:
-            old.unlink(missing_ok=True)
+        self.checkpoints.save(rounds_done, {"hash": self.run_hash, "state": state, "log": log})
 
     def _resume(self) -> tuple[dict, list] | None:
-        for path in sorted(self.folder.glob("round-*.pt"), reverse=True):
+        for rounds_done in sorted(self.checkpoints.rounds(), reverse=True):
             try:
-                saved = torch.load(path, weights_only=True)
+                saved = self.checkpoints.load(rounds_done)
             except Exception:  # a torn or foreign file: fall back to the one before
                 continue
             if saved.get("hash") == self.run_hash:

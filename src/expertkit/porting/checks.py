@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from expertkit.base import IDENTITY_KEYS, Base
+from expertkit.base import Base, identity_mismatch
 from expertkit.errors import ExpertkitError
 from expertkit.library import ADAPTER_WEIGHTS, Entry
 
@@ -20,7 +20,7 @@ PEFT_PREFIX = "base_model.model."
 
 def check_new_base(old: Base, new: Base, adapters: list[Entry]) -> None:
     """Refuse a new base the adapters cannot be carried to, naming the first difference found."""
-    if all(old.identity().get(k) == new.identity().get(k) for k in IDENTITY_KEYS):
+    if not identity_mismatch(new.identity(), old.identity()):
         raise ExpertkitError(f"the library is already on {new.name} (same config, weights and tokenizer as its base "
                              f"{old.name}); pass the updated base with --to")
     old_type, new_type = old.model.config.model_type, new.model.config.model_type
