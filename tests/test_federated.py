@@ -70,7 +70,10 @@ def test_aggregated_delta_w_is_the_weighted_mean_of_the_clients(tmp_path, micro_
         task = RoundTask(r, 4, factor, state, trainer.config.training, trainer.config.federated)
         answers = transport.train(task)
         shapes = {k: state[k].shape for k in state if f".{factor}." in k}
-        clients = {s: aggregate.add(state, decode(a.payload, shapes)) for s, a in answers.items()}
+        # each client's own adapter after the round: everything it sent (a client that changed both factors
+        # would show it here), against the server's mean of the round's factor
+        clients = {s: aggregate.add(state, decode(a.payload, {k: state[k].shape for k in a.payload}))
+                   for s, a in answers.items()}
         new_state = aggregate.add(state, aggregate.weighted_mean([decode(a.payload, shapes) for a in answers.values()],
                                                                  [weights[s] for s in answers]))
         client_dw = {s: aggregate.delta_weights(c, scale) for s, c in clients.items()}
@@ -145,6 +148,7 @@ def test_a_client_that_dies_mid_round_is_dropped_and_the_round_goes_on(tmp_path,
 
 def test_a_killed_server_resumes_and_ends_with_the_same_adapter(tmp_path, micro_base_dir, monkeypatch):
     """Killed after round 2 of 4 (with compression: the clients' residuals must survive too)."""
+    from expertkit.federated.client import SiloClient
     from expertkit.federated.server import FederatedTrainer
 
     federated = {"compression": {"top_k": 0.1}}
@@ -166,7 +170,16 @@ def test_a_killed_server_resumes_and_ends_with_the_same_adapter(tmp_path, micro_
         trainer.run(transport)
     monkeypatch.setattr(FederatedTrainer, "_save", save)
     trainer, transport = trainer_and_transport(project, tmp_path / "k")  # a new server process: from disk
+    trained_rounds = []
+    train = SiloClient.train
+
+    def recorded(self, task):
+        trained_rounds.append(task.round_index)
+        return train(self, task)
+
+    monkeypatch.setattr(SiloClient, "train", recorded)
     resumed = trainer.run(transport)
+    assert sorted(set(trained_rounds)) == [2, 3]  # rounds 1-2 came from the checkpoint, not trained again
     assert len(resumed.manifest["rounds_log"]) == 4
     for k, v in adapter_weights(resumed).items():
         torch.testing.assert_close(v, uninterrupted[k], rtol=0, atol=0)
