@@ -1,5 +1,8 @@
 """Suite `collaborate`: small domain experts steer a large general model (proxy, fusion, defer, knowledge card).
 
+On real checkpoints (`--large smollm2-135m --small distilled`, `--large gemma3-270m --small smollm2-135m`)
+see collaborate_real.py; what follows is the micro suite.
+
 Large = the cached `specialize` base (its LoRA experts are the "truly tuned" reference); small = a base over
 4x smaller pretrained on the same mix with the same tokenizer, with one LoRA expert per domain trained on the
 same data as the reference. The proxy's α is chosen on the validation split and then scored on test.
@@ -19,7 +22,7 @@ from pathlib import Path
 import torch
 
 from common import GENERAL, bench_config
-from suites import suite
+from suites import COLLABORATE_OPTIONS, MICRO, REAL_BASES, suite
 
 SMALL_BUILD = {"hidden_size": 96, "intermediate_size": 256, "num_layers": 2, "num_heads": 4}
 # The small experts see exactly the data of the large-tuned reference (same steps, batch, replay, rank);
@@ -68,18 +71,19 @@ def _references(large_pool, domain: str):
     return [AdapterComposition(large_pool, BASE_ADAPTER, "large"), AdapterComposition(large_pool, domain, "large_tuned")]
 
 
-def choose_alpha(large_cfg, large_pool, small_pool, experts: list[str]) -> dict:
+def choose_alpha(large_cfg, large_pool, small_pool, experts: list[str], alphas: list[float] = ALPHAS,
+                 valid_blocks: int = VALID_BLOCKS, batch_size: int | None = None) -> dict:
     """The proxy's α: the best mean gap closed on the VALIDATION split (the test text is never looked at)."""
     from expertkit.compose.collaborate import ProxyComposition
     from expertkit.workflow import validation_blocks
 
-    valid = validation_blocks(large_cfg, large_pool.tokenizer, experts, max_blocks=VALID_BLOCKS)
-    bs = large_cfg.evaluation.batch_size
-    gaps = {a: {} for a in ALPHAS}
+    valid = validation_blocks(large_cfg, large_pool.tokenizer, experts, max_blocks=valid_blocks)
+    bs = batch_size or large_cfg.evaluation.batch_size
+    gaps = {a: {} for a in alphas}
     for d in experts:
         ppl = _score(_references(large_pool, d) + [ProxyComposition(large_pool, small_pool, d, alpha=a, name=f"a{a}")
-                                                   for a in ALPHAS], d, valid[d], bs)
-        for a in ALPHAS:
+                                                   for a in alphas], d, valid[d], bs)
+        for a in alphas:
             gaps[a][d] = _gap(ppl, f"a{a}")
     mean = {a: statistics.mean(g.values()) for a, g in gaps.items()}
     return {"alpha": max(mean, key=mean.get), "valid_mean_gap_closed": mean, "valid_gap_closed": gaps}
@@ -121,15 +125,21 @@ def quality(large_cfg, large_pool, small_pool, experts: list[str], alpha: float)
 
 
 @torch.no_grad()
-def _greedy_tok_s(prefill, step, ids: torch.Tensor) -> float:
-    """Tokens per second of a prefill + step greedy loop producing exactly NEW_TOKENS tokens."""
+def _greedy_tok_s(prefill, step, ids: torch.Tensor, new_tokens: int = NEW_TOKENS) -> float:
+    """Tokens per second of a prefill + step greedy loop producing exactly `new_tokens` tokens."""
     started = time.perf_counter()
     logits, state = prefill(ids)
     token = logits[:, -1].argmax(-1)
-    for _ in range(NEW_TOKENS - 1):
+    for _ in range(new_tokens - 1):
         logits, state = step(state, token)
         token = logits.argmax(-1)
-    return NEW_TOKENS / (time.perf_counter() - started)
+    return new_tokens / (time.perf_counter() - started)
+
+
+def loop_tok_s(composition, prompt_ids: torch.Tensor, new_tokens: int = NEW_TOKENS) -> float:
+    """The same greedy prefill + step loop for every composition timed against each other."""
+    mask = torch.ones_like(prompt_ids)
+    return _greedy_tok_s(lambda ids: composition.prefill(ids, mask), composition.step, prompt_ids, new_tokens)
 
 
 @torch.no_grad()
@@ -161,10 +171,6 @@ def speed(large_path: str, small_pool, expert: str, prompt_ids: torch.Tensor, al
                                    min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
         return (out.shape[1] - prompt_ids.shape[1]) / (time.perf_counter() - started)
 
-    def loop_run(composition) -> float:
-        """The same greedy prefill + step loop for every composition timed against each other."""
-        return _greedy_tok_s(lambda ids: composition.prefill(ids, mask), composition.step, prompt_ids)
-
     def three_models() -> float:
         """The reference design: three separate cached models, three forwards per token."""
         models, caches = [large_model, small_expert_model, small_base_model], []
@@ -181,9 +187,9 @@ def speed(large_path: str, small_pool, expert: str, prompt_ids: torch.Tensor, al
 
         return _greedy_tok_s(prefill, lambda _, token: (combined(token.view(1, 1))[:, -1], None), prompt_ids)
 
-    fns = {"large_tok_s": lambda: loop_run(large_alone), "large_generate_tok_s": generate_large,
-           "proxy_tok_s": lambda: loop_run(proxy), "three_model_tok_s": three_models,
-           "proxy_hf_small_step_tok_s": lambda: loop_run(proxy_hf)}  # the last: PEFT adapter_names steps
+    fns = {"large_tok_s": lambda: loop_tok_s(large_alone, prompt_ids), "large_generate_tok_s": generate_large,
+           "proxy_tok_s": lambda: loop_tok_s(proxy, prompt_ids), "three_model_tok_s": three_models,
+           "proxy_hf_small_step_tok_s": lambda: loop_tok_s(proxy_hf, prompt_ids)}  # the last: PEFT adapter_names steps
     runs = {key: [] for key in fns}
     for _ in range(REPEATS + 1):  # the first round warms up and is dropped
         for key, fn in fns.items():
@@ -217,8 +223,16 @@ def plot_defer(points: list[dict], path: Path, references: dict[str, float]) -> 
     plt.close(fig)
 
 
-@suite("collaborate")
-def run(data: Path, device: str | None) -> dict:
+@suite("collaborate", bases=(MICRO, *REAL_BASES))
+def run(data: Path, device: str | None, base: str = MICRO) -> dict:
+    if base != MICRO:
+        from collaborate_real import run_real
+
+        return run_real(data, device, base, COLLABORATE_OPTIONS["small"])
+    return run_micro(data, device)
+
+
+def run_micro(data: Path, device: str | None) -> dict:
     from expertkit.data import load_corpus
     from expertkit.library import Library
     from expertkit.runtime import ExpertPool

@@ -84,8 +84,10 @@ REAL_EVALUATION = {"block_size": 128, "batch_size": 8, "max_blocks": 32}
 
 
 def real_config(data: Path, base: str, domains: tuple[str, ...] | None = None,
-                recipe: dict | None = None, exclude: tuple[str, ...] = ()) -> ProjectConfig:
-    """The project config of a suite on a real checkpoint (fetched and imported once per machine).
+                recipe: dict | None = None, exclude: tuple[str, ...] = (), model_dir: Path | None = None
+                ) -> ProjectConfig:
+    """The project config of a suite on a real checkpoint (fetched and imported once per machine), or on the
+    model in `model_dir` (a distilled companion, say; `base` then names its library).
 
     The library is keyed by data and recipe, not by the domain list: a suite that needs one more domain
     trains only that expert. A library without some domains (`exclude`) is a library of its own.
@@ -100,7 +102,7 @@ def real_config(data: Path, base: str, domains: tuple[str, ...] | None = None,
     domains = tuple(d for d in domains if d not in exclude)
     library_dir = CACHE / f"{base}-library-{_key(str(data), recipe, *([exclude] if exclude else []))}"
     raw = {  # the files are read the default way: without empty lines, each is one running text
-        "base": {"path": str(ensure_model(base))},
+        "base": {"path": str(model_dir or ensure_model(base))},
         "general": {"name": GENERAL, "source": {"path": str(data / GENERAL)}},
         "domains": [{"name": d, "source": {"path": str(data / d)}} for d in domains],
         "training": recipe,
@@ -134,3 +136,17 @@ def reuse_experts(source: ProjectConfig, target: ProjectConfig, base) -> None:
     for domain in target.domains:
         if have.has(Kind.EXPERT, domain.name) and not want.has(Kind.EXPERT, domain.name):
             want.copy_entry(have.get(domain.name))
+
+
+def distilled_companion(data: Path, large: str) -> Path:
+    """The small companion `expertkit base distill` makes for a real checkpoint (default recipe, general text),
+    distilled once per machine and cached."""
+    from expertkit.config import DistillConfig
+    from expertkit.distill import distill
+    from expertkit.models import ensure_model
+
+    recipe = DistillConfig()
+    out = CACHE / f"{large}-companion-{_key(str(data / GENERAL), recipe.model_dump())}"
+    if not (out / "config.json").exists():
+        distill(str(ensure_model(large)), data / GENERAL, out, recipe)
+    return out

@@ -16,7 +16,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from common import DEFAULT_DATA, REAL_DOMAINS  # noqa: E402
-from suites import MICRO, REAL_BASES, ROUTE_OPTIONS, SUITES, TASK_EXAMPLES  # noqa: E402
+from suites import COLLABORATE_OPTIONS, MICRO, REAL_BASES, ROUTE_OPTIONS, SUITES, TASK_EXAMPLES  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--base", default=MICRO, help=f"{MICRO} (the tiny pretrained Llama of the earlier figures) "
                                                       f"or a real checkpoint: {', '.join(REAL_BASES)}")
+    parser.add_argument("--large", default=None, help="collaborate: the large model (the same as --base)")
+    parser.add_argument("--small", default=COLLABORATE_OPTIONS["small"],
+                        help="collaborate on a real --large: 'distilled' (the companion `expertkit base distill` makes "
+                             f"for it) or a real checkpoint with another vocabulary: {', '.join(REAL_BASES)}")
     parser.add_argument("--task-examples", type=int, default=TASK_EXAMPLES["per_task"],
                         help="examples per task where a suite measures task accuracy (all of a smaller task)")
     parser.add_argument("--domains", default=",".join(REAL_DOMAINS["chosen"]),
@@ -36,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="route: measure routing of real prompts (general tasks -> base, domain tasks -> their "
                              "expert) instead of corpus documents")
     args = parser.parse_args(argv)
+    if args.large:
+        if args.base not in (MICRO, args.large):
+            parser.error("--large and --base name the same model; give one")
+        args.base = args.large
+    COLLABORATE_OPTIONS["small"] = args.small
     ROUTE_OPTIONS["prompts"] = args.prompts
     TASK_EXAMPLES["per_task"] = args.task_examples
     REAL_DOMAINS["chosen"] = tuple(d.strip() for d in args.domains.split(",") if d.strip())

@@ -110,6 +110,24 @@ def small_project(tmp_path_factory, micro_base_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def two_vocabularies(tmp_path_factory, micro_base_dir):
+    """(large = the micro base, 300 tokens; small = a 16-wide base with its OWN 320-token tokenizer + 'alpha')."""
+    from expertkit.base import load_base
+    from expertkit.library import Library
+    from expertkit.runtime import ExpertPool
+    from expertkit.train import train_all
+    from expertkit.workflow import load_project_base
+
+    root = tmp_path_factory.mktemp("vocab")
+    build = {**MICRO_BUILD, "vocab_size": 320, "hidden_size": 16, "intermediate_size": 32}
+    project = write_project(root, str(root / "small"), domains=("alpha",), base={"build": build},
+                            training={"steps": 12})
+    cfg, small = load_project_base(project)
+    train_all(cfg, small)
+    return ExpertPool(load_base(str(micro_base_dir))), ExpertPool(small, Library(cfg.library))
+
+
+@pytest.fixture(scope="session")
 def served_library(tmp_path_factory, micro_base_dir):
     """(config, library path): two micro experts and a lexical router on the micro base (read-only users)."""
     from expertkit.train import train_all

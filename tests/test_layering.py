@@ -19,7 +19,7 @@ LAYERS = [
     ["runtime"],
     ["routing"],
     ["compose"],
-    ["scoring", "evaluate", "executors", "merging", "train", "tasks", "porting", "federated"],
+    ["scoring", "evaluate", "executors", "merging", "train", "tasks", "porting", "federated", "distill"],
     ["serve"],
     ["workflow", "demo", "cli"],
 ]

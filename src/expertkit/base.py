@@ -102,6 +102,20 @@ def load_base(path: str, device: str | None = None) -> Base:
     return base
 
 
+DISTILL_FILE = "distill.json"  # in a companion's dir (expertkit.distill): its teacher and how it was made
+
+
+def companion_teacher(model_dir: str | Path) -> dict | None:
+    """The identity of the model a companion was distilled from (None: not a distilled companion)."""
+    path = Path(model_dir) / DISTILL_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))["teacher"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ExpertkitError(f"{path} is damaged ({e}); distill the companion again") from None
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

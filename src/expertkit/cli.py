@@ -34,6 +34,9 @@ AddressOpt = typer.Option(None, "--address", help="Ray cluster address (host:637
                                                   "default: start Ray on this machine")
 CpusOpt = typer.Option(None, "--cpus-per-job", help="Ray: CPUs (= torch threads) per job (default 1)")
 GpusOpt = typer.Option(None, "--gpus-per-job", help="Ray: GPUs per job (default 0)")
+TokenMapOpt = typer.Option(None, help="with --small, when the two vocabularies differ: 'text' (the default: the "
+                                      "small model reads the large one's text), 'vocab' (map shared token strings) "
+                                      "or a JSON file {large id: small id}")
 
 
 def _setup():
@@ -72,6 +75,41 @@ def base_import(gguf: Path = typer.Argument(..., help="a llama.cpp .gguf model f
 
     out = import_gguf(gguf, out_dir, dtype=dtype, force=force)
     console.print(f"base model: {out}")
+
+
+@base_app.command("distill")
+def base_distill(teacher: str = typer.Option(..., help="the large model: its HF model dir"),
+                 out: Path = typer.Option(..., help="the companion's model dir to write"),
+                 text: Path = typer.Option(..., help="general text to distill on: a text file, or a folder of them "
+                                                     "(train/valid/test files are used as given)"),
+                 layers: Optional[int] = typer.Option(None, help="companion layers (default 8)"),
+                 hidden: Optional[int] = typer.Option(None, help="companion width (default 256)"),
+                 intermediate: Optional[int] = typer.Option(None, help="companion MLP width (default 768)"),
+                 heads: Optional[int] = typer.Option(None, help="attention heads (default 4)"),
+                 steps: Optional[int] = typer.Option(None, help="training steps (default 1000)"),
+                 batch_size: Optional[int] = typer.Option(None, help="blocks per step (default 8)"),
+                 block_size: Optional[int] = typer.Option(None, help="tokens per block (default 128)"),
+                 learning_rate: Optional[float] = typer.Option(None, help="peak learning rate (default 2e-3)"),
+                 top_k: Optional[int] = typer.Option(None, help="teacher tokens per position in the loss (default 64)"),
+                 device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ..."),
+                 force: bool = typer.Option(False, help="replace OUT if it already holds a model")):
+    """Distill a small companion with the teacher's tokenizer (for proxy-tuning and the other collaborations)."""
+    _setup()
+    from expertkit.config import DistillConfig, format_validation_error
+    from expertkit.distill import distill
+    from pydantic import ValidationError
+
+    given = {"num_layers": layers, "hidden_size": hidden, "intermediate_size": intermediate, "num_heads": heads,
+             "steps": steps, "batch_size": batch_size, "block_size": block_size, "learning_rate": learning_rate,
+             "top_k": top_k}
+    try:
+        config = DistillConfig(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as e:
+        raise ExpertkitError(format_validation_error(e, "base distill options")) from None
+    report = distill(teacher, text, out, config, device=device, force=force)
+    console.print(f"companion: {out} ({report['companion_params'] / 1e6:.1f}M parameters, "
+                  f"{report['param_ratio']:.1%} of the teacher); perplexity on the text's test split: companion "
+                  f"{report['companion_ppl']:.2f}, teacher {report['teacher_ppl']:.2f}")
 
 
 @app.command()
@@ -118,6 +156,7 @@ def evaluate(config: Path = ConfigArg,
              small: Optional[Path] = typer.Option(None, help="a small model steering this one (its project YAML or "
                                                               "library): score its collaborations too, e.g. "
                                                               "proxy:EXPERT, fusion"),
+             token_map: Optional[str] = TokenMapOpt,
              device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ..."),
              executor: str = ExecutorOpt, address: Optional[str] = AddressOpt,
              cpus_per_job: Optional[float] = CpusOpt, gpus_per_job: Optional[float] = GpusOpt):
@@ -135,9 +174,11 @@ def evaluate(config: Path = ConfigArg,
             raise ExpertkitError("--tasks names no task; give e.g. --tasks general,domain")
         run_task_scorecard(cfg, base, names, out, names=model, limit=limit, data_root=tasks_data)
         return
+    if token_map is not None and small is None:
+        raise ExpertkitError("--token-map aligns a small model's vocabulary with this one; add --small SMALL")
     with _executor(executor, address, cpus_per_job, gpus_per_job) as runner:
         cfg, base = load_project_base(config, device, build_missing=False)
-        run_scorecard(cfg, base, out, names=model, executor=runner, small=small)
+        run_scorecard(cfg, base, out, names=model, executor=runner, small=small, token_map=token_map)
 
 
 def _option_from(options, name: str, **limits):
@@ -159,8 +200,7 @@ def generate(config: Path = ConfigArg, prompt: str = typer.Argument(..., help="t
              alpha: Optional[float] = typer.Option(None, help="proxy/fusion: strength of the small expert's shift"),
              threshold: Optional[float] = typer.Option(None, help="defer: entropy (nats) above which a token goes "
                                                                   "to the large model; card: relevance gate"),
-             token_map: Optional[str] = typer.Option(None, help="when the vocabularies differ: 'vocab' (map shared "
-                                                                "token strings) or a JSON file {large id: small id}"),
+             token_map: Optional[str] = TokenMapOpt,
              device: Optional[str] = typer.Option(None)):
     """Continue a prompt with one composition (or a small expert steering this model, with --small)."""
     _setup()
@@ -380,6 +420,7 @@ def serve(library: Path = typer.Argument(..., help="library folder"),
                                                           "library's most accurate one)"),
           small: Optional[Path] = typer.Option(None, help="a small model's project YAML or library: also serve "
                                                           "collaborations such as proxy:EXPERT"),
+          token_map: Optional[str] = TokenMapOpt,
           backend: Optional[str] = typer.Option(None, help="URL of an OpenAI-compatible server (vLLM, LoRAX) that "
                                                            "decodes; this process then only routes and forwards"),
           backend_base_model: str = typer.Option("base", help="the backend's name for the bare base model"),
@@ -405,14 +446,15 @@ def serve(library: Path = typer.Argument(..., help="library folder"),
     if backend:
         from expertkit.serve.forward import build_forwarding_service
 
-        if small or watch_s:
-            raise ExpertkitError("--small and --watch-s work on expertkit's own engine; they cannot be combined "
-                                 "with --backend")
+        if small or watch_s or token_map:
+            raise ExpertkitError("--small, --token-map and --watch-s work on expertkit's own engine; they cannot be "
+                                 "combined with --backend")
         service = build_forwarding_service(library, backend, router, base, device, backend_base_model,
                                            os.environ.get("EXPERTKIT_BACKEND_API_KEY"))
     else:
         options = ServeOptions(base=base, device=device, models=tuple(model) if model else None, router=router,
-                               small=str(small) if small else None, max_batch=max_batch, max_queue=max_queue,
+                               small=str(small) if small else None, token_map=token_map,
+                               max_batch=max_batch, max_queue=max_queue,
                                max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, watch_s=watch_s)
         service = build_local_service(library, options)
     console.print(f"serving {service.model_names()} on http://{host}:{port}/v1"

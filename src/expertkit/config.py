@@ -117,6 +117,34 @@ class BuildConfig(Strict):
         return corpus
 
 
+class DistillConfig(Strict):
+    """A small companion distilled from a large model's logits (`expertkit base distill`).
+
+    The defaults fit SmolLM2-135M on a CPU: a Llama of about 19M parameters (1/7 of the teacher), most of
+    them in the teacher-sized vocabulary's embedding, trained for about half an hour.
+    """
+
+    num_layers: int = Field(8, ge=1)
+    hidden_size: int = Field(256, ge=16)
+    intermediate_size: int = Field(768, ge=16)
+    num_heads: int = Field(4, ge=1)
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(8, ge=1)
+    block_size: int = Field(128, ge=16)
+    learning_rate: float = Field(2e-3, gt=0)
+    warmup_steps: int = Field(50, ge=0)
+    top_k: int = Field(64, ge=1, description="the teacher's k most likely tokens per position carry the loss")
+    checkpoint_every: int = Field(50, ge=1)
+    eval_blocks: int = Field(32, ge=1, description="test blocks of the text for the perplexity report")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> "DistillConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
+        return self
+
+
 class BaseConfig(Strict):
     path: str = Field(description="local model dir, or a Hugging Face hub id when online")
     build: BuildConfig | None = None
@@ -327,6 +355,7 @@ class ServeOptions(Strict):
     models: tuple[str, ...] | None = None  # library entries to serve (default: all)
     router: str | None = None  # the entry `auto` uses (default: the library's most accurate router)
     small: str | None = None  # a small model's project or library: serve its collaborations too
+    token_map: str | None = None  # how collaborations align two vocabularies: "text" (default), "vocab", a JSON map
     max_batch: int = Field(64, ge=1, description="most requests decoding together")
     max_queue: int = Field(256, ge=1, description="most requests waiting; more are answered 429")
     max_prompt_tokens: int | None = Field(None, ge=1, description="default: the model's context")

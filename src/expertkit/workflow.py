@@ -27,11 +27,13 @@ def load_project_base(config_path: Path | ProjectConfig, device: str | None = No
 
 
 def run_scorecard(cfg: ProjectConfig, base: Base, out: Path | None = None, names: list[str] | None = None,
-                  executor: Executor | None = None, small: Path | None = None) -> dict:
+                  executor: Executor | None = None, small: Path | None = None,
+                  token_map: str | None = None) -> dict:
     """Score the base and every library entry on every domain; print and write the report.
 
     With `small` (a small model's project YAML or library), its collaborations with this base are
-    scored too. The composition x domain cells are jobs of `executor` (default: here, one after another).
+    scored too (`token_map`: how they align two vocabularies). The composition x domain cells are jobs of
+    `executor` (default: here, one after another).
     """
     from expertkit.compose.catalog import require_small
     from expertkit.evaluate import markdown_table, score_on, test_blocks, verdicts, write_report
@@ -50,7 +52,7 @@ def run_scorecard(cfg: ProjectConfig, base: Base, out: Path | None = None, names
     blocks = test_blocks(cfg, base.tokenizer, readings)
     ev = cfg.evaluation
     context = Context(partial(library_score_state, BaseSpec.of(base), str(library.root), names, blocks,
-                              ev.batch_size, ev.context_tokens, str(small) if small else None))
+                              ev.batch_size, ev.context_tokens, str(small) if small else None, token_map))
     card = score_on(executor, context, names, blocks, ev.batch_size)
     card["context_tokens"], card["readings"] = ev.context_tokens, readings
     experts = {e.name: e.domain for e in entries if e.kind == Kind.EXPERT}
@@ -96,7 +98,7 @@ def run_task_scorecard(cfg: ProjectConfig, base: Base, tasks: list[str], out: Pa
 
 
 def library_score_state(spec: BaseSpec, library_root: str, names: list[str], blocks: dict, batch_size: int,
-                        context_tokens: int = 0, small: str | None = None):
+                        context_tokens: int = 0, small: str | None = None, token_map: str | None = None):
     """A worker's scorecard state: the base with the library attached and the named compositions built."""
     from expertkit.compose import build_compositions
     from expertkit.compose.collaborate import load_small_pool
@@ -108,7 +110,7 @@ def library_score_state(spec: BaseSpec, library_root: str, names: list[str], blo
     # with small experts to steer it, a large model needs no library of its own
     pool = ExpertPool(spec.load(), library if library.exists() or not small else None)
     small_pool = load_small_pool(small, spec.device) if small else None
-    compositions = build_compositions(pool, names, small=small_pool)
+    compositions = build_compositions(pool, names, small=small_pool, token_map=token_map)
     return ScoreState({c.name: c for c in compositions}, blocks, batch_size, context_tokens)
 
 

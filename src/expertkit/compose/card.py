@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import torch
 
-from expertkit.base import tokenizer_hash
 from expertkit.compose.adapters import AdapterComposition
 from expertkit.compose.collaborate import Parameterized, checked_params, collaboration
 from expertkit.config import CardParams
@@ -45,8 +44,7 @@ class KnowledgeCardComposition(Parameterized, Composition):
 
     def __init__(self, large: ExpertPool, small: ExpertPool, expert: str, separator: str = "\n\n",
                  name: str | None = None, token_map=None, **params):
-        if token_map is not None:
-            raise ExpertkitError("card passes text between the models, so it needs no token_map; leave it out")
+        self.align_by(token_map or "text")
         if expert not in small.adapter_names:
             raise ExpertkitError(f"expert '{expert}' is not loaded on the small model '{small.base.name}' "
                                  f"(loaded: {small.adapter_names}); use an expert trained on that small base")
@@ -54,10 +52,15 @@ class KnowledgeCardComposition(Parameterized, Composition):
         self.params = checked_params(CardParams, params, self.name)
         self.writer = AdapterComposition(small, expert, f"{self.name} writer")  # the expert alone, on the small model
         self.separator_ids = large.tokenizer(separator, add_special_tokens=False)["input_ids"]
-        self.shared_vocab = tokenizer_hash(large.tokenizer) == tokenizer_hash(small.tokenizer)
+        self.shared_vocab = large.base.identity()["tokenizer_hash"] == small.base.identity()["tokenizer_hash"]
         self.last_relevance: list[float] = []
         self.last_cards: list[str | None] = []  # the passage written for each row of the last prefill (None: none)
         self.rows = self.carded = 0
+
+    def align_by(self, token_map: str) -> None:
+        if token_map != "text":
+            raise ExpertkitError("card passes text between the models, so it takes no token map; leave token_map "
+                                 "out (or give 'text', what it does anyway)")
 
     def stats(self) -> dict:
         return {"card_fraction": self.carded / max(self.rows, 1), "rows": self.rows,

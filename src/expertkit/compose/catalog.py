@@ -15,12 +15,12 @@ from expertkit.library import BASE
 from expertkit.runtime import Composition, ExpertPool
 
 
-def build_compositions(pool: ExpertPool, names: list[str] | None = None,
-                       small: ExpertPool | None = None) -> list[Composition]:
+def build_compositions(pool: ExpertPool, names: list[str] | None = None, small: ExpertPool | None = None,
+                       token_map: str | None = None) -> list[Composition]:
     """The base, one composition per library entry and, with `small`, every collaboration it offers.
 
     With `names`, just those, in that order (a collaboration spec needs `small`; `mix:a=0.7,b=0.3` is a
-    weighted mix of the pool's adapters).
+    weighted mix of the pool's adapters). `token_map`: how collaborations align two vocabularies.
     """
     by_name = {BASE: COMPOSITIONS[BASE](pool, None)}
     for entry in list(pool.entries):  # a factory may attach the entries it needs (see ExpertPool.ensure)
@@ -40,7 +40,9 @@ def build_compositions(pool: ExpertPool, names: list[str] | None = None,
     def build(name: str) -> Composition:
         if name in by_name:
             return by_name[name]
-        return mix_composition(pool, name) if is_mix(name) else build_collaboration(name, pool, small)
+        if is_mix(name):
+            return mix_composition(pool, name)
+        return build_collaboration(name, pool, small, token_map=token_map)
 
     return [build(n) for n in wanted]
 

@@ -29,9 +29,9 @@ from typing import Callable
 import torch
 from pydantic import BaseModel, ValidationError
 
-from expertkit.base import load_base, tokenizer_hash
+from expertkit.base import companion_teacher, identity_mismatch, load_base
 from expertkit.compose.mix import next_evidence, prefix_evidence
-from expertkit.compose.vocab import TokenMap, resolve_token_map
+from expertkit.compose.vocab import TextAlignment, TokenMap, resolve_token_map
 from expertkit.config import DeferParams, FusionParams, ProxyParams, format_validation_error, load_config
 from expertkit.errors import ExpertkitError
 from expertkit.library import Library
@@ -41,19 +41,21 @@ from expertkit.runtime.lean import LeanState
 
 
 def check_collaborators(large: ExpertPool, small: ExpertPool, experts: list[str],
-                        token_map: TokenMap | str | Path | None = None) -> TokenMap | None:
-    """Every expert loaded on the small base, and one vocabulary: the same one (-> None) or a token map."""
+                        token_map: TokenMap | TextAlignment | str | Path | None = None
+                        ) -> TokenMap | TextAlignment | None:
+    """Every expert loaded on the small base, a companion of this very large model, and how the vocabularies
+    align: None when they are one vocabulary, else `token_map` ("text" by default, see compose.vocab)."""
     missing = [e for e in experts if e not in small.adapter_names]
     if missing:
         raise ExpertkitError(f"expert(s) {missing} are not loaded on the small model '{small.base.name}' "
                              f"(loaded: {small.adapter_names}); use experts trained on that small base")
-    if tokenizer_hash(large.tokenizer) == tokenizer_hash(small.tokenizer):
+    teacher = companion_teacher(small.base.name) if Path(small.base.name).is_dir() else None
+    if teacher is not None and identity_mismatch(large.base.identity(), teacher):
+        raise ExpertkitError(f"the small model '{small.base.name}' was distilled from '{teacher.get('name')}', not "
+                             f"from the large model '{large.base.name}' (their weights differ); distill a companion "
+                             f"of this model: expertkit base distill --teacher {large.base.name}")
+    if large.base.identity()["tokenizer_hash"] == small.base.identity()["tokenizer_hash"]:
         return None
-    if token_map is None:
-        raise ExpertkitError(f"the large model '{large.base.name}' and the small model '{small.base.name}' have "
-                             "different vocabularies, so their logits cannot be combined; build the small base "
-                             "with base.build.tokenizer pointing at the large model, or supply a token mapping "
-                             "(token_map='vocab' maps shared token strings, or a JSON file of large id -> small id)")
     return resolve_token_map(token_map, large, small)
 
 
@@ -70,18 +72,26 @@ def checked_params(model: type[BaseModel], values: dict, owner: str) -> BaseMode
 
 
 class Parameterized:
-    """A composition whose parameters (its config.py model `Params`, held in `self.params`) a request may set."""
+    """A composition whose parameters (its config.py model `Params`, held in `self.params`) a request may set,
+    and (`token_map`) how it aligns the two models' vocabularies."""
 
     name: str
     Params: type[BaseModel]
     params: BaseModel
 
-    def configured(self, **given) -> Composition:
-        if not given:
+    def configured(self, token_map: str | None = None, **given) -> Composition:
+        if not given and token_map is None:
             return self
         other = copy.copy(self)
-        other.params = checked_params(type(self.params), {**self.params.model_dump(), **given}, self.name)
+        if given:
+            other.params = checked_params(type(self.params), {**self.params.model_dump(), **given}, self.name)
+        if token_map is not None:
+            other.align_by(token_map)
         return other
+
+    @abstractmethod
+    def align_by(self, token_map: str) -> None:
+        """Use this vocabulary alignment ('text' or 'vocab'; see compose.vocab), or refuse it."""
 
 
 @dataclass
@@ -104,12 +114,14 @@ class Collaboration(Parameterized, Composition):
     """
 
     def __init__(self, large: ExpertPool, small: ExpertPool, small_adapters: list[str], name: str,
-                 token_map: TokenMap | str | Path | None = None, fast_small: bool = True, **params):
+                 token_map: TokenMap | TextAlignment | str | Path | None = None, fast_small: bool = True,
+                 **params):
         self.params = checked_params(self.Params, params, name)
         self.token_map = check_collaborators(large, small, [a for a in small_adapters if a != BASE_ADAPTER],
                                              token_map)
         self.large, self.small, self.small_adapters, self.name = large, small, small_adapters, name
         self.fast_small = fast_small
+        self._alignments: dict[str, object] = {}  # per-request alignments, built once (shared by configured copies)
 
     @abstractmethod
     def start(self, large_lp, small_lp, input_ids: torch.Tensor, real: torch.Tensor):
@@ -121,6 +133,11 @@ class Collaboration(Parameterized, Composition):
     @abstractmethod
     def advance(self, large_lp, small_lp, next_ids: torch.Tensor, memory):
         """After one more token per row: (log-probs [B, V], memory)."""
+
+    def align_by(self, token_map: str) -> None:
+        if token_map not in self._alignments:
+            self._alignments[token_map] = check_collaborators(self.large, self.small, [], token_map)
+        self.token_map = self._alignments[token_map]
 
     def _small_rows(self, rows: int) -> list[str]:
         return [a for a in self.small_adapters for _ in range(rows)]
@@ -136,22 +153,32 @@ class Collaboration(Parameterized, Composition):
         """With a token map, only tokens both models can read may be generated."""
         return self.token_map.mask_unmapped(log_probs) if self.token_map is not None else log_probs
 
+    def _read_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: int):
+        k = len(self.small_adapters)
+        ids, mask, adapters = input_ids.repeat(k, 1), attention_mask.repeat(k, 1), self._small_rows(rows)
+        if self.token_map is None:
+            return self.small.prefill(ids, mask, adapters)
+        return self.token_map.read_prompt(self.small, ids, mask, adapters)
+
+    def _read_next(self, state, next_ids: torch.Tensor):
+        ids = next_ids.repeat(len(self.small_adapters))
+        if self.token_map is None:
+            return self.small.step(state, ids, lean=self.fast_small)
+        return self.token_map.read_next(self.small, state, ids, lean=self.fast_small)
+
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_last: int | None = None):
-        rows, k = input_ids.shape[0], len(self.small_adapters)
+        rows = input_ids.shape[0]
         large_logits, large = self.large.prefill(input_ids, attention_mask, [BASE_ADAPTER] * rows)
-        small_ids = self.token_map.to_small(input_ids) if self.token_map is not None else input_ids
-        small_logits, small = self.small.prefill(small_ids.repeat(k, 1), attention_mask.repeat(k, 1),
-                                                 self._small_rows(rows))
+        small_logits, small = self._read_prompt(input_ids, attention_mask, rows)
         large_lp, small_lp = self._log_probs(large_logits, small_logits, rows)
         out, memory = self.start(large_lp, small_lp, input_ids, attention_mask.to(large_lp.device).bool())
         out = self._readable(out)
         return (out[:, -keep_last:] if keep_last else out), CollaborationState(large, small, memory)
 
     def step(self, state: CollaborationState, next_ids: torch.Tensor):
-        rows, k = next_ids.shape[0], len(self.small_adapters)
+        rows = next_ids.shape[0]
         large_logits, large = self.large.step(state.large, next_ids)
-        small_ids = self.token_map.to_small(next_ids) if self.token_map is not None else next_ids
-        small_logits, small = self.small.step(state.small, small_ids.repeat(k), lean=self.fast_small)
+        small_logits, small = self._read_next(state.small, next_ids)
         large_lp, small_lp = self._log_probs(large_logits, small_logits, rows)
         out, memory = self.advance(large_lp, small_lp, next_ids, state.memory)
         return self._readable(out), CollaborationState(large, small, memory)
@@ -316,7 +343,7 @@ def load_small_pool(path: str | Path, device: str | None = None) -> ExpertPool:
 
 
 def build_collaboration(spec: str, large: ExpertPool, small: ExpertPool,
-                        token_map: TokenMap | str | Path | None = None, **params) -> Composition:
+                        token_map: TokenMap | TextAlignment | str | Path | None = None, **params) -> Composition:
     """`proxy:code`, `defer:code`, `card:code`, `fusion` ... -> a Composition of the large and the small model.
 
     `params` override the strategy's defaults (see `collaboration_strategies()`); None values are ignored,

@@ -255,6 +255,19 @@ class ExpertPool:
                           list(adapters), self)
         return out.logits, state
 
+    def extend(self, state: PoolState, next_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, PoolState]:
+        """Several tokens per row at once: next_ids [B, n], left-padded where `mask` [B, n] is 0.
+
+        For a reader whose rows advance by different numbers of tokens per step (a small model reading a
+        large model's text in its own tokens: compose/vocab.py); returns logits [B, n, V] (the last column is
+        each row's next-token prediction) and the state after every row's real tokens.
+        """
+        mask = mask.to(self.device)
+        full = torch.cat([state.attention_mask, mask], dim=1)
+        positions = state.next_position.view(-1, 1) + position_ids(mask)
+        out = self.forward(next_ids, full, state.adapters, past=state.past, position_ids=positions)
+        return out.logits, PoolState(out.past_key_values, full, state.next_position + mask.sum(1), state.adapters, self)
+
     def step(self, state: PoolState | LeanState, next_ids: torch.Tensor,
              lean: bool = False) -> tuple[torch.Tensor, PoolState | LeanState]:
         """One token per row, each row on the adapter its state says.

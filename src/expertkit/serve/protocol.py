@@ -56,6 +56,8 @@ class _Request(BaseModel):
     # defer: entropy threshold; card: relevance threshold); refused (400) by a model that takes none
     alpha: Optional[float] = Field(default=None, description="proxy/fusion: strength of the small expert's shift")
     threshold: Optional[float] = Field(default=None, description="defer/card: the strategy's threshold")
+    token_map: Optional[Literal["text", "vocab"]] = Field(default=None, description="collaborations across two "
+                                                          "vocabularies: align by text or by shared token strings")
     # a weighted mix of served adapters for this request; the same as model "mix:a=0.7,b=0.3"
     adapters: Optional[list[MixMember]] = Field(default=None, min_length=1, max_length=16)
 
@@ -68,7 +70,8 @@ class _Request(BaseModel):
 
     @property
     def composition_params(self) -> dict:
-        return {k: v for k, v in (("alpha", self.alpha), ("threshold", self.threshold)) if v is not None}
+        given = (("alpha", self.alpha), ("threshold", self.threshold), ("token_map", self.token_map))
+        return {k: v for k, v in given if v is not None}
 
     @field_validator("stop")
     @classmethod

@@ -77,6 +77,8 @@ def _build_local_service(library_path: Path, options: ServeOptions, threads: int
     from expertkit.serve.engine import Engine
     from expertkit.serve.service import Limits, LocalService
 
+    if options.token_map and not options.small:
+        raise ExpertkitError("--token-map aligns a small model's vocabulary with the served one; add --small SMALL")
     library = Library(library_path)
     identity = library.base_identity()
     base_path = options.base or identity["name"]
@@ -90,7 +92,7 @@ def _build_local_service(library_path: Path, options: ServeOptions, threads: int
         from expertkit.compose.collaborate import load_small_pool
 
         small = load_small_pool(options.small, options.device)
-    compositions = {c.name: c for c in build_compositions(pool, small=small)}
+    compositions = {c.name: c for c in build_compositions(pool, small=small, token_map=options.token_map)}
     router = pick_router(pool.entries, options.router)
     context = pool.context_length
     limits = Limits(max_prompt_tokens=options.max_prompt_tokens or context or 2048,
@@ -127,7 +129,8 @@ class LibraryReloader:
         compositions = {}
         for name in [BASE, *(e.name for e in pool.entries), *offered]:
             try:
-                (compositions[name],) = build_compositions(pool, [name], small=self.small)
+                (compositions[name],) = build_compositions(pool, [name], small=self.small,
+                                                           token_map=self.options.token_map)
             except ExpertkitError as e:
                 report["refused"][name] = str(e)
         for name in [n for n in self.engine.compositions if is_mix(n)]:

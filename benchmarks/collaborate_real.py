@@ -1,0 +1,201 @@
+"""Suite `collaborate` on real checkpoints: cheap small experts steering a real large model (proxy-tuning).
+
+- `--large smollm2-135m --small distilled`: the small model is the companion `expertkit base distill` makes for
+  the large one (its tokenizer, at most 1/5 of its parameters), with one LoRA expert per domain trained on the
+  same data and steps as the reference "truly tuned" large experts (the specialize suite's library); only the
+  learning rate is the companion's own.
+- `--large gemma3-270m --small smollm2-135m`: across vocabularies (compose/vocab.py's text alignment); the small
+  experts are SmolLM2's specialize-suite experts.
+
+α is chosen on the validation split; on test, gap closed = (loss_large - loss_proxy) / (loss_large - loss_tuned).
+Speed: batch 1, greedy, the same decode loop (prefill + step) for the large model alone and for the proxy.
+Goals: mean gap closed >= 70% with a companion (>= 50% across vocabularies), the proxy better than the small
+expert alone on every domain, proxy speed >= 0.75x the large model alone.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+import torch
+
+from collaborate import _gap, _references, _score, choose_alpha, loop_tok_s
+from common import distilled_companion, real_config
+
+SMALL_RECIPE = {"learning_rate": 1e-3}  # the companion's experts: the reference's data and steps, their own rate
+ALPHAS = [0.5, 1.0, 1.5, 2.0]
+TEST_BLOCKS, VALID_BLOCKS = 32, 16
+NEW_TOKENS, PROMPT_TOKENS, REPEATS, SAMPLE_TOKENS = 64, 32, 3, 40
+GAP_GOAL = {True: 0.70, False: 0.50}  # same vocabulary / across vocabularies
+SPEED_GOAL = 0.75
+
+
+def _small_side(data: Path, large_name: str, small_name: str, device):
+    """The small model's config and base, its experts trained (cached) on the same domains as the large one's."""
+    from expertkit.train import train_all
+    from expertkit.workflow import load_project_base
+
+    if small_name == "distilled":
+        companion = distilled_companion(data, large_name)
+        cfg = real_config(data, companion.name, recipe=SMALL_RECIPE, model_dir=companion)
+    else:
+        cfg = real_config(data, small_name)
+    cfg, small = load_project_base(cfg, device)
+    train_all(cfg, small)
+    return cfg, small
+
+
+def _quality(large_cfg, large_pool, small_pool, experts, alpha: float, same_vocab: bool, batch_size: int) -> dict:
+    """Per domain, test perplexity (large model's tokens) of the large model, its tuned expert, the proxy, and
+    (one vocabulary) the small expert alone."""
+    from expertkit.compose.adapters import AdapterComposition
+    from expertkit.compose.collaborate import ProxyComposition
+    from expertkit.evaluate import test_blocks
+
+    blocks = {d: b.take(slice(0, TEST_BLOCKS)) for d, b in test_blocks(large_cfg, large_pool.tokenizer).items()}
+    rows = {}
+    for d in experts:
+        compositions = _references(large_pool, d) + [ProxyComposition(large_pool, small_pool, d, alpha=alpha,
+                                                                      name="proxy")]
+        if same_vocab:
+            compositions.append(AdapterComposition(small_pool, d, "small_expert"))
+        rows[d] = _score(compositions, d, blocks[d], batch_size)
+        rows[d]["gap_closed"] = _gap(rows[d], "proxy")
+    return rows
+
+
+def _prompts(large_cfg, tokenizer, experts) -> dict[str, torch.Tensor]:
+    """Per domain, the first PROMPT_TOKENS tokens of its first test document, as the large model reads them."""
+    from expertkit.data import load_corpus
+    from expertkit.encoding import encode_texts
+
+    out = {}
+    for d in experts:
+        text = load_corpus(large_cfg.domain(d)).splits["test"][0].full_text
+        out[d] = torch.tensor([encode_texts(tokenizer, [text])[0][:PROMPT_TOKENS]])
+    return out
+
+
+def _speed(large_pool, small_pool, expert: str, alpha: float, prompt: torch.Tensor) -> dict:
+    """Median over REPEATS (after one warm-up round) of large alone and proxy, run one after the other."""
+    from expertkit.compose.adapters import AdapterComposition
+    from expertkit.compose.collaborate import ProxyComposition
+    from expertkit.runtime import BASE_ADAPTER
+
+    fns = {"large_tok_s": AdapterComposition(large_pool, BASE_ADAPTER, "large"),
+           "proxy_tok_s": ProxyComposition(large_pool, small_pool, expert, alpha=alpha)}
+    runs = {key: [] for key in fns}
+    for _ in range(REPEATS + 1):
+        for key, composition in fns.items():
+            runs[key].append(loop_tok_s(composition, prompt, NEW_TOKENS))
+    result = {k: statistics.median(v[1:]) for k, v in runs.items()}
+    result["proxy_vs_large"] = result["proxy_tok_s"] / result["large_tok_s"]
+    return result
+
+
+def _samples(large_pool, small_pool, experts, alpha: float, prompts: dict) -> list[dict]:
+    """Greedy continuations of each domain's prompt: the large model alone, and steered by the domain's expert."""
+    from expertkit.compose.adapters import AdapterComposition
+    from expertkit.compose.collaborate import ProxyComposition
+    from expertkit.runtime import BASE_ADAPTER, SamplingParams, generate
+
+    tok, greedy = large_pool.tokenizer, SamplingParams(max_new_tokens=SAMPLE_TOKENS)
+    out = []
+    for d in experts:
+        prompt = tok.decode(prompts[d][0], skip_special_tokens=True)
+        large = generate(AdapterComposition(large_pool, BASE_ADAPTER, "large"), tok, [prompt], greedy)[0]
+        proxy = generate(ProxyComposition(large_pool, small_pool, d, alpha=alpha), tok, [prompt], greedy)[0]
+        out.append({"domain": d, "prompt": prompt, "large": large, "proxy": proxy})
+    return out
+
+
+def run_real(data: Path, device: str | None, large_name: str, small_name: str) -> dict:
+    from expertkit.base import companion_teacher, count_parameters, tokenizer_hash
+    from expertkit.errors import ExpertkitError
+    from expertkit.library import Library
+    from expertkit.models import MODELS
+    from expertkit.runtime import ExpertPool
+    from expertkit.train import train_all
+    from expertkit.workflow import load_project_base
+
+    if small_name != "distilled" and small_name not in MODELS:
+        raise ExpertkitError(f"--small {small_name}: give 'distilled' or one of {sorted(MODELS)}")
+    if small_name == large_name:
+        raise ExpertkitError("--small names the large model itself; give 'distilled' or another model")
+    large_cfg, large = load_project_base(real_config(data, large_name), device)
+    train_all(large_cfg, large)  # the reference: truly tuned large experts (the specialize suite's library)
+    small_cfg, small = _small_side(data, large_name, small_name, device)
+    experts = [d.name for d in large_cfg.domains]
+    large_pool = ExpertPool(large, Library(large_cfg.library), names=experts)
+    small_pool = ExpertPool(small, Library(small_cfg.library), names=experts)
+    same_vocab = tokenizer_hash(large.tokenizer) == tokenizer_hash(small.tokenizer)
+    batch_size = large_cfg.evaluation.batch_size if same_vocab else max(1, large_cfg.evaluation.batch_size // 2)
+    chosen = choose_alpha(large_cfg, large_pool, small_pool, experts, ALPHAS, VALID_BLOCKS, batch_size)
+    alpha = chosen["alpha"]
+    rows = _quality(large_cfg, large_pool, small_pool, experts, alpha, same_vocab, batch_size)
+    prompts = _prompts(large_cfg, large.tokenizer, experts)
+    speed = _speed(large_pool, small_pool, experts[0], alpha, prompts[experts[0]])
+    samples = _samples(large_pool, small_pool, experts, alpha, prompts)
+    gaps = {d: r["gap_closed"] for d, r in rows.items()}
+    vs_small = {d: r["proxy"] / r["small_expert"] for d, r in rows.items()} if same_vocab else None
+    sizes = {"companion_params": count_parameters(small.model), "large_params": count_parameters(large.model)}
+    alignment = None if same_vocab else _alignment_of(large_pool, small_pool, experts[0])
+    teacher = companion_teacher(small.name)
+    result = {"large": large_name, "small": small_name, "small_model": small.name, "same_vocabulary": same_vocab,
+              "alignment": alignment, "gap_closed": gaps, "mean_gap_closed": statistics.mean(gaps.values()),
+              "proxy_vs_small_expert": vs_small, "speed_ratio": speed["proxy_vs_large"], **sizes,
+              "alpha": alpha, "alpha_selection": chosen, "ppl": rows, "speed": speed, "samples": samples,
+              "small_recipe": SMALL_RECIPE if small_name == "distilled" else None,
+              "companion_report": _distill_report(small.name) if teacher else None}
+    _print(result, GAP_GOAL[same_vocab])
+    return result
+
+
+def _alignment_of(large_pool, small_pool, expert: str) -> dict:
+    from expertkit.compose.collaborate import ProxyComposition
+
+    alignment = ProxyComposition(large_pool, small_pool, expert).token_map
+    return {"method": alignment.source, "coverage": alignment.coverage}
+
+
+def _distill_report(model_dir: str) -> dict:
+    import json
+
+    from expertkit.base import DISTILL_FILE
+
+    return json.loads((Path(model_dir) / DISTILL_FILE).read_text())["report"]
+
+
+def _print(result: dict, gap_goal: float) -> None:
+    sizes = f"{result['companion_params'] / 1e6:.1f}M vs {result['large_params'] / 1e6:.1f}M params " \
+            f"({result['companion_params'] / result['large_params']:.1%})"
+    print(f"\nlarge {result['large']}, small {result['small']} ({sizes}); "
+          + ("one vocabulary" if result["same_vocabulary"] else
+             f"aligned by {result['alignment']['method']} ({result['alignment']['coverage']:.1%} of the large "
+             "vocabulary)") + f"; α = {result['alpha']} (chosen on validation)")
+    report = result["companion_report"]
+    if report:
+        print(f"companion perplexity on general test text {report['companion_ppl']:.2f} vs teacher "
+              f"{report['teacher_ppl']:.2f}")
+    print(f"{'domain':<10}{'large':>9}{'tuned':>9}{'proxy':>9}{'small exp':>10}{'gap closed':>12}")
+    for d, r in result["ppl"].items():
+        small = f"{r['small_expert']:>10.2f}" if "small_expert" in r else f"{'-':>10}"
+        print(f"{d:<10}{r['large']:>9.2f}{r['large_tuned']:>9.2f}{r['proxy']:>9.2f}{small}{r['gap_closed']:>12.1%}")
+    mean = result["mean_gap_closed"]
+    print(f"mean gap closed {mean:.1%} (goal >= {gap_goal:.0%}: {'PASS' if mean >= gap_goal else 'MISS'})")
+    if result["proxy_vs_small_expert"]:
+        beats = {d: v < 1 for d, v in result["proxy_vs_small_expert"].items()}
+        print("proxy perplexity / small expert alone: " + ", ".join(
+            f"{d} {v:.3f}" for d, v in result["proxy_vs_small_expert"].items())
+            + f" ({'PASS' if all(beats.values()) else 'MISS'}: the proxy must beat the small expert on every domain)")
+    s = result["speed"]
+    print(f"speed (batch 1, greedy, {NEW_TOKENS} tokens, same loop): large {s['large_tok_s']:.1f} tok/s, proxy "
+          f"{s['proxy_tok_s']:.1f} tok/s = {s['proxy_vs_large']:.2f}x (goal >= {SPEED_GOAL}: "
+          f"{'PASS' if s['proxy_vs_large'] >= SPEED_GOAL else 'MISS'})")
+    for sample in result["samples"]:
+        print(f"\n[{sample['domain']}] {sample['prompt']!r}\n  large: {sample['large']!r}\n"
+              f"  proxy: {sample['proxy']!r}")
+    if not math.isfinite(mean):
+        print("warning: a perplexity is not finite")
