@@ -64,7 +64,8 @@ def test_steps_match_prefill_and_rows_match_alone(two_vocabularies):
     ids = torch.randint(3, 290, (3, 10), generator=torch.Generator().manual_seed(3))
     for spec, params in (("proxy:alpha", {}), ("fusion", {}), ("defer:alpha", {"threshold": 2.0})):
         composition = build_collaboration(spec, large, small, token_map="text", **params)
-        assert_cached_steps_match(composition, ids, torch.ones_like(ids), split=4)
+        assert_cached_steps_match(composition, ids, torch.ones_like(ids), split=4)  # rows of different text
+        assert_cached_steps_match(composition, ids[:1], torch.ones_like(ids[:1]), split=4)  # one row: lean steps
     proxy = ProxyComposition(large, small, "alpha")
     prompts = ["patient dose", "the a of and to in is was", "renal"]
     greedy = SamplingParams(max_new_tokens=8)

@@ -158,7 +158,7 @@ class Collaboration(Parameterized, Composition):
         ids, mask, adapters = input_ids.repeat(k, 1), attention_mask.repeat(k, 1), self._small_rows(rows)
         if self.token_map is None:
             return self.small.prefill(ids, mask, adapters)
-        return self.token_map.read_prompt(self.small, ids, mask, adapters)
+        return self.token_map.read_prompt(self.small, ids, mask, adapters, rows)
 
     def _read_next(self, state, next_ids: torch.Tensor):
         ids = next_ids.repeat(len(self.small_adapters))

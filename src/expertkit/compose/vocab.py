@@ -70,8 +70,12 @@ class TokenMap:
         """-inf on large tokens the small model cannot express (the combined distribution's support)."""
         return scores.masked_fill(~self.mapped.to(scores.device), float("-inf"))
 
-    def read_prompt(self, small, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: list):
-        """The small model's logits at every large position ([R, T, V_small]) and its state."""
+    def read_prompt(self, small, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: list,
+                    large_rows: int):
+        """The small model's logits at every large position ([R, T, V_small]) and its state.
+
+        The R small rows are `large_rows` rows of the large batch, each read by every small adapter.
+        """
         return small.prefill(self.to_small(input_ids), attention_mask, adapters)
 
     def read_next(self, small, state, next_ids: torch.Tensor, lean: bool):
@@ -150,10 +154,16 @@ UNALIGNED_LOG_PROB = -30.0  # what the small model "says" about a large token it
 
 @dataclass
 class TextReadState:
-    """The small model's cache, and each row's latest next-token logits (kept when a step adds no text)."""
+    """The small model's cache, and each row's latest next-token logits (kept when a step adds no text).
+
+    `uniform`: every row reads the same text (one large row, read by each small adapter), so every step
+    adds the same small tokens to each row, and the fast one-token steps of runtime/lean.py can read them
+    one after another.
+    """
 
     pool: object
     last_logits: torch.Tensor
+    uniform: bool = False
 
 
 class TextAlignment:
@@ -239,25 +249,31 @@ class TextAlignment:
             ends.append(row_ends)
         return small_rows, ends
 
-    def read_prompt(self, small, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: list):
+    def read_prompt(self, small, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: list,
+                    large_rows: int):
         small_rows, ends = self._rows(input_ids, attention_mask)
         ids, mask = pad_left(small_rows, self.small_pad)
         logits, state = small.prefill(ids, mask, adapters)
         pads = ids.shape[1] - torch.tensor([len(r) for r in small_rows])
         at = (torch.tensor(ends) + pads[:, None]).to(logits.device)  # [R, T] columns in the padded small batch
         aligned = logits.gather(1, at[..., None].expand(-1, -1, logits.shape[-1]))
-        return aligned, TextReadState(state, logits[:, -1])
+        return aligned, TextReadState(state, logits[:, -1], uniform=large_rows == 1)
 
     def read_next(self, small, state: TextReadState, next_ids: torch.Tensor, lean: bool):
         chunks = [self.chunks[lid] if lid < len(self.chunks) else [] for lid in next_ids.cpu().tolist()]
         if not any(chunks):
             return state.last_logits, state
+        if state.uniform:  # the same chunk in every row: one-token steps, on the lean path when asked
+            pool_state, ids = state.pool, torch.tensor(chunks, device=next_ids.device)
+            for column in ids.T:
+                logits, pool_state = small.step(pool_state, column, lean=lean)
+            return logits, TextReadState(pool_state, logits, uniform=True)
         ids, mask = pad_left([c or [self.small_pad] for c in chunks], self.small_pad)
         mask[[i for i, c in enumerate(chunks) if not c]] = 0  # a row with nothing to read only pads
         logits, pool_state = small.extend(state.pool, ids, mask)
         moved = torch.tensor([bool(c) for c in chunks], device=logits.device)[:, None]
         last = torch.where(moved, logits[:, -1], state.last_logits)
-        return last, TextReadState(pool_state, last)
+        return last, TextReadState(pool_state, last, uniform=False)
 
     # -- scoring ------------------------------------------------------------------------------------
 
