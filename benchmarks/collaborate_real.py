@@ -2,8 +2,8 @@
 
 - `--large smollm2-135m --small distilled`: the small model is the companion `expertkit base distill` makes for
   the large one (its tokenizer, at most 1/5 of its parameters), with one LoRA expert per domain trained on the
-  same data and steps as the reference "truly tuned" large experts (the specialize suite's library); only the
-  learning rate is the companion's own.
+  same data and steps as the reference "truly tuned" large experts (the specialize suite's library); only their
+  learning rate is their own (chosen with α on the validation split).
 - `--large gemma3-270m --small smollm2-135m`: across vocabularies (compose/vocab.py's text alignment); the small
   experts are SmolLM2's specialize-suite experts.
 
@@ -24,7 +24,8 @@ import torch
 from collaborate import _gap, _references, _score, choose_alpha, loop_tok_s
 from common import distilled_companion, real_config
 
-SMALL_RECIPE = {"learning_rate": 1e-3}  # the companion's experts: the reference's data and steps, their own rate
+# The companion's experts see the reference's data and steps; their learning rate is chosen with α on validation.
+SMALL_LEARNING_RATES = [1e-3, 3e-3]
 ALPHAS = [0.5, 1.0, 1.5, 2.0]
 TEST_BLOCKS, VALID_BLOCKS = 32, 16
 NEW_TOKENS, PROMPT_TOKENS, REPEATS, SAMPLE_TOKENS = 64, 32, 3, 40
@@ -32,19 +33,24 @@ GAP_GOAL = {True: 0.70, False: 0.50}  # same vocabulary / across vocabularies
 SPEED_GOAL = 0.75
 
 
-def _small_side(data: Path, large_name: str, small_name: str, device):
-    """The small model's config and base, its experts trained (cached) on the same domains as the large one's."""
+def _small_sides(data: Path, large_name: str, small_name: str, device) -> list:
+    """[(small model's config, base)], its experts trained (cached) on the same domains as the large one's:
+    the companion with each of SMALL_LEARNING_RATES, or another real model's specialize-suite experts."""
     from expertkit.train import train_all
     from expertkit.workflow import load_project_base
 
     if small_name == "distilled":
         companion = distilled_companion(data, large_name)
-        cfg = real_config(data, companion.name, recipe=SMALL_RECIPE, model_dir=companion)
+        configs = [real_config(data, companion.name, recipe={"learning_rate": lr}, model_dir=companion)
+                   for lr in SMALL_LEARNING_RATES]
     else:
-        cfg = real_config(data, small_name)
-    cfg, small = load_project_base(cfg, device)
-    train_all(cfg, small)
-    return cfg, small
+        configs = [real_config(data, small_name)]
+    sides = []
+    for cfg in configs:
+        cfg, small = load_project_base(cfg, device)
+        train_all(cfg, small)
+        sides.append((cfg, small))
+    return sides
 
 
 def _quality(large_cfg, large_pool, small_pool, experts, alpha: float, same_vocab: bool, batch_size: int) -> dict:
@@ -112,7 +118,7 @@ def _samples(large_pool, small_pool, experts, alpha: float, prompts: dict) -> li
 
 
 def run_real(data: Path, device: str | None, large_name: str, small_name: str) -> dict:
-    from expertkit.base import companion_teacher, count_parameters, tokenizer_hash
+    from expertkit.base import companion_teacher
     from expertkit.errors import ExpertkitError
     from expertkit.library import Library
     from expertkit.models import MODELS
@@ -126,13 +132,17 @@ def run_real(data: Path, device: str | None, large_name: str, small_name: str) -
         raise ExpertkitError("--small names the large model itself; give 'distilled' or another model")
     large_cfg, large = load_project_base(real_config(data, large_name), device)
     train_all(large_cfg, large)  # the reference: truly tuned large experts (the specialize suite's library)
-    small_cfg, small = _small_side(data, large_name, small_name, device)
     experts = [d.name for d in large_cfg.domains]
     large_pool = ExpertPool(large, Library(large_cfg.library), names=experts)
-    small_pool = ExpertPool(small, Library(small_cfg.library), names=experts)
-    same_vocab = tokenizer_hash(large.tokenizer) == tokenizer_hash(small.tokenizer)
-    batch_size = large_cfg.evaluation.batch_size if same_vocab else max(1, large_cfg.evaluation.batch_size // 2)
-    chosen = choose_alpha(large_cfg, large_pool, small_pool, experts, ALPHAS, VALID_BLOCKS, batch_size)
+    candidates = []  # (validation mean gap at its best α, learning rate, choice, config, base, pool)
+    for small_cfg, small in _small_sides(data, large_name, small_name, device):
+        same_vocab = large.identity()["tokenizer_hash"] == small.identity()["tokenizer_hash"]
+        batch_size = large_cfg.evaluation.batch_size if same_vocab else max(1, large_cfg.evaluation.batch_size // 2)
+        small_pool = ExpertPool(small, Library(small_cfg.library), names=experts)
+        choice = choose_alpha(large_cfg, large_pool, small_pool, experts, ALPHAS, VALID_BLOCKS, batch_size)
+        gap = choice["valid_mean_gap_closed"][choice["alpha"]]
+        candidates.append((gap, small_cfg.training.learning_rate, choice, small_cfg, small, small_pool))
+    _, small_lr, chosen, small_cfg, small, small_pool = max(candidates, key=lambda c: c[0])
     alpha = chosen["alpha"]
     rows = _quality(large_cfg, large_pool, small_pool, experts, alpha, same_vocab, batch_size)
     prompts = _prompts(large_cfg, large.tokenizer, experts)
@@ -140,17 +150,24 @@ def run_real(data: Path, device: str | None, large_name: str, small_name: str) -
     samples = _samples(large_pool, small_pool, experts, alpha, prompts)
     gaps = {d: r["gap_closed"] for d, r in rows.items()}
     vs_small = {d: r["proxy"] / r["small_expert"] for d, r in rows.items()} if same_vocab else None
-    sizes = {"companion_params": count_parameters(small.model), "large_params": count_parameters(large.model)}
+    sizes = {"companion_params": base_parameters(small.model), "large_params": base_parameters(large.model)}
     alignment = None if same_vocab else _alignment_of(large_pool, small_pool, experts[0])
     teacher = companion_teacher(small.name)
     result = {"large": large_name, "small": small_name, "small_model": small.name, "same_vocabulary": same_vocab,
               "alignment": alignment, "gap_closed": gaps, "mean_gap_closed": statistics.mean(gaps.values()),
               "proxy_vs_small_expert": vs_small, "speed_ratio": speed["proxy_vs_large"], **sizes,
               "alpha": alpha, "alpha_selection": chosen, "ppl": rows, "speed": speed, "samples": samples,
-              "small_recipe": SMALL_RECIPE if small_name == "distilled" else None,
+              "small_learning_rate": small_lr,
+              "learning_rate_selection": {c[1]: {"alpha": c[2]["alpha"], "valid_mean_gap_closed": c[0]}
+                                          for c in candidates},
               "companion_report": _distill_report(small.name) if teacher else None}
     _print(result, GAP_GOAL[same_vocab])
     return result
+
+
+def base_parameters(model) -> int:
+    """Parameters of the base model itself (its attached LoRA adapters left out)."""
+    return sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)
 
 
 def _alignment_of(large_pool, small_pool, expert: str) -> dict:
@@ -174,7 +191,9 @@ def _print(result: dict, gap_goal: float) -> None:
     print(f"\nlarge {result['large']}, small {result['small']} ({sizes}); "
           + ("one vocabulary" if result["same_vocabulary"] else
              f"aligned by {result['alignment']['method']} ({result['alignment']['coverage']:.1%} of the large "
-             "vocabulary)") + f"; α = {result['alpha']} (chosen on validation)")
+             "vocabulary)") + f"; α = {result['alpha']}, small experts' learning rate {result['small_learning_rate']} "
+          "(chosen on validation: " + ", ".join(f"lr {lr}: α {c['alpha']} closes {c['valid_mean_gap_closed']:.1%}"
+                                                for lr, c in result["learning_rate_selection"].items()) + ")")
     report = result["companion_report"]
     if report:
         print(f"companion perplexity on general test text {report['companion_ppl']:.2f} vs teacher "

@@ -139,14 +139,15 @@ def reuse_experts(source: ProjectConfig, target: ProjectConfig, base) -> None:
 
 
 def distilled_companion(data: Path, large: str) -> Path:
-    """The small companion `expertkit base distill` makes for a real checkpoint (default recipe, general text),
-    distilled once per machine and cached."""
+    """The small companion `expertkit base distill` makes for a real checkpoint (default recipe), distilled once
+    per machine and cached, on the train splits of every corpus in `data` (general text and the domains': a
+    companion distilled on WikiText alone knew too little code or medicine for its experts to steer anything)."""
     from expertkit.config import DistillConfig
     from expertkit.distill import distill
     from expertkit.models import ensure_model
 
     recipe = DistillConfig()
-    out = CACHE / f"{large}-companion-{_key(str(data / GENERAL), recipe.model_dump())}"
+    out = CACHE / f"{large}-companion-{_key(str(data), recipe.model_dump())}"
     if not (out / "config.json").exists():
-        distill(str(ensure_model(large)), data / GENERAL, out, recipe)
+        distill(str(ensure_model(large)), data, out, recipe)
     return out

@@ -83,7 +83,9 @@ class DistillRun:
         corpus = load_corpus(DomainConfig(name="general", source=SourceConfig(path=str(text))))
         tok = teacher.tokenizer
         self.train = make_blocks(tok, corpus, "train", config.block_size)
-        self.test = make_blocks(tok, corpus, "test", config.block_size).take(slice(0, config.eval_blocks))
+        test = make_blocks(tok, corpus, "test", config.block_size)
+        spread = torch.linspace(0, len(test) - 1, min(config.eval_blocks, len(test))).long()
+        self.test = test.take(spread)  # blocks from all over the split: a folder's files come one after another
         self.text = str(text)
         self.checkpoints = out.parent / f"{out.name}.checkpoints"
         recipe = {"config": config.model_dump(), "teacher": teacher.identity(), "text": self.text,
