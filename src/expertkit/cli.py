@@ -77,20 +77,27 @@ def base_import(gguf: Path = typer.Argument(..., help="a llama.cpp .gguf model f
     console.print(f"base model: {out}")
 
 
+def _distill_option(field: str, what: str):
+    """An optional `base distill` option whose help shows config.DistillConfig's default."""
+    from expertkit.config import DistillConfig
+
+    return typer.Option(None, help=f"{what} (default {DistillConfig.model_fields[field].default})")
+
+
 @base_app.command("distill")
 def base_distill(teacher: str = typer.Option(..., help="the large model: its HF model dir"),
                  out: Path = typer.Option(..., help="the companion's model dir to write"),
-                 text: Path = typer.Option(..., help="general text to distill on: a text file, or a folder of them "
-                                                     "(train/valid/test files are used as given)"),
-                 layers: Optional[int] = typer.Option(None, help="companion layers (default 8)"),
-                 hidden: Optional[int] = typer.Option(None, help="companion width (default 256)"),
-                 intermediate: Optional[int] = typer.Option(None, help="companion MLP width (default 768)"),
-                 heads: Optional[int] = typer.Option(None, help="attention heads (default 4)"),
-                 steps: Optional[int] = typer.Option(None, help="training steps (default 1000)"),
-                 batch_size: Optional[int] = typer.Option(None, help="blocks per step (default 8)"),
-                 block_size: Optional[int] = typer.Option(None, help="tokens per block (default 128)"),
-                 learning_rate: Optional[float] = typer.Option(None, help="peak learning rate (default 2e-3)"),
-                 top_k: Optional[int] = typer.Option(None, help="teacher tokens per position in the loss (default 64)"),
+                 text: Path = typer.Option(..., help="text to distill on: a text file, or a folder of them (files "
+                                                     "named train/valid/test are used as given)"),
+                 layers: Optional[int] = _distill_option("num_layers", "companion layers"),
+                 hidden: Optional[int] = _distill_option("hidden_size", "companion width"),
+                 intermediate: Optional[int] = _distill_option("intermediate_size", "companion MLP width"),
+                 heads: Optional[int] = _distill_option("num_heads", "attention heads"),
+                 steps: Optional[int] = _distill_option("steps", "training steps"),
+                 batch_size: Optional[int] = _distill_option("batch_size", "blocks per step"),
+                 block_size: Optional[int] = _distill_option("block_size", "tokens per block"),
+                 learning_rate: Optional[float] = _distill_option("learning_rate", "peak learning rate"),
+                 top_k: Optional[int] = _distill_option("top_k", "teacher tokens per position in the loss"),
                  device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ..."),
                  force: bool = typer.Option(False, help="replace OUT if it already holds a model")):
     """Distill a small companion with the teacher's tokenizer (for proxy-tuning and the other collaborations)."""

@@ -37,6 +37,7 @@ from expertkit.optim import make_optimizer, train_step
 from expertkit.progress import console, progress_bar
 from expertkit.train import mean_loss
 
+
 def student_config(teacher: Base, config: DistillConfig):
     """A Llama as wide as `config` asks, with the teacher's vocabulary rows, special ids and context."""
     from transformers import LlamaConfig
@@ -108,8 +109,8 @@ class DistillRun:
         with torch.no_grad():
             teacher_logits = self.teacher.model(input_ids=ids, attention_mask=mask).logits
         student_logits = student(input_ids=ids, attention_mask=mask).logits
-        scored = (batch.labels.to(device) != -100) & mask.bool()
-        return topk_kl(student_logits, teacher_logits, scored, self.config.top_k)
+        # every real position's next-token distribution is a target (a BOS position's too: it predicts the text)
+        return topk_kl(student_logits, teacher_logits, mask.bool(), self.config.top_k)
 
     # -- checkpoints --------------------------------------------------------------------------------
 
