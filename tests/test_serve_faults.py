@@ -127,20 +127,24 @@ def test_http_errors_keep_the_openai_shape_and_the_server_serves_on(service, mon
     healthy: list[httpx.Response] = []
     with BackgroundServer(create_app(service)) as server:
         # a fault after the request started, of the request's own making: 400, typed as the client's error
-        refused = ask(server.url, "/v1/completions", {"model": "refusing-step", "prompt": prompt, "max_tokens": 8})
+        # (ignore_eos: the fault comes at a decoding step, which a model ending its text first would never reach)
+        refused = ask(server.url, "/v1/completions", {"model": "refusing-step", "prompt": prompt, "max_tokens": 8,
+                                                      "ignore_eos": True})
         assert refused.status_code == 400
         assert refused.json()["error"]["type"] == "invalid_request_error"
         # a server fault: 500 in the OpenAI shape, while a request beside it completes as if alone
         threads = [threading.Thread(target=lambda: healthy.append(ask(server.url, "/v1/completions", {
             "model": "beta", "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0})))]
         threads[0].start()
-        crashed = ask(server.url, "/v1/completions", {"model": "faulty-step", "prompt": prompt, "max_tokens": 8})
+        crashed = ask(server.url, "/v1/completions", {"model": "faulty-step", "prompt": prompt, "max_tokens": 8,
+                                                      "ignore_eos": True})
         threads[0].join()
         assert crashed.status_code == 500 and crashed.json()["error"]["type"] == "server_error"
         assert healthy[0].json()["choices"][0]["text"] == solo(service, "beta", prompt)
         # a streamed request whose composition fails mid-way gets one error event, then the stream ends
         with httpx.stream("POST", server.url + "/v1/completions", json={
-                "model": "faulty-step", "prompt": prompt, "max_tokens": 8, "stream": True}, timeout=60) as r:
+                "model": "faulty-step", "prompt": prompt, "max_tokens": 8, "stream": True, "ignore_eos": True},
+                timeout=60) as r:
             chunks = [line for line in r.iter_lines() if line.startswith("data: ")]
         assert sum('"error"' in c for c in chunks) == 1 and chunks[-1] == "data: [DONE]"
         # a chat template that raises on these messages: 400, the template's own words
