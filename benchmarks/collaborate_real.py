@@ -151,7 +151,7 @@ def run_real(data: Path, device: str | None, large_name: str, small_name: str) -
     gaps = {d: r["gap_closed"] for d, r in rows.items()}
     vs_small = {d: r["proxy"] / r["small_expert"] for d, r in rows.items()} if same_vocab else None
     sizes = {"companion_params": base_parameters(small.model), "large_params": base_parameters(large.model)}
-    alignment = None if same_vocab else _alignment_of(large_pool, small_pool, experts[0])
+    alignment = None if same_vocab else _alignment_of(large_pool, small_pool)
     teacher = companion_teacher(small.name)
     result = {"large": large_name, "small": small_name, "small_model": small.name, "same_vocabulary": same_vocab,
               "alignment": alignment, "gap_closed": gaps, "mean_gap_closed": statistics.mean(gaps.values()),
@@ -170,10 +170,11 @@ def base_parameters(model) -> int:
     return sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)
 
 
-def _alignment_of(large_pool, small_pool, expert: str) -> dict:
-    from expertkit.compose.collaborate import ProxyComposition
+def _alignment_of(large_pool, small_pool) -> dict:
+    """The alignment every collaboration of this pair uses by default (the text alignment across vocabularies)."""
+    from expertkit.compose.collaborate import check_collaborators
 
-    alignment = ProxyComposition(large_pool, small_pool, expert).token_map
+    alignment = check_collaborators(large_pool, small_pool, [])
     return {"method": alignment.source, "coverage": alignment.coverage}
 
 

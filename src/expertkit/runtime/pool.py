@@ -281,8 +281,6 @@ class ExpertPool:
                 state = decoder.start(state.past, state.attention_mask, state.next_position, state.adapters)
         if isinstance(state, LeanState):
             return state.decoder.step(state, next_ids)
-        mask = torch.cat([state.attention_mask, torch.ones_like(state.attention_mask[:, :1])], dim=1)
-        out = self.forward(next_ids.view(-1, 1), mask, state.adapters, past=state.past,
-                           position_ids=state.next_position.view(-1, 1))
-        return out.logits[:, -1], PoolState(out.past_key_values, mask, state.next_position + 1, state.adapters, self)
+        logits, state = self.extend(state, next_ids.view(-1, 1), torch.ones_like(state.attention_mask[:, :1]))
+        return logits[:, -1], state
 
