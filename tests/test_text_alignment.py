@@ -46,14 +46,18 @@ def test_proxy_is_the_arithmetic_on_each_candidates_first_small_token(two_vocabu
     combined, _ = proxy.prefill(ids, mask)
     lp = lambda logits: torch.log_softmax(logits.float(), -1)  # noqa: E731
     large_lp = lp(large.prefill(ids, mask, [BASE_ADAPTER] * 2)[0])
+    # each large token's first small token, from the small tokenizer itself (specials by role)
+    first = torch.tensor([(small.tokenizer(t, add_special_tokens=False)["input_ids"] or [0])[0]
+                          for t in token_texts(large.tokenizer)])
+    first[large.tokenizer.eos_token_id] = small.tokenizer.eos_token_id
     for r in range(2):
         real = ids[r][mask[r].bool()].tolist()
         offset = ids.shape[1] - len(real)
         for j in range(len(real)):  # position j: the small model has read the chunks of tokens 0..j
             prefix = torch.tensor([small_row(alignment, real[:j + 1])])
             ones = torch.ones_like(prefix)
-            expert = lp(small.prefill(prefix, ones, ["alpha"])[0][0, -1])[alignment.index]
-            base = lp(small.prefill(prefix, ones, [BASE_ADAPTER])[0][0, -1])[alignment.index]
+            expert = lp(small.prefill(prefix, ones, ["alpha"])[0][0, -1])[first]
+            base = lp(small.prefill(prefix, ones, [BASE_ADAPTER])[0][0, -1])[first]
             shift = torch.where(alignment.aligned, expert - base, torch.zeros_like(expert))
             torch.testing.assert_close(combined[r, offset + j], large_lp[r, offset + j] + 0.7 * shift,
                                        rtol=1e-4, atol=1e-4)
@@ -62,6 +66,9 @@ def test_proxy_is_the_arithmetic_on_each_candidates_first_small_token(two_vocabu
 def test_steps_match_prefill_and_rows_match_alone(two_vocabularies):
     large, small = two_vocabularies
     ids = torch.randint(3, 290, (3, 10), generator=torch.Generator().manual_seed(3))
+    chunks = TextAlignment.between(large, small).chunks
+    by_length = {n: next(i for i, c in enumerate(chunks) if len(c) == n) for n in (0, 1, 2)}
+    ids[:, 6] = torch.tensor([by_length[2], by_length[1], by_length[0]])  # one step, three chunk lengths
     for spec, params in (("proxy:alpha", {}), ("fusion", {}), ("defer:alpha", {"threshold": 2.0})):
         composition = build_collaboration(spec, large, small, token_map="text", **params)
         assert_cached_steps_match(composition, ids, torch.ones_like(ids), split=4)  # rows of different text
@@ -151,3 +158,18 @@ def test_token_map_without_a_small_model_is_one_clear_line(monkeypatch, capsys, 
     assert_one_line_error(code, err, "--token-map aligns a small model's vocabulary", "--small")
     code, _, err = run_cli(monkeypatch, capsys, "serve", library, "--token-map", "vocab", "--port", "0")
     assert_one_line_error(code, err, "--token-map aligns a small model's vocabulary", "--small")
+
+
+def test_extend_reads_rows_of_different_lengths_as_one_prefill_would(two_vocabularies):
+    """ExpertPool.extend: a row with fewer new tokens is left-padded; its real tokens keep their positions."""
+    large, _ = two_vocabularies
+    ids = torch.randint(3, 250, (2, 8), generator=torch.Generator().manual_seed(1))
+    _, state = large.prefill(ids[:, :5], torch.ones_like(ids[:, :5]), [BASE_ADAPTER] * 2)
+    new = torch.stack([ids[0, 5:], torch.cat([ids[1, :1] * 0, ids[1, 6:]])])  # row 1 skips token 5 (a pad)
+    logits, state = large.extend(state, new, torch.tensor([[1, 1, 1], [0, 1, 1]]))
+    assert state.next_position.tolist() == [8, 7]
+    for row, expected_ids in ((0, ids[0]), (1, torch.cat([ids[1, :5], ids[1, 6:]]))):
+        expected, _ = large.prefill(expected_ids[None], torch.ones_like(expected_ids[None]), [BASE_ADAPTER])
+        # exact to 1e-6: this barely trained micro model moves its logits by only ~5e-5 for a token one
+        # position off, so a looser tolerance would not see a wrong position
+        torch.testing.assert_close(logits[row, -1], expected[0, -1], rtol=0, atol=1e-6)
