@@ -55,7 +55,10 @@ def lora_layers(peft_model, adapter: str) -> dict[str, torch.nn.Module]:
 
 @torch.no_grad()
 def expert_deltas(pool, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
-    """{module: {expert: ΔW}} in float32 for the experts loaded in `pool` (same target modules required)."""
+    """{module: {expert: ΔW}} in float32 on the CPU for the experts loaded in `pool` (same target modules
+    required). On the CPU whatever device the pool runs on: the merge arithmetic (SVD factors, sparsification)
+    builds its tensors there, the full-model merge adds ΔW to a base loaded there, and a search moves each
+    merged ΔW to the model's device itself."""
     if not names:
         raise ExpertkitError("no experts to merge: name at least one library entry")
     by_expert = {}
@@ -65,7 +68,7 @@ def expert_deltas(pool, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
             raise ExpertkitError(f"'{name}' is not a library adapter; known: {pool.adapter_names}")
         check_mergeable(entry)
         (loaded,) = pool.resolve([name])  # the PEFT name of its current version
-        by_expert[name] = {m: layer.get_delta_weight(loaded).float()
+        by_expert[name] = {m: layer.get_delta_weight(loaded).float().cpu()
                            for m, layer in lora_layers(pool.model, loaded).items()}
     modules = {n: sorted(d) for n, d in by_expert.items()}
     first = names[0]
