@@ -5,7 +5,8 @@ Every figure comes from real `expertkit serve` processes on 127.0.0.1, measured 
   checkpoint) spread over 4 experts, sent to a server that batches across experts (--max-batch 64), to the
   same server answering one request at a time (--max-batch 1, so each request runs alone with its own
   adapter), and the same prompts to a server of the bare base (no adapter loaded): the ceiling a
-  multi-adapter server can at best reach;
+  multi-adapter server can at best reach. The bare base's and the batched servers run side by side, their loads
+  alternated over LOAD_ROUNDS rounds after a warm-up (the median round of each; engine counters over all loads);
 - memory: resident memory of the server with 4 experts vs the same server with the base only,
   against the 4 adapters' file sizes;
 - exactness: a sample of the batched answers against PEFT alone on their expert (fresh model, same
@@ -37,6 +38,7 @@ from suites import MICRO, REAL_BASES, suite
 
 REQUESTS = {MICRO: 200}  # concurrent requests under load per base
 REAL_REQUESTS = 64
+LOAD_ROUNDS = 3  # alternated measured loads of the bare base and the batched experts (median)
 NEW_TOKENS = 64
 SERVE_DOMAINS = ("medical", "code", "news", "science")  # 4 experts on a real checkpoint
 N_EXPERTS = 4
@@ -128,6 +130,28 @@ async def _load(url: str, requests: list[tuple[str, str]], started: asyncio.Even
             "tok_s": round(tokens / wall, 1), "p50_ms": round(statistics.median(latencies), 1),
             "p99_ms": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 1),
             "texts": [r[3] for r in results]}
+
+
+def side_by_side(bare_url: str, url: str, requests: list[tuple[str, str]]) -> dict:
+    """The bare base's server and the experts' server on the same prompts (the bare base answers each as
+    itself), alternated round by round after one unmeasured load on each: the throughput of a shared CPU drifts
+    by about 10% over minutes, and a first load also pays for the server's allocations, so one cold run of each
+    in turn measures the order more than the servers. Each gets the run of its median throughput, with every
+    round's figure beside it; the texts are those of its first round."""
+    loads = {"bare_base": (bare_url, [("base", p) for _, p in requests]), "batched": (url, requests)}
+    for target, prompts in loads.values():
+        asyncio.run(_load(target, prompts))
+    runs = {name: [] for name in loads}
+    for _ in range(LOAD_ROUNDS):
+        for name, (target, prompts) in loads.items():
+            runs[name].append(asyncio.run(_load(target, prompts)))
+    out = {}
+    for name, (target, _) in loads.items():
+        median = sorted(runs[name], key=lambda r: r["tok_s"])[len(runs[name]) // 2]
+        out[name] = {**median, "texts": runs[name][0]["texts"], "rounds_tok_s": [r["tok_s"] for r in runs[name]],
+                     "errors": sum(r["errors"] for r in runs[name]), "engine": engine_metrics(target)}
+    out["bare_base"].pop("texts")
+    return out
 
 
 def peft_solo_ids(library, requests: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
@@ -313,14 +337,9 @@ def run(data: Path, device: str | None, base_name: str = MICRO) -> dict:
     result: dict = {"base_model": base_name, "experts": experts, "requests": n_requests, "new_tokens": NEW_TOKENS,
                     "load": {}}
     serve = lambda models, max_batch: server(library.root, models, max_batch, device, n_requests + 50)
-    with serve(["base"], 64) as (url, process):
-        base_only = warm_rss(url, process)
-        result["load"]["bare_base"] = {**asyncio.run(_load(url, [("base", p) for _, p in requests])),
-                                       "engine": engine_metrics(url)}
-        result["load"]["bare_base"].pop("texts")
-    with serve(experts, 64) as (url, process):
-        with_experts = warm_rss(url, process)
-        result["load"]["batched"] = {**asyncio.run(_load(url, requests)), "engine": engine_metrics(url)}
+    with serve(["base"], 64) as (bare_url, bare_process), serve(experts, 64) as (url, process):
+        base_only, with_experts = warm_rss(bare_url, bare_process), warm_rss(url, process)
+        result["load"].update(side_by_side(bare_url, url, requests))
         batched_texts = result["load"]["batched"].pop("texts")
         result["mixes"] = mix_load(url, requests, experts)
         missing = "the micro base has no GGUF" if base_name == MICRO else available()

@@ -138,3 +138,22 @@ def test_scorecard_perplexity_matches_transformers_loss(pool, trained):
 def test_registering_a_kind_twice_is_refused():
     with pytest.raises(ValueError, match="registered twice"):
         register("expert")(lambda pool, entry: None)
+
+
+def test_loading_adapters_hands_the_freed_memory_back(trained, monkeypatch):
+    """The files' temporary copies are returned to the OS after a load (a server's resident memory is then the
+    adapters themselves), and only when something was loaded."""
+    import platform
+
+    import expertkit.runtime.pool as pool_module
+    from expertkit.runtime.memory import _malloc_trim
+
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert _malloc_trim() is not None
+    releases = []
+    monkeypatch.setattr(pool_module, "release_freed_memory", lambda: releases.append(1))
+    _, base, library = trained
+    pool = ExpertPool(base, library)
+    assert releases == [1]
+    pool.ensure(["alpha", "beta"])  # already held: nothing loaded
+    assert releases == [1]

@@ -21,6 +21,7 @@ from expertkit.base import Base
 from expertkit.errors import ExpertkitError
 from expertkit.library import Entry, Library
 from expertkit.runtime.lean import LeanDecoder, LeanState
+from expertkit.runtime.memory import release_freed_memory
 from expertkit.runtime.row_lora import RowLoRA
 from expertkit.runtime.state import BASE_ADAPTER, AdapterMix, PoolState, RowAdapter
 from expertkit.runtime.tokens import position_ids
@@ -113,6 +114,7 @@ class ExpertPool:
         loaded gets a new version, and the old one goes unless a row in `live` still uses it."""
         from peft import PeftModel
 
+        loaded = False
         for entry in entries:
             self.entries = [e for e in self.entries if e.name != entry.name] + [entry]
             if not entry.is_adapter:
@@ -122,8 +124,10 @@ class ExpertPool:
                                                   low_cpu_mem_usage=True)
                 self.host = _HOSTS[self.base] = AdapterHost(model.eval())
                 self.host.record(entry, entry.name)
+                loaded = True
             elif not self.host.holds(entry):
                 self.host.load(entry)
+                loaded = True
         if self.host is not None:
             self.host.active = None  # loading may touch PEFT's active set: re-set it on the next forward
             self.host.drop_unused(set(live))
@@ -134,6 +138,8 @@ class ExpertPool:
                 host.generic_said = True
                 log.info("row-wise LoRA does not cover these adapters' layers (a LoRA variant or a layer type it "
                          "lacks): mixed batches use PEFT's per-row adapter_names")
+        if loaded:
+            release_freed_memory()  # the files' temporary copies, so resident memory is the adapters themselves
 
     def sync(self, live: set[str], only: set[str] | None = None) -> dict:
         """Hold what the library holds now (of `only`, when given): new and rewritten entries attached,
