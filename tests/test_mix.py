@@ -52,8 +52,10 @@ def ids_and_mask(seed: int, rows: int = 3, width: int = 14):
 
 
 def reference_mixture(pool, ids, mask, components, top_k):
-    """The mixture computed the slow way: each component alone, posterior from tokens <= t by hand."""
-    log_probs = torch.stack([torch.log_softmax(pool.prefill(ids, mask, [c] * len(ids))[0], -1) for c in components], 1)
+    """The mixture computed the slow way: each component alone, posterior from tokens <= t by hand (on the CPU,
+    whatever device the pool runs on)."""
+    log_probs = torch.stack([torch.log_softmax(pool.prefill(ids, mask, [c] * len(ids))[0].cpu(), -1)
+                             for c in components], 1)
     seen = torch.zeros(log_probs.shape[:3])
     for t in range(1, ids.shape[1]):
         real = (mask[:, t] * mask[:, t - 1]).float()
@@ -78,7 +80,7 @@ def test_one_component_at_posterior_one_is_that_expert(pool):
 def test_mixture_equals_the_posterior_weighted_ensemble(pool, top_k):
     ids, mask = ids_and_mask(1)
     mixed, _ = adapter_mixture(pool, COMPONENTS, top_k).prefill(ids, mask)
-    expected = reference_mixture(pool, ids, mask, COMPONENTS, top_k)
+    mixed, expected = mixed.cpu(), reference_mixture(pool, ids, mask, COMPONENTS, top_k)
     real = mask.bool()
     torch.testing.assert_close(mixed[real], expected[real], rtol=1e-4, atol=1e-4)
     assert torch.allclose(mixed.exp().sum(-1)[real], torch.ones(int(real.sum())), atol=1e-4)

@@ -149,9 +149,9 @@ def test_sft_expert_trains_on_prompt_response_pairs(tmp_path, micro_base_dir, mo
     real_step, seen = expertkit.train.train_step, []
 
     def checked_step(model, batch, optimizer, scheduler, max_grad_norm, device, loss_fn):
-        with torch.no_grad():
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        nll, count = _response_only_loss(logits, batch.input_ids, batch.attention_mask, response_start)
+        with torch.no_grad():  # the batch comes from the CPU, the model runs on `device`
+            logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
+        nll, count = _response_only_loss(logits.cpu(), batch.input_ids, batch.attention_mask, response_start)
         loss = real_step(model, batch, optimizer, scheduler, max_grad_norm, device, loss_fn)
         sft = sum(tuple(r[m.bool()].tolist()) in response_start for r, m in zip(batch.input_ids, batch.attention_mask))
         seen.append((loss, float(nll / count), sft))
