@@ -24,6 +24,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,26 +61,30 @@ def free_port() -> int:
 @contextmanager
 def server(library: Path, models: list[str], max_batch: int, device: str | None, max_queue: int,
            extra: tuple[str, ...] = ()):
-    """An `expertkit serve` process; yields (url, psutil.Process). Stopped on exit, whatever happens."""
+    """An `expertkit serve` process; yields (url, psutil.Process). Stopped on exit, whatever happens.
+
+    Its stderr goes to a file, not a pipe: nobody reads a pipe while the load runs, and a server that fills one
+    (64 KiB of warnings) blocks on its next write, which looks like a server that never answers."""
     port = free_port()
     cli = Path(sys.executable).parent / "expertkit"
     args = [str(cli), "serve", str(library), "--port", str(port), "--max-batch", str(max_batch),
             "--max-queue", str(max_queue), "--max-tokens", str(NEW_TOKENS), *extra]
     args += [a for m in models for a in ("--model", m)] + (["--device", device] if device else [])
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
+                raise RuntimeError(f"server exited: {_tail(log)}")
             try:
                 if httpx.get(url + "/health", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError("server did not start in 180 s")
+                raise RuntimeError(f"server did not start in 180 s: {_tail(log)}")
             time.sleep(0.2)
         yield url, psutil.Process(proc.pid)
     finally:
@@ -88,6 +93,13 @@ def server(library: Path, models: list[str], max_batch: int, device: str | None,
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.close()
+
+
+def _tail(log, chars: int = 2000) -> str:
+    log.flush()
+    log.seek(0)
+    return log.read()[-chars:]
 
 
 def rss_mib(process: psutil.Process) -> float:
