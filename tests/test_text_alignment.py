@@ -43,8 +43,8 @@ def test_proxy_is_the_arithmetic_on_each_candidates_first_small_token(two_vocabu
     proxy = ProxyComposition(large, small, "alpha", alpha=0.7)
     alignment = proxy.token_map
     ids, mask = left_pad(large.tokenizer, ["patient dose trial", "the a of and to in is"])
-    combined, _ = proxy.prefill(ids, mask)
-    lp = lambda logits: torch.log_softmax(logits.float(), -1)  # noqa: E731
+    combined = proxy.prefill(ids, mask)[0].cpu()  # the expectation is built on the CPU, the models run anywhere
+    lp = lambda logits: torch.log_softmax(logits.float().cpu(), -1)  # noqa: E731
     large_lp = lp(large.prefill(ids, mask, [BASE_ADAPTER] * 2)[0])
     # each large token's first small token, from the small tokenizer itself (specials by role)
     first = torch.tensor([(small.tokenizer(t, add_special_tokens=False)["input_ids"] or [0])[0]
