@@ -144,6 +144,16 @@ async def _load(url: str, requests: list[tuple[str, str]], started: asyncio.Even
             "texts": [r[3] for r in results]}
 
 
+def alternate(loads: dict[str, tuple[str, list[tuple[str, str]]]], rounds: int) -> dict[str, list[dict]]:
+    """{name: its runs}: each named (url, requests) load once per round, in turn, so that every load sees the
+    same drift of a shared CPU."""
+    runs = {name: [] for name in loads}
+    for _ in range(rounds):
+        for name, (target, prompts) in loads.items():
+            runs[name].append(asyncio.run(_load(target, prompts)))
+    return runs
+
+
 def side_by_side(bare_url: str, url: str, requests: list[tuple[str, str]]) -> dict:
     """The bare base's server and the experts' server on the same prompts (the bare base answers each as
     itself), alternated round by round after one unmeasured load on each: the throughput of a shared CPU drifts
@@ -151,12 +161,8 @@ def side_by_side(bare_url: str, url: str, requests: list[tuple[str, str]]) -> di
     in turn measures the order more than the servers. Each gets the run of its median throughput, with every
     round's figure beside it; the texts are those of its first round."""
     loads = {"bare_base": (bare_url, [("base", p) for _, p in requests]), "batched": (url, requests)}
-    for target, prompts in loads.values():
-        asyncio.run(_load(target, prompts))
-    runs = {name: [] for name in loads}
-    for _ in range(LOAD_ROUNDS):
-        for name, (target, prompts) in loads.items():
-            runs[name].append(asyncio.run(_load(target, prompts)))
+    alternate(loads, 1)  # the warm-up, not measured
+    runs = alternate(loads, LOAD_ROUNDS)
     out = {}
     for name, (target, _) in loads.items():
         median = sorted(runs[name], key=lambda r: r["tok_s"])[len(runs[name]) // 2]

@@ -36,13 +36,9 @@ def mix_requests(requests: list[tuple[str, str]], experts: list[str]) -> list[tu
 
 def mix_load(url: str, requests: list[tuple[str, str]], experts: list[str]) -> dict:
     """Throughput with a quarter of the requests mixes vs none, alternated (single, mixed, single, mixed)."""
-    from serve import _load
+    from serve import alternate
 
-    mixed_requests = mix_requests(requests, experts)
-    runs: dict[str, list[dict]] = {"single": [], "mixed": []}
-    for _ in range(2):
-        runs["single"].append(asyncio.run(_load(url, requests)))
-        runs["mixed"].append(asyncio.run(_load(url, mixed_requests)))
+    runs = alternate({"single": (url, requests), "mixed": (url, mix_requests(requests, experts))}, 2)
     tok_s = {k: sum(r["tok_s"] for r in v) / len(v) for k, v in runs.items()}
     return {"single_tok_s": round(tok_s["single"], 1), "mixed_tok_s": round(tok_s["mixed"], 1),
             "mix_ratio": round(tok_s["mixed"] / tok_s["single"], 3),
