@@ -14,7 +14,7 @@ from expertkit.evaluate import test_blocks as domain_test_blocks
 from expertkit.library import Library
 from expertkit.routing import Prompts, evaluate, load_router, router_kinds, save_router, train_router
 from expertkit.routing.calibrate import calibrate_threshold, decide
-from expertkit.routing.train import domain_texts, label_domains
+from expertkit.routing.train import domain_texts, label_domains, routing_units
 from expertkit.runtime import ExpertPool, SamplingParams, generate
 from expertkit.runtime.tokens import left_pad
 
@@ -41,6 +41,15 @@ def lexical(setup):
     calibrated, report = train_router(cfg, pool, "lexical", "router-lexical")
     save_router(Library(cfg.library), calibrated, report, overwrite=True)
     return calibrated
+
+
+def test_a_running_text_is_learned_line_by_line_and_a_document_whole():
+    """Prompts are the size of a line: a piece of a stream file is learned as its lines, a document whole."""
+    from expertkit.data import Example
+
+    piece = Example(text="Fears for pension after talks\nUnions say they are disappointed.\n\n", continues=True)
+    assert routing_units(piece) == ["Fears for pension after talks", "Unions say they are disappointed."]
+    assert routing_units(Example(text="one document\nof two lines")) == ["one document\nof two lines"]
 
 
 def test_labels_are_the_experts_plus_base(setup):

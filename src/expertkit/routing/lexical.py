@@ -48,7 +48,8 @@ class LexicalRouter(Router):
             raise ExpertkitError("a lexical router needs text for at least two labels; add experts or a general corpus")
         vectorizer = TfidfVectorizer(sublinear_tf=True, max_features=MAX_FEATURES, dtype=np.float64, **VECTORIZER)
         features = vectorizer.fit_transform(data.prompts.texts)
-        model = LogisticRegression(C=10.0, max_iter=1000).fit(features, data.targets.numpy())
+        # balanced: the base's class gathers general text and prompt files, and may outnumber an expert's many times
+        model = LogisticRegression(C=10.0, max_iter=1000, class_weight="balanced").fit(features, data.targets.numpy())
         coef = np.zeros((len(data.labels), features.shape[1]))
         intercept = np.full(len(data.labels), -1e4)  # a label without training text is never predicted
         weights, biases = model.coef_, model.intercept_

@@ -54,8 +54,20 @@ def label_domains(cfg: ProjectConfig, pool) -> dict[str, str | None]:
 
 def domain_texts(cfg: ProjectConfig, labels: dict[str, str | None], split: str, per_label: int) -> dict[str, list[str]]:
     corpora = {d: load_corpus(cfg.domain(d)) for d in set(labels.values()) if d is not None}
-    return {label: spread([ex.full_text for ex in corpora[d].splits[split]], per_label)
+    return {label: spread([text for ex in corpora[d].splits[split] for text in routing_units(ex)], per_label)
             for label, d in labels.items() if d is not None}
+
+
+def routing_units(example) -> list[str]:
+    """The texts a router learns from in one example: a document, or each line of a piece of a running text.
+
+    A file read as one stream comes in pieces of 64 lines; a prompt is the size of one of its lines (a news
+    title and description, a question, a source line). Learning from whole pieces gave a router 200 long
+    texts per domain and a base class of short prompts, and it sent short domain prompts to the base (AG
+    News questions 39% of the time; from lines, 5%)."""
+    if not example.continues:
+        return [example.full_text]
+    return [line for line in example.full_text.splitlines() if line.strip()]
 
 
 def with_prefixes(tokenizer, texts_by_label: dict[str, list[str]], settings: RoutingConfig) -> dict[str, list[str]]:
