@@ -59,12 +59,13 @@ def domain_texts(cfg: ProjectConfig, labels: dict[str, str | None], split: str, 
 
 
 def routing_units(example) -> list[str]:
-    """The texts a router learns from in one example: a document, or each line of a piece of a running text.
+    """The texts a router learns and is measured on in one example: a document, or each line of a piece of a
+    running text.
 
     A file read as one stream comes in pieces of 64 lines; a prompt is the size of one of its lines (a news
-    title and description, a question, a source line). Learning from whole pieces gave a router 200 long
+    title, a description, a question, a source line). Learning from whole pieces gave a router 200 long
     texts per domain and a base class of short prompts, and it sent short domain prompts to the base (AG
-    News questions 39% of the time; from lines, 5%)."""
+    News questions on SmolLM2 39% of the time; from lines, with the lexical fit's balanced classes, 5%)."""
     if not example.continues:
         return [example.full_text]
     return [line for line in example.full_text.splitlines() if line.strip()]
