@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from expertkit.config import ProjectConfig, RoutingConfig
-from expertkit.data import load_corpus
+from expertkit.data import Example, load_corpus
 from expertkit.errors import ExpertkitError
 from expertkit.library import Kind
 from expertkit.routing.base import BASE, TrainingData, router_class
@@ -58,7 +58,7 @@ def domain_texts(cfg: ProjectConfig, labels: dict[str, str | None], split: str, 
             for label, d in labels.items() if d is not None}
 
 
-def routing_units(example) -> list[str]:
+def routing_units(example: Example) -> list[str]:
     """The texts a router learns and is measured on in one example: a document, or each line of a piece of a
     running text.
 
