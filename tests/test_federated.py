@@ -203,6 +203,21 @@ def test_the_accountant_matches_opacus_and_the_gaussian_mechanism_formula():
     assert calibrated.epsilon_after(10) <= 8.0 < calibrated.epsilon_after(11)
 
 
+def test_a_base_with_library_adapters_attached_is_refused_before_any_round(tmp_path, micro_base_dir):
+    """A pool's adapters on the shared base would collide with the server's own PEFT wrapping (a KeyError)."""
+    from expertkit.errors import ExpertkitError
+    from expertkit.federated import train_federated
+    from expertkit.library import Library
+    from expertkit.runtime import ExpertPool
+
+    cfg, base = load(federated_project(tmp_path, str(micro_base_dir), steps=16))
+    entry = train_federated(cfg, base, "alpha", engine="local")
+    ExpertPool(base, Library(cfg.library))
+    with pytest.raises(ExpertkitError, match="already has library adapters attached"):
+        train_federated(cfg, base, "alpha", engine="local", overwrite=True)
+    assert adapter_weights(Library(cfg.library).get("alpha")).keys() == adapter_weights(entry).keys()
+
+
 def test_a_target_epsilon_stops_training_and_the_manifest_records_privacy(tmp_path, micro_base_dir):
     from expertkit.config import PrivacyConfig
     from expertkit.federated.privacy import PrivacyLedger

@@ -41,6 +41,11 @@ class Base:
         """Whether LoRA layers are attached to the model (runtime.ExpertPool attaches a library's adapters)."""
         return any("lora_" in name for name, _ in self.model.named_parameters())
 
+    def require_clean(self, what: str) -> None:
+        """Training wraps the model in a new PEFT model: on a model a pool already wrapped, the two collide."""
+        if self.has_adapters:
+            raise ExpertkitError(f"this base already has library adapters attached; {what} on a freshly loaded base")
+
     def identity(self) -> dict:
         """Computed once, before adapters are attached (they live inside the same modules)."""
         if self._identity is None:

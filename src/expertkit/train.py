@@ -245,8 +245,7 @@ def train_all(config: ProjectConfig, base: Base, only: list[str] | None = None, 
     Each expert is one job of `executor` (default: this process, one after another); as each
     finishes, it is written into the library here, atomically.
     """
-    if base.has_adapters:
-        raise ExpertkitError("this base already has library adapters attached; train on a freshly loaded base")
+    base.require_clean("train")
     library = Library(Path(config.library).resolve())
     if library.exists():
         library.check_base(base.identity(), what=f"library {library.root}")

@@ -74,6 +74,7 @@ class FederatedTrainer:
     """One domain's federated expert, from its first round (or its last checkpoint) to the library entry."""
 
     def __init__(self, config: ProjectConfig, base: Base, domain: str):
+        base.require_clean("train a federated expert")  # the server builds the initial and final adapter on it
         self.config, self.base = config, base
         self.domain = config.domain(domain)
         self.plan = Plan.of(config, self.domain)
