@@ -9,7 +9,9 @@ The central expert at the benchmark's usual learning rate (2e-3) is scored too.
 Where the gap to central comes from (medical ppl, in-process engine, central 100.7): alternating 109.6 (20 local
 steps) and 108.7 (5); FFA-LoRA (frozen A) 114.2; alternating with A's rate x1/4 114.1, x4 122.5, both x2 122.7;
 averaging A and B separately, which is not exact, 105.2. Exactness costs about 4 points of the 9; the rest is
-federation itself at this budget.
+federation itself at this budget. Larger steps do not close it: a server step of 2x the mean update 173.7
+(alternating; 115.1 with A frozen), server momentum 0.5 128.6, B's rate x2 with A's as is 111.6; smaller
+client batches, same tokens: 2 blocks (30 rounds) 108.2, 1 block with 40 local steps 112.7.
 Runs (each cached in a library of its own): plain; compressed updates (every entry in 3 bits, error feedback;
 top-k 10% + int8 at the same bytes kept 55% more of the error, and scored 7.6% worse than uncompressed);
 differential privacy at several ε (δ = 1e-5, clip = the median client update norm of the plain run).
