@@ -341,7 +341,8 @@ class FederatedConfig(Strict):
                                     "answer; null: all silos but one")
     aggregation: str = Field("alternating", description="which LoRA factor clients train per round so that the "
                              "mean of their factors is exactly the mean of their updates: 'alternating' (B, then "
-                             "A, ...) or 'frozen_a' (FFA-LoRA: B only)")
+                             "A, ...) or 'frozen_a' (FFA-LoRA: B only; give it a larger "
+                             "training.rank, since ΔW only reaches the directions the frozen A spans)")
     round_timeout_s: float = Field(3600, gt=0, description="a client that has not answered by then is dropped")
     privacy: PrivacyConfig | None = None
     compression: CompressionConfig | None = None
