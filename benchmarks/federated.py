@@ -169,8 +169,8 @@ def summarize(ppl: dict, entries: dict, diverged: dict, clip: float, central_ste
         "compressed_ppl_gap": result["checks"]["compressed_ppl_gap"] <= GOALS["compressed_ppl_gap"],
     }
     print(f"\n{'run':<14} {'medical ppl':>12} {'vs central':>11} {'general ppl':>12} {'bytes/round':>12}  privacy")
-    rows = [("base", None), ("central-lr2e-3", None), ("central-rank16", None), ("central", None), ("federated", "federated"),
-            ("compressed", "compressed")] + \
+    rows = [("base", None), ("central-lr2e-3", None), ("central-rank16", None), ("central", None),
+            ("federated", "federated"), ("compressed", "compressed")] + \
         [(f"dp-eps{e:g}", f"dp-eps{e:g}") for e in EPSILONS]
     for name, variant in rows:
         if name in diverged:
