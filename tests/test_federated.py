@@ -215,7 +215,8 @@ def test_a_base_with_library_adapters_attached_is_refused_before_any_round(tmp_p
     ExpertPool(base, Library(cfg.library))
     with pytest.raises(ExpertkitError, match="already has library adapters attached"):
         train_federated(cfg, base, "alpha", engine="local", overwrite=True)
-    assert adapter_weights(Library(cfg.library).get("alpha")).keys() == adapter_weights(entry).keys()
+    kept, trained = adapter_weights(Library(cfg.library).get("alpha")), adapter_weights(entry)
+    assert kept.keys() == trained.keys() and all(torch.equal(kept[k], trained[k]) for k in kept)  # nothing rewritten
 
 
 def test_a_target_epsilon_stops_training_and_the_manifest_records_privacy(tmp_path, micro_base_dir):
