@@ -73,6 +73,37 @@ def test_a_router_scores_choices_it_never_read(task_files):
                                                    abs=1e-4)
 
 
+@pytest.mark.parametrize("decides_from_prompt", [False, True])
+def test_one_token_choices_of_one_context_share_one_forward(sentence_library, decides_from_prompt):
+    """Yes/no-style choices: one forward per context serves all of its one-token continuations, with the same
+    log-likelihoods as scoring each request alone; longer continuations still get a forward each."""
+    lm = ExpertkitLM.from_library(sentence_library.root, "alpha", batch_size=3)
+    forward_rows: list[int] = []
+
+    class Counting:
+        name = "counting"
+
+        def __init__(self, inner):
+            self.inner, self.decides_from_prompt = inner, decides_from_prompt
+
+        def prefill(self, ids, mask, keep_last=None):
+            forward_rows.append(len(ids))
+            return self.inner.prefill(ids, mask, keep_last)
+
+        def step(self, state, next_ids):
+            return self.inner.step(state, next_ids)
+
+    contexts = [lm.tok_encode(c) for c in ("patient dose trial", "def return", "the cohort")]
+    requests = [(None, c, [t]) for c in contexts for t in lm.tok_encode(" abc")]
+    requests += [(None, c, lm.tok_encode(" tumor")) for c in contexts]
+    alone = [lm._loglikelihood_tokens([r], disable_tqdm=True)[0] for r in requests]
+    lm.composition = Counting(lm.composition)
+    shared = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert sum(forward_rows) == 6 and max(forward_rows) <= 3  # 3 shared + 3 own, at most batch_size at once
+    assert [s for s, _ in shared] == pytest.approx([s for s, _ in alone], abs=1e-4)
+    assert [g for _, g in shared] == [g for _, g in alone]
+
+
 def shared_like(root, tasks: dict[str, list[dict]]):
     """A data root laid out as ../shared: tasks/<name>.jsonl."""
     (root / "tasks").mkdir(parents=True)

@@ -20,7 +20,7 @@ from expertkit.errors import ExpertkitError
 from expertkit.progress import progress_bar
 from expertkit.runtime import Composition, SamplingParams, generate_ids
 from expertkit.runtime.tokens import pad_id
-from expertkit.scoring import continuation_log_probs
+from expertkit.scoring import continuation_log_probs, forward_key
 
 
 class ExpertkitLM(TemplateLM):
@@ -97,9 +97,10 @@ class ExpertkitLM(TemplateLM):
             whole = (context + continuation)[-(self.max_length + 1):]
             split = max(1, len(whole) - len(continuation))  # a continuation longer than the window: its tail
             rows.append((whole[:split], whole[split:]))
-        order = sorted(range(len(rows)), key=lambda i: -(len(rows[i][0]) + len(rows[i][1])))
+        keys = [forward_key(row) for row in rows]
+        order = sorted(range(len(rows)), key=lambda i: (-(len(rows[i][0]) + len(rows[i][1])), keys[i]))
         results: list[tuple[float, bool] | None] = [None] * len(rows)
-        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        batches = _batches_of_forwards(order, keys, self.batch_size)
         with progress_bar(f"log-likelihoods ({self.composition.name})", len(batches),
                           disable=disable_tqdm) as advance:
             for batch in batches:
@@ -147,3 +148,18 @@ class ExpertkitLM(TemplateLM):
                         self.cache_hook.add_partial("generate_until", requests[i].args, text)
                     advance(len(batch))
         return out
+
+
+def _batches_of_forwards(order: list[int], keys: list[tuple], size: int) -> list[list[int]]:
+    """`order` cut into batches of at most `size` forwards: requests that share one (equal keys, adjacent in
+    `order`) count once and stay in one batch."""
+    batches: list[list[int]] = []
+    forwards = size  # the first request opens a batch
+    for i in order:
+        if not batches or keys[i] != keys[batches[-1][-1]]:
+            if forwards == size:
+                batches.append([])
+                forwards = 0
+            forwards += 1
+        batches[-1].append(i)
+    return batches
