@@ -74,7 +74,7 @@ def bench_config(data: Path, build: dict | None = None, recipe: dict | None = No
 
 
 # Real checkpoints (expertkit.models): the domains every real-model suite trains, and their recipe. 180 steps at
-# 1e-3 (three times the tokens of the first recipe, 60 steps at 3e-4, at three times its rate) lifts SmolLM2's
+# 1e-3 (three times the tokens of the first recipe, 60 steps at 3e-4, at a rate 3.3 times as high) lifts SmolLM2's
 # medical gain from 15.5% to 24.4%, code's from 12.4% to 18.7%, news' from 29.2% to 43.3%, with general-task
 # changes of -0.4, +0.7 and -1.2 points (+-2.5, 500 examples per task; README, "Real models").
 REAL_DOMAINS = {"chosen": ("medical", "code", "news")}  # run.py --domains changes it
