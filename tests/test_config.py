@@ -66,3 +66,24 @@ def test_relative_paths_resolve_against_the_config(tmp_path):
 def test_context_tokens_must_leave_something_to_score(tmp_path):
     with pytest.raises(ExpertkitError, match=r"context_tokens \(32\) must be smaller than block_size \(32\)"):
         config_from_dict(project_dict(tmp_path, "base", evaluation={"block_size": 32, "context_tokens": 32}))
+
+
+def test_spread_scores_blocks_from_the_whole_test_split(tmp_path, micro_base_dir):
+    """`sample: spread` takes max_blocks evenly spaced blocks, first and last included; `first` the first ones."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from expertkit.evaluate import test_blocks
+
+    tokenizer = AutoTokenizer.from_pretrained(micro_base_dir)
+    every = test_blocks(config_from_dict(project_dict(tmp_path, "base", evaluation={"max_blocks": None})), tokenizer)
+    picked = {sample: test_blocks(config_from_dict(project_dict(tmp_path, "base", evaluation={"sample": sample})),
+                                  tokenizer) for sample in ("first", "spread")}
+    for domain, blocks in every.items():
+        count = len(blocks)
+        assert count > 8  # enough blocks for the two samples to differ
+        spaced = torch.linspace(0, count - 1, 4).round().long()
+        assert torch.equal(picked["spread"][domain].input_ids, blocks.input_ids[spaced])
+        assert torch.equal(picked["first"][domain].input_ids, blocks.input_ids[:4])
+    with pytest.raises(ExpertkitError, match="sample"):
+        config_from_dict(project_dict(tmp_path, "base", evaluation={"sample": "random"}))

@@ -177,6 +177,9 @@ class EvalConfig(Strict):
     block_size: int = Field(128, ge=8)
     batch_size: int = Field(16, ge=1)
     max_blocks: int | None = Field(64, gt=0, description="test blocks per domain; null = all")
+    sample: Literal["first", "spread"] = Field(
+        "first", description="which max_blocks blocks of a test split are scored: the first ones, or ones evenly "
+        "spaced over the whole split (the first blocks of a split ordered by file can be a few files only)")
     context_tokens: int = Field(32, ge=0, description="the first N tokens of each test block are context only, "
                                 "scored for no composition: a router decides from them, so no routed score "
                                 "sees the tokens it is scored on")

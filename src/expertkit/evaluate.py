@@ -74,8 +74,17 @@ def test_blocks(config: ProjectConfig, tokenizer, readings: dict | None = None) 
         if readings is not None:
             readings[domain.name] = corpus.reading
         blocks = make_blocks(tokenizer, corpus, "test", ev.block_size, domain.task)
-        out[domain.name] = blocks.take(slice(0, ev.max_blocks)) if ev.max_blocks else blocks
+        out[domain.name] = blocks.take(scored_blocks(len(blocks), ev.max_blocks, ev.sample))
     return out
+
+
+def scored_blocks(available: int, cap: int | None, sample: str) -> slice | torch.Tensor:
+    """Which of a split's blocks the scorecard scores: all of them, the first `cap`, or `cap` evenly spaced."""
+    if not cap or cap >= available:
+        return slice(0, available)
+    if sample == "first":
+        return slice(0, cap)
+    return torch.linspace(0, available - 1, cap).round().long()
 
 
 @dataclass
