@@ -1,7 +1,7 @@
 """Suite `port`: carry an expert library to an updated base, and measure what each way of carrying keeps.
 
-The "update" is the benchmark base trained further, every weight, on more general text (the general and
-literature train splits; literature has no expert here). Experts for medical, news and code are then:
+The "update" is the benchmark base (micro, or SmolLM2-135M) trained further, every weight, on more general
+text (the general and literature train splits; literature has no expert here). Experts for medical, news and code are then:
 ported (training-free), refreshed (20% of their original steps, from the ported weights, with replay),
 refreshed compatibly (the same steps, plus the MUSCLE term), and retrained from scratch on the new base
 (their full recipe), all measured on the new base.
@@ -23,15 +23,18 @@ from suites import MICRO, TASK_EXAMPLES, suite
 
 PORT_DOMAINS = ("medical", "news", "code")
 UPDATE_TEXT = {GENERAL: 0.5, "literature": 0.5}  # "more general text": the corpus mix of the update
-# The continued pretraining that makes the new base: a tenth of the micro base's own peak learning rate (3e-3),
-# a third of its steps. (Micro only so far: a real base's update, retrained experts and task flips were not
-# run on these 2 cores.)
-UPDATE = {"steps": 400, "learning_rate": 3e-4, "warmup_steps": 20, "batch_size": 32, "block_size": 256}
+# The continued pretraining that makes the new base, every weight, at a tenth of the base's own peak pretraining
+# learning rate (3e-3 for both the micro base and SmolLM2-135M): for micro a third of its pretraining steps; for
+# SmolLM2 what 2 CPU cores allow, 120 steps of 8 x 128 tokens (123k tokens: a small update, as a point release is).
+UPDATES = {
+    MICRO: {"steps": 400, "learning_rate": 3e-4, "warmup_steps": 20, "batch_size": 32, "block_size": 256},
+    "smollm2-135m": {"steps": 120, "learning_rate": 3e-4, "warmup_steps": 12, "batch_size": 8, "block_size": 128},
+}
 REFRESH_SHARE = 0.2  # refresh steps as a share of the experts' original steps
 GOALS = {"ported_recovery": 0.70, "refreshed_recovery": 0.95, "flip_cut": 0.30, "accuracy_drop_points": 0.5}
 
 
-@suite("port")
+@suite("port", bases=tuple(UPDATES))
 def run(data: Path, device: str | None, base: str = MICRO) -> dict:
     from expertkit.base import load_base
     from expertkit.config import PortOptions
@@ -46,7 +49,7 @@ def run(data: Path, device: str | None, base: str = MICRO) -> dict:
     cfg = cfg.model_copy(update={"library": cfg.library + "-experts"})  # experts only: no merges or routers
     reuse_experts(full_cfg, cfg, old_base)
     train_all(cfg, old_base)
-    update = UPDATE
+    update = UPDATES[base]
     new_dir = updated_base(cfg, update, device)
     new_cfg = cfg.model_copy(update={"base": cfg.base.model_copy(update={"path": str(new_dir), "build": None}),
                                      "library": str(new_dir) + "-library-" + _key(cfg.training.model_dump())})
