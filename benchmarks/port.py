@@ -1,10 +1,10 @@
 """Suite `port`: carry an expert library to an updated base, and measure what each way of carrying keeps.
 
 The "update" is the benchmark base (micro, or SmolLM2-135M) trained further, every weight, on more general
-text (the general and literature train splits; literature has no expert here). Experts for medical, news and code are then:
-ported (training-free), refreshed (20% of their original steps, from the ported weights, with replay),
-refreshed compatibly (the same steps, plus the MUSCLE term), and retrained from scratch on the new base
-(their full recipe), all measured on the new base.
+text (the general and literature train splits; literature has no expert here). Experts for medical, news and
+code are then: ported (training-free), refreshed (20% of their original steps, from the ported weights, with
+replay), refreshed compatibly (the same steps, plus the MUSCLE term), and retrained from scratch on the new
+base (their full recipe), all measured on the new base.
 
 Acceptance: ported experts keep >= 70% of the retrained experts' perplexity gain over the new base; the
 refresh keeps >= 95%; the compatible refresh has >= 30% fewer negative flips than the plain refresh (on
@@ -23,9 +23,10 @@ from suites import MICRO, TASK_EXAMPLES, suite
 
 PORT_DOMAINS = ("medical", "news", "code")
 UPDATE_TEXT = {GENERAL: 0.5, "literature": 0.5}  # "more general text": the corpus mix of the update
-# The continued pretraining that makes the new base, every weight, at a tenth of the base's own peak pretraining
-# learning rate (3e-3 for both the micro base and SmolLM2-135M): for micro a third of its pretraining steps; for
-# SmolLM2 what 2 CPU cores allow, 120 steps of 8 x 128 tokens (123k tokens: a small update, as a point release is).
+# The continued pretraining that makes the new base, every weight. Micro: a tenth of its own peak pretraining
+# learning rate (3e-3), a third of its steps. SmolLM2: the same rate, 3e-4, for what 2 CPU cores allow (120 steps
+# of 8 x 128 tokens); that is not a tenth of SmolLM2's own peak (its exact value was not checked here; a third-party
+# summary of the paper gives 5e-4 for the 1.7B model), and it moves the base far (README, `port`).
 UPDATES = {
     MICRO: {"steps": 400, "learning_rate": 3e-4, "warmup_steps": 20, "batch_size": 32, "block_size": 256},
     "smollm2-135m": {"steps": 120, "learning_rate": 3e-4, "warmup_steps": 12, "batch_size": 8, "block_size": 128},
