@@ -88,6 +88,7 @@ def oracle(cfg, pool, blocks: dict, context_tokens: int = 0) -> dict:
 def held_out(data: Path, device, main_cfg, base_name: str) -> dict:
     """A library without one domain: that domain's test perplexity under each strategy vs the base."""
     from expertkit.data import load_corpus, make_blocks
+    from expertkit.evaluate import scored_blocks
     from expertkit.train import train_all
     from expertkit.workflow import load_project_base
 
@@ -97,8 +98,8 @@ def held_out(data: Path, device, main_cfg, base_name: str) -> dict:
     train_all(cfg, base)
     pool, routers, _ = build_strategies(cfg, base)
     ev = cfg.evaluation
-    blocks = {domain: make_blocks(base.tokenizer, load_corpus(main_cfg.domain(domain)), "test", ev.block_size)
-              .take(slice(0, ev.max_blocks))}
+    test_split = make_blocks(base.tokenizer, load_corpus(main_cfg.domain(domain)), "test", ev.block_size)
+    blocks = {domain: test_split.take(scored_blocks(len(test_split), ev.max_blocks, ev.sample))}
     names = ["base", *(f"router-{k}" for k in routers), MIXTURE]
     ppl = {n: row[domain] for n, row in perplexities(cfg, pool, names, blocks).items()}
     loss = {n: p / ppl["base"] - 1 for n, p in ppl.items() if n != "base"}
