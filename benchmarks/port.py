@@ -19,18 +19,23 @@ import shutil
 from pathlib import Path
 
 from common import CACHE, GENERAL, _key, reuse_experts, suite_config
-from suites import MICRO, TASK_EXAMPLES, suite
+from suites import MICRO, PORT_OPTIONS, TASK_EXAMPLES, suite
 
 PORT_DOMAINS = ("medical", "news", "code")
 UPDATE_TEXT = {GENERAL: 0.5, "literature": 0.5}  # "more general text": the corpus mix of the update
-# The continued pretraining that makes the new base, every weight. Micro: a tenth of its own peak pretraining
-# learning rate (3e-3), a third of its steps. SmolLM2: the same rate, 3e-4, for what 2 CPU cores allow (120 steps
-# of 8 x 128 tokens); that is not a tenth of SmolLM2's own peak (its exact value was not checked here; a third-party
-# summary of the paper gives 5e-4 for the 1.7B model), and it moves the base far (README, `port`).
-UPDATES = {
-    MICRO: {"steps": 400, "learning_rate": 3e-4, "warmup_steps": 20, "batch_size": 32, "block_size": 256},
-    "smollm2-135m": {"steps": 120, "learning_rate": 3e-4, "warmup_steps": 12, "batch_size": 8, "block_size": 128},
+# The continued pretraining that makes the new base, every weight, in two strengths (run.py --update).
+# "strong": micro at a tenth of its own peak pretraining learning rate (3e-3) for a third of its steps; SmolLM2 at
+# the same rate, 3e-4, for what 2 CPU cores allow (120 steps of 8 x 128 tokens); that is not a tenth of
+# SmolLM2's own peak (its exact value was not checked here; a third-party summary of the paper gives 5e-4 for the
+# 1.7B model). It moves either base far: own-domain perplexity rises 11-83%, a shift toward the update's text.
+# "mild": the same steps and text at a tenth of that rate, 3e-5, nearer a point release (README, `port`).
+_RECIPES = {
+    MICRO: {"steps": 400, "warmup_steps": 20, "batch_size": 32, "block_size": 256},
+    "smollm2-135m": {"steps": 120, "warmup_steps": 12, "batch_size": 8, "block_size": 128},
 }
+_RATES = {"strong": 3e-4, "mild": 3e-5}
+UPDATES = {base: {name: {**recipe, "learning_rate": rate} for name, rate in _RATES.items()}
+           for base, recipe in _RECIPES.items()}
 REFRESH_SHARE = 0.2  # refresh steps as a share of the experts' original steps
 GOALS = {"ported_recovery": 0.70, "refreshed_recovery": 0.95, "flip_cut": 0.30, "accuracy_drop_points": 0.5}
 
@@ -50,7 +55,7 @@ def run(data: Path, device: str | None, base: str = MICRO) -> dict:
     cfg = cfg.model_copy(update={"library": cfg.library + "-experts"})  # experts only: no merges or routers
     reuse_experts(full_cfg, cfg, old_base)
     train_all(cfg, old_base)
-    update = UPDATES[base]
+    update = UPDATES[base][PORT_OPTIONS["update"]]
     new_dir = updated_base(cfg, update, device)
     new_cfg = cfg.model_copy(update={"base": cfg.base.model_copy(update={"path": str(new_dir), "build": None}),
                                      "library": str(new_dir) + "-library-" + _key(cfg.training.model_dump())})
@@ -132,7 +137,7 @@ def summarize(reports: dict, base: str, update: dict, steps: int, original_steps
     checks = acceptance(experts)
     for check, value in checks.items():
         print(f"{check}: {value}")
-    return {"base_model": base, "update": {**update, "text": UPDATE_TEXT}, "refresh_steps": steps,
+    return {"base_model": base, "update": {"name": PORT_OPTIONS["update"], **update, "text": UPDATE_TEXT}, "refresh_steps": steps,
             "original_steps": original_steps, "experts": experts, "checks": checks, "goals": GOALS,
             "reports": reports}
 

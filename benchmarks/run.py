@@ -16,7 +16,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from common import DEFAULT_DATA, REAL_DOMAINS  # noqa: E402
-from suites import COLLABORATE_OPTIONS, MICRO, REAL_BASES, ROUTE_OPTIONS, SUITES, TASK_EXAMPLES  # noqa: E402
+from suites import COLLABORATE_OPTIONS, MICRO, PORT_OPTIONS, REAL_BASES, ROUTE_OPTIONS, SUITES, TASK_EXAMPLES  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", action="store_true",
                         help="route: measure routing of real prompts (general tasks -> base, domain tasks -> their "
                              "expert) instead of corpus documents")
+    parser.add_argument("--update", choices=("strong", "mild"), default=PORT_OPTIONS["update"],
+                        help="port: the base update's strength (benchmarks/port.py UPDATES; mild = a tenth of the "
+                             "strong learning rate)")
     args = parser.parse_args(argv)
     if args.large:
         if args.base not in (MICRO, args.large):
@@ -46,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         args.base = args.large
     COLLABORATE_OPTIONS["small"] = args.small
     ROUTE_OPTIONS["prompts"] = args.prompts
+    PORT_OPTIONS["update"] = args.update
     TASK_EXAMPLES["per_task"] = args.task_examples
     REAL_DOMAINS["chosen"] = tuple(d.strip() for d in args.domains.split(",") if d.strip())
 

@@ -14,7 +14,7 @@ from expertkit.evaluate import test_blocks as domain_test_blocks
 from expertkit.library import Library
 from expertkit.routing import Prompts, evaluate, load_router, router_kinds, save_router, train_router
 from expertkit.routing.calibrate import calibrate_threshold, decide
-from expertkit.routing.train import domain_texts, label_domains, routing_units
+from expertkit.routing.train import domain_texts, label_domains, routing_units, with_prefixes
 from expertkit.runtime import ExpertPool, SamplingParams, generate
 from expertkit.runtime.tokens import left_pad
 
@@ -50,6 +50,19 @@ def test_a_running_text_is_learned_line_by_line_and_a_document_whole():
     piece = Example(text="Fears for pension after talks\nUnions say they are disappointed.\n\n", continues=True)
     assert routing_units(piece) == ["Fears for pension after talks", "Unions say they are disappointed."]
     assert routing_units(Example(text="one document\nof two lines")) == ["one document\nof two lines"]
+
+
+def test_routers_learn_each_document_and_its_prefix_once(micro_base_dir):
+    """A document no longer than the prefix is its own prefix: listed twice, it would weigh double."""
+    from transformers import AutoTokenizer
+
+    from expertkit.config import RoutingConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(micro_base_dir)
+    short, long = "short line", "a longer document that runs past the prefix " * 3
+    texts = with_prefixes(tokenizer, {"x": [short, long]}, RoutingConfig(calibration_prefix_tokens=16))["x"]
+    prefix = tokenizer.decode(tokenizer(long, add_special_tokens=False)["input_ids"][:16])
+    assert texts == [short, long, prefix] and prefix != long
 
 
 def test_labels_are_the_experts_plus_base(setup):

@@ -33,10 +33,11 @@ def spread(items: list, n: int) -> list:
     return [items[i * len(items) // n] for i in range(n)]
 
 
-def prefixes(tokenizer, texts: list[str], n_tokens: int) -> list[str]:
-    """The text of each document's first `n_tokens` tokens."""
+def prefixes(tokenizer, texts: list[str], n_tokens: int, longer_only: bool = False) -> list[str]:
+    """The text of each document's first `n_tokens` tokens (with `longer_only`, only of the documents longer
+    than that: a shorter one is its own prefix)."""
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [tokenizer.decode(x[:n_tokens]) for x in ids]
+    return [tokenizer.decode(x[:n_tokens]) for x in ids if not longer_only or len(x) > n_tokens]
 
 
 def label_domains(cfg: ProjectConfig, pool) -> dict[str, str | None]:
@@ -72,8 +73,9 @@ def routing_units(example: Example) -> list[str]:
 
 
 def with_prefixes(tokenizer, texts_by_label: dict[str, list[str]], settings: RoutingConfig) -> dict[str, list[str]]:
-    """Each document whole and as its first few tokens: prompts are short, so routers learn and calibrate on both."""
-    return {label: texts + prefixes(tokenizer, texts, settings.calibration_prefix_tokens)
+    """Each document whole and as its first few tokens: prompts are short, so routers learn and calibrate on both.
+    A document no longer than the prefix is listed once, not twice."""
+    return {label: texts + prefixes(tokenizer, texts, settings.calibration_prefix_tokens, longer_only=True)
             for label, texts in texts_by_label.items() if texts}
 
 
