@@ -137,9 +137,9 @@ def summarize(reports: dict, base: str, update: dict, steps: int, original_steps
     checks = acceptance(experts)
     for check, value in checks.items():
         print(f"{check}: {value}")
-    return {"base_model": base, "update": {"name": PORT_OPTIONS["update"], **update, "text": UPDATE_TEXT}, "refresh_steps": steps,
-            "original_steps": original_steps, "experts": experts, "checks": checks, "goals": GOALS,
-            "reports": reports}
+    return {"base_model": base, "update": {"name": PORT_OPTIONS["update"], **update, "text": UPDATE_TEXT},
+            "refresh_steps": steps, "original_steps": original_steps, "experts": experts, "checks": checks,
+            "goals": GOALS, "reports": reports}
 
 
 def acceptance(experts: dict) -> dict:

@@ -16,7 +16,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from common import DEFAULT_DATA, REAL_DOMAINS  # noqa: E402
-from suites import COLLABORATE_OPTIONS, MICRO, PORT_OPTIONS, REAL_BASES, ROUTE_OPTIONS, SUITES, TASK_EXAMPLES  # noqa: E402
+from suites import (COLLABORATE_OPTIONS, MICRO, PORT_OPTIONS, REAL_BASES, ROUTE_OPTIONS, SUITES,  # noqa: E402
+                    TASK_EXAMPLES)
 
 
 def main(argv: list[str] | None = None) -> int:
