@@ -33,8 +33,8 @@ _RECIPES = {
     MICRO: {"steps": 400, "warmup_steps": 20, "batch_size": 32, "block_size": 256},
     "smollm2-135m": {"steps": 120, "warmup_steps": 12, "batch_size": 8, "block_size": 128},
 }
-_RATES = {"strong": 3e-4, "mild": 3e-5}
-UPDATES = {base: {name: {**recipe, "learning_rate": rate} for name, rate in _RATES.items()}
+UPDATE_RATES = {"strong": 3e-4, "mild": 3e-5}  # run.py --update names one
+UPDATES = {base: {name: {**recipe, "learning_rate": rate} for name, rate in UPDATE_RATES.items()}
            for base, recipe in _RECIPES.items()}
 REFRESH_SHARE = 0.2  # refresh steps as a share of the experts' original steps
 GOALS = {"ported_recovery": 0.70, "refreshed_recovery": 0.95, "flip_cut": 0.30, "accuracy_drop_points": 0.5}

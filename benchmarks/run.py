@@ -18,6 +18,7 @@ sys.path.insert(0, str(HERE))
 from common import DEFAULT_DATA, REAL_DOMAINS  # noqa: E402
 from suites import (COLLABORATE_OPTIONS, MICRO, PORT_OPTIONS, REAL_BASES, ROUTE_OPTIONS, SUITES,  # noqa: E402
                     TASK_EXAMPLES)
+from port import UPDATE_RATES  # noqa: E402  (registered by suites above)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", action="store_true",
                         help="route: measure routing of real prompts (general tasks -> base, domain tasks -> their "
                              "expert) instead of corpus documents")
-    parser.add_argument("--update", choices=("strong", "mild"), default=PORT_OPTIONS["update"],
+    parser.add_argument("--update", choices=tuple(UPDATE_RATES), default=PORT_OPTIONS["update"],
                         help="port: the base update's strength (benchmarks/port.py UPDATES; mild = a tenth of the "
                              "strong learning rate)")
     args = parser.parse_args(argv)
