@@ -142,6 +142,13 @@ def test_cli_mixture_add(monkeypatch, capsys, trained):
     assert code == 1 and "names ['nope']" in err
 
 
+def served_mixture(library) -> str:
+    """The mixture 'mix-served' (top 2), made by whichever test needs it first."""
+    if not library.has("mixture", "mix-served"):
+        add_mixture(library, "mix-served", MixtureConfig(top_k=2))
+    return "mix-served"
+
+
 def test_a_served_mixture_answers_like_generate(trained, pool):
     """The server batches a mixture's rows as the mixture, never as plain rows of the pool."""
     import httpx
@@ -150,8 +157,7 @@ def test_a_served_mixture_answers_like_generate(trained, pool):
     from expertkit.serve.server import BackgroundServer, ServeOptions, build_local_service
 
     _, base, library = trained
-    if not library.has("mixture", "mix-served"):
-        add_mixture(library, "mix-served", MixtureConfig(top_k=2))
+    served_mixture(library)
     pool.ensure(["mix-served"])
     (mix,) = build_compositions(pool, ["mix-served"])
     prompts = ["patient dose", "def return x"]
@@ -182,4 +188,4 @@ def test_a_component_that_is_not_an_adapter_runs_as_itself(trained, pool):
     assert isinstance(state.components, StackedState)
     assert_cached_steps_match(nested, ids, mask, split=9)
     with pytest.raises(ExpertkitError, match="not other mixtures"):
-        add_mixture(library, "mix-of-mix", MixtureConfig(experts=["alpha", "mix-served"]))
+        add_mixture(library, "mix-of-mix", MixtureConfig(experts=["alpha", served_mixture(library)]))

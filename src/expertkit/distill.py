@@ -32,6 +32,7 @@ from expertkit.base import DISTILL_FILE, Base, count_parameters, load_base, perp
 from expertkit.config import DistillConfig, DomainConfig, SourceConfig
 from expertkit.data import Blocks, TrainingStream, load_corpus, make_blocks
 from expertkit.errors import ExpertkitError
+from expertkit.evaluate import scored_blocks
 from expertkit.fsutil import atomic_dir, atomic_write_bytes, ensure_writable_dir
 from expertkit.optim import make_optimizer, train_step
 from expertkit.progress import console, progress_bar
@@ -85,8 +86,8 @@ class DistillRun:
         tok = teacher.tokenizer
         self.train = make_blocks(tok, corpus, "train", config.block_size)
         test = make_blocks(tok, corpus, "test", config.block_size)
-        spread = torch.linspace(0, len(test) - 1, min(config.eval_blocks, len(test))).long()
-        self.test = test.take(spread)  # blocks from all over the split: a folder's files come one after another
+        # blocks from all over the split, as the scorecard takes them: a folder's files come one after another
+        self.test = test.take(scored_blocks(len(test), config.eval_blocks, "spread"))
         self.text = str(text)
         self.checkpoints = out.parent / f"{out.name}.checkpoints"
         recipe = {"config": config.model_dump(), "teacher": teacher.identity(), "text": self.text,
