@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from expertkit.errors import ExpertkitError
 
@@ -167,10 +167,21 @@ class TrainConfig(Strict):
     batch_size: int = Field(8, ge=1)
     block_size: int = Field(128, ge=8)
     replay: float = Field(0.25, ge=0, lt=1, description="share of each batch drawn from the general corpus")
+    replay_loss: str = Field("lm", description="how the general rows are learned: 'lm' (as text, like the domain "
+                             "rows) or 'kl' (matching the base's own predictions on them, so the expert is pulled "
+                             "back to the base rather than toward the general corpus; see expertkit/replay.py)")
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(50, ge=1)
     seed: int = 0
+
+    @model_serializer(mode="wrap")
+    def _without_default_replay_loss(self, handler):
+        """Recipes with the default replay loss dump (and hash, and cache) exactly as before the option existed."""
+        out = handler(self)
+        if out.get("replay_loss") == "lm":
+            out.pop("replay_loss")
+        return out
 
 
 class EvalConfig(Strict):

@@ -247,16 +247,24 @@ class Blocks:
     input_ids: torch.Tensor
     labels: torch.Tensor
     attention_mask: torch.Tensor
+    source: torch.Tensor | None = None  # per row, which source of a TrainingStream it was drawn from
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def take(self, index: torch.Tensor | slice) -> "Blocks":
-        return Blocks(self.input_ids[index], self.labels[index], self.attention_mask[index])
+        source = None if self.source is None else self.source[index]
+        return Blocks(self.input_ids[index], self.labels[index], self.attention_mask[index], source)
 
     @staticmethod
     def cat(parts: list["Blocks"]) -> "Blocks":
-        return Blocks(*(torch.cat([getattr(p, f) for p in parts]) for f in ("input_ids", "labels", "attention_mask")))
+        sources = [p.source for p in parts]
+        return Blocks(*(torch.cat([getattr(p, f) for p in parts]) for f in ("input_ids", "labels", "attention_mask")),
+                      None if any(s is None for s in sources) else torch.cat(sources))
+
+    def scored_tokens(self) -> int:
+        """How many next-token targets the blocks hold (the first position predicts nothing)."""
+        return int((self.labels[:, 1:] != -100).sum())
 
 
 def _eos_id(tokenizer) -> int:
@@ -323,6 +331,9 @@ def make_blocks(tokenizer, corpus: Corpus, split: str, block_size: int, task: st
         raise ExpertkitError(f"domain '{corpus.name}' ({split}): {e}") from None
 
 
+DOMAIN_ROWS, REPLAY_ROWS = 0, 1  # the sources of TrainingStream.with_replay, as a batch's `source` gives them
+
+
 class TrainingStream:
     """Deterministic batches drawn from a weighted mix of block sets.
 
@@ -341,6 +352,7 @@ class TrainingStream:
 
     @classmethod
     def with_replay(cls, domain: Blocks, general: Blocks | None, replay: float, batch_size: int, seed: int):
+        """Domain rows (source DOMAIN_ROWS) with a `replay` share of general rows (source REPLAY_ROWS)."""
         mix = [(domain, 1.0 - replay)] + ([(general, replay)] if general is not None and replay > 0 else [])
         return cls(mix, batch_size, seed)
 
@@ -352,4 +364,5 @@ class TrainingStream:
             blocks = self.sources[source_index]
             row = int(torch.randint(len(blocks), (1,), generator=g))
             rows.append(blocks.take(slice(row, row + 1)))
-        return Blocks.cat(rows)
+        batch = Blocks.cat(rows)
+        return Blocks(batch.input_ids, batch.labels, batch.attention_mask, picks)

@@ -34,6 +34,7 @@ from expertkit.executors import Context, Executor, Job, LocalExecutor
 from expertkit.fsutil import atomic_dir, sha256_of
 from expertkit.library import ADAPTER_WEIGHTS, Entry, Kind, Library
 from expertkit.optim import language_model_loss, make_optimizer, train_step
+from expertkit.replay import REPLAY_LOSSES, replay_loss
 from expertkit.progress import console
 
 TRAINER_STATE = "trainer.pt"
@@ -209,7 +210,8 @@ def train_expert_job(job: ExpertJob, state: TrainState, advance) -> dict:
         peft_model = PeftModel.from_pretrained(base.model, job.start_from, is_trainable=True)
     else:
         peft_model = get_peft_model(base.model, lora_config(recipe))
-    loss_fn = job.loss.build(base.device) if job.loss is not None else language_model_loss
+    loss_fn = replay_loss(recipe.replay_loss, job.loss.build(base.device) if job.loss is not None
+                          else language_model_loss)
     try:
         losses, start = _run_steps(peft_model, stream, recipe, domain.name, ckpt_dir, rhash, base.device, advance,
                                    loss_fn)
@@ -265,6 +267,7 @@ def train_all(config: ProjectConfig, base: Base, only: list[str] | None = None, 
     if not todo:
         return []
     recipe = config.training
+    REPLAY_LOSSES.get(recipe.replay_loss)  # an unknown name fails here, before anything is trained
     # Read and pack every domain's data before training any: bad data fails fast and writes nothing.
     jobs = [Job(f"expert {d.name}", expert_job(d, base.tokenizer, recipe, library), total=recipe.steps)
             for d in todo]

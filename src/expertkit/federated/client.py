@@ -19,7 +19,8 @@ from expertkit.errors import ExpertkitError
 from expertkit.federated.compress import Payload, compress, plain_payload
 from expertkit.federated.factors import factor_keys
 from expertkit.federated.round_files import RoundFiles
-from expertkit.optim import make_optimizer, train_step
+from expertkit.optim import language_model_loss, make_optimizer, train_step
+from expertkit.replay import replay_loss
 
 _LOADED: dict[tuple, tuple[Base, object]] = {}  # (base path, device, LoRA shape) -> (base, its PEFT model), per process
 
@@ -131,8 +132,9 @@ class SiloClient:
         stream = TrainingStream.with_replay(blocks, general, recipe.replay, options.batch_size or recipe.batch_size,
                                             silo_seed)
         torch.manual_seed(silo_seed * 100_003 + task.round_index)
+        loss_fn = replay_loss(recipe.replay_loss, language_model_loss)
         losses = [train_step(peft_model, stream.batch(first + i), optimizer, scheduler, recipe.max_grad_norm,
-                             base.device) for i in range(options.local_steps)]
+                             base.device, loss_fn) for i in range(options.local_steps)]
         moments.save(task.round_index, optimizer.state_dict())
         after = get_peft_model_state_dict(peft_model)
         update = {k: (after[k].detach().cpu() - task.state[k]) for k in factor_keys(task.state, task.factor)}

@@ -30,6 +30,8 @@ from expertkit.federated.privacy import PrivacyLedger
 from expertkit.federated.round_files import RoundFiles
 from expertkit.library import Entry, Kind, Library
 from expertkit.progress import console, progress_bar
+from expertkit.replay import REPLAY_LOSSES
+
 
 class ClientRefused(ExpertkitError):
     """A client that cannot take part for a reason its user must fix (another base, no text): the run stops."""
@@ -80,6 +82,7 @@ class FederatedTrainer:
         self.plan = Plan.of(config, self.domain)
         self.library = Library(Path(config.library).resolve())
         self.schedule = FACTOR_SCHEDULES.get(config.federated.aggregation)
+        REPLAY_LOSSES.get(config.training.replay_loss)  # an unknown name fails before any round, not in the silos
         options = config.federated.privacy
         self.ledger = PrivacyLedger(options, self.plan.rounds) if options is not None else None
         self.folder = self.library.checkpoint_dir(self.domain.name) / "federated"
