@@ -50,7 +50,7 @@ def real_demo_config(data: dict[str, Path], base_path: Path) -> dict:
         "general": domain("general"),
         "domains": [domain(d) for d in REAL_DOMAINS],
         "training": {"steps": 30, "batch_size": 4, "block_size": 128, "learning_rate": 1e-3, "rank": 8,
-                     "replay": 0.25, "checkpoint_every": 10, "warmup_steps": 3},
+                     "replay": 0.25, "replay_loss": "kl", "checkpoint_every": 10, "warmup_steps": 3},
         "evaluation": {"block_size": 128, "batch_size": 8, "max_blocks": 16},
         "library": f"library-{REAL_MODEL}",  # beside the tiny demo's library (another base) in the same work dir
     }
