@@ -34,8 +34,8 @@ from expertkit.executors import Context, Executor, Job, LocalExecutor
 from expertkit.fsutil import atomic_dir, sha256_of
 from expertkit.library import ADAPTER_WEIGHTS, Entry, Kind, Library
 from expertkit.optim import language_model_loss, make_optimizer, train_step
-from expertkit.replay import REPLAY_LOSSES, replay_loss
 from expertkit.progress import console
+from expertkit.replay import REPLAY_LOSSES, replay_loss
 
 TRAINER_STATE = "trainer.pt"
 ADAPTER_STATE = "adapter.safetensors"
