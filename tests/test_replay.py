@@ -52,7 +52,8 @@ def test_batches_say_which_rows_are_replay():
     general_rows = {tuple(r) for r in general.input_ids.tolist()}
     for row, source in zip(batch.input_ids.tolist(), batch.source.tolist()):
         assert (tuple(row) in general_rows) == (source == REPLAY_ROWS)
-    assert torch.equal(batch.take(batch.source == REPLAY_ROWS).source, torch.full((int((batch.source == 1).sum()),), 1))
+    replay = batch.source == REPLAY_ROWS
+    assert torch.equal(batch.take(replay).source, torch.full((int(replay.sum()),), REPLAY_ROWS))
 
 
 def test_lm_replay_is_the_domain_loss_on_every_row(micro):
