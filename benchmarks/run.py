@@ -41,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", action="store_true",
                         help="route: measure routing of real prompts (general tasks -> base, domain tasks -> their "
                              "expert) instead of corpus documents")
+    parser.add_argument("--route-blocks", type=int, default=ROUTE_OPTIONS["blocks"],
+                        help="route: test blocks per domain, evenly spaced, in the perplexity comparisons (default: "
+                             "the evaluation's 96 on micro, 16 on a real base, where the four routers and the "
+                             "mixture over 96 blocks take hours on CPU)")
+    parser.add_argument("--accuracy-only", action="store_true",
+                        help="route: train the routers and measure their accuracy and cost only, without the "
+                             "perplexity comparisons and the held-out domain (an hour or more on a real base on CPU)")
     parser.add_argument("--update", choices=tuple(UPDATE_RATES), default=PORT_OPTIONS["update"],
                         help="port: the base update's strength (benchmarks/port.py UPDATES; mild = a tenth of the "
                              "strong learning rate)")
@@ -51,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         args.base = args.large
     COLLABORATE_OPTIONS["small"] = args.small
     ROUTE_OPTIONS["prompts"] = args.prompts
+    ROUTE_OPTIONS["blocks"] = args.route_blocks
+    ROUTE_OPTIONS["accuracy_only"] = args.accuracy_only
     PORT_OPTIONS["update"] = args.update
     TASK_EXAMPLES["per_task"] = args.task_examples
     REAL_DOMAINS["chosen"] = tuple(d.strip() for d in args.domains.split(",") if d.strip())

@@ -14,7 +14,10 @@ from expertkit.registry import Registry
 MICRO = "micro"
 REAL_BASES = ("smollm2-135m", "gemma3-270m")  # expertkit.models
 TASK_EXAMPLES = {"per_task": 500}  # examples per task for suites that measure task accuracy (run.py --task-examples)
-ROUTE_OPTIONS = {"prompts": False}  # run.py --prompts: the route suite measures routing of real prompts
+# run.py --prompts: the route suite measures routing of real prompts; --route-blocks: test blocks per domain of its
+# perplexity comparisons (None: the evaluation's on micro, route.REAL_BLOCKS on a real base); --accuracy-only:
+# the routers' accuracy and cost alone
+ROUTE_OPTIONS = {"prompts": False, "blocks": None, "accuracy_only": False}
 PORT_OPTIONS = {"update": "strong"}  # run.py --update: how far the port suite's update moves the base
 COLLABORATE_OPTIONS = {"small": "distilled"}  # run.py --small: the collaborate suite's small model on a real --large
 
