@@ -41,7 +41,8 @@ def comparison_blocks(blocks: dict, base_name: str) -> dict:
 
 
 def build_strategies(cfg, base) -> tuple:
-    """Train every router kind and add the mixture to the library; returns (pool, routers, reports)."""
+    """Train (or reuse: saved_router) every router kind and add the mixture to the library; returns (pool, routers,
+    reports)."""
     from expertkit.compose.mix import add_mixture
     from expertkit.config import MixtureConfig
     from expertkit.library import Library
