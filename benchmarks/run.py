@@ -19,6 +19,7 @@ from common import DEFAULT_DATA, REAL_DOMAINS  # noqa: E402
 from suites import (COLLABORATE_OPTIONS, MICRO, PORT_OPTIONS, REAL_BASES, ROUTE_OPTIONS, SUITES,  # noqa: E402
                     TASK_EXAMPLES)
 from port import UPDATE_RATES  # noqa: E402  (registered by suites above)
+from route import REAL_BLOCKS  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
                              "expert) instead of corpus documents")
     parser.add_argument("--route-blocks", type=int, default=ROUTE_OPTIONS["blocks"],
                         help="route: test blocks per domain, evenly spaced, in the perplexity comparisons (default: "
-                             "the evaluation's 96 on micro, 16 on a real base, where the four routers and the "
-                             "mixture over 96 blocks take hours on CPU)")
+                             f"the evaluation's 96 on micro, {REAL_BLOCKS} on a real base, where the four routers and "
+                             "the mixture over 96 blocks take hours on CPU)")
     parser.add_argument("--accuracy-only", action="store_true",
                         help="route: train the routers and measure their accuracy and cost only, without the "
                              "perplexity comparisons and the held-out domain (an hour or more on a real base on CPU)")
@@ -52,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="port: the base update's strength (benchmarks/port.py UPDATES; mild = a tenth of the "
                              "strong learning rate)")
     args = parser.parse_args(argv)
+    if args.route_blocks is not None and args.route_blocks < 1:
+        parser.error(f"--route-blocks must be at least 1, not {args.route_blocks}")
     if args.large:
         if args.base not in (MICRO, args.large):
             parser.error("--large and --base name the same model; give one")
