@@ -93,6 +93,7 @@ def saved_router(library, kind: str, cfg) -> tuple | None:
 
 
 def routing_accuracy(cfg, pool, routers) -> dict:
+    from expertkit.progress import progress_bar
     from expertkit.routing.calibrate import accuracy
     from expertkit.routing.train import domain_texts, label_domains, prefixes, probabilities, summary
 
@@ -101,14 +102,16 @@ def routing_accuracy(cfg, pool, routers) -> dict:
     sets = {"documents": documents,
             f"prefix{PREFIX_TOKENS}": {k: prefixes(pool.tokenizer, v, PREFIX_TOKENS) for k, v in documents.items()}}
     out = {}
-    for kind, calibrated in routers.items():
-        out[kind] = {}
-        for name, texts in sets.items():
-            probs, targets = probabilities(calibrated.router, pool, texts, calibrated.settings)
-            result = summary(probs, targets, calibrated.threshold)
-            out[kind][name] = result["accuracy"]
-            out[kind][f"{name}_without_abstaining"] = accuracy(probs.argmax(-1), targets)
-            out[kind][f"{name}_abstain_rate"] = result["abstain_rate"]
+    with progress_bar("routing accuracy (router x test set)", len(routers) * len(sets)) as advance:
+        for kind, calibrated in routers.items():
+            out[kind] = {}
+            for name, texts in sets.items():
+                probs, targets = probabilities(calibrated.router, pool, texts, calibrated.settings)
+                result = summary(probs, targets, calibrated.threshold)
+                out[kind][name] = result["accuracy"]
+                out[kind][f"{name}_without_abstaining"] = accuracy(probs.argmax(-1), targets)
+                out[kind][f"{name}_abstain_rate"] = result["abstain_rate"]
+                advance(info=f"{kind} {name} {result['accuracy']:.1%}")
     return out
 
 
