@@ -81,13 +81,15 @@ def saved_router(library, kind: str, cfg) -> tuple | None:
     if not library.has(Kind.ROUTER, name):
         return None
     entry = library.get(name)
+    if "train_seconds" not in entry.manifest:
+        return None
     experts = entry.manifest.get("experts", [])
     if sorted(experts) != sorted(d.name for d in cfg.domains) or not all(library.has_name(e) for e in experts):
         return None
     if any(library.get(e).manifest["created"] > entry.manifest["created"] for e in experts):
         return None
     calibrated = load_router(library, entry)
-    if calibrated.settings != cfg.routing or "train_seconds" not in entry.manifest:
+    if calibrated.settings != cfg.routing:
         return None
     return calibrated, dict(entry.manifest)
 
