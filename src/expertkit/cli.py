@@ -89,10 +89,12 @@ def base_distill(teacher: str = typer.Option(..., help="the large model: its HF 
                  out: Path = typer.Option(..., help="the companion's model dir to write"),
                  text: Path = typer.Option(..., help="text to distill on: a text file, or a folder of them (files "
                                                      "named train/valid/test are used as given)"),
+                 init: Optional[str] = _distill_option("init", "how the companion starts: teacher (a cut of the "
+                                                       "teacher) or embedding (random layers)"),
                  layers: Optional[int] = _distill_option("num_layers", "companion layers"),
                  hidden: Optional[int] = _distill_option("hidden_size", "companion width"),
                  intermediate: Optional[int] = _distill_option("intermediate_size", "companion MLP width"),
-                 heads: Optional[int] = _distill_option("num_heads", "attention heads"),
+                 heads: Optional[int] = _distill_option("num_heads", "attention heads with --init embedding"),
                  steps: Optional[int] = _distill_option("steps", "training steps"),
                  batch_size: Optional[int] = _distill_option("batch_size", "blocks per step"),
                  block_size: Optional[int] = _distill_option("block_size", "tokens per block"),
@@ -106,7 +108,7 @@ def base_distill(teacher: str = typer.Option(..., help="the large model: its HF 
     from expertkit.distill import distill
     from pydantic import ValidationError
 
-    given = {"num_layers": layers, "hidden_size": hidden, "intermediate_size": intermediate, "num_heads": heads,
+    given = {"init": init, "num_layers": layers, "hidden_size": hidden, "intermediate_size": intermediate, "num_heads": heads,
              "steps": steps, "batch_size": batch_size, "block_size": block_size, "learning_rate": learning_rate,
              "top_k": top_k}
     try:

@@ -120,14 +120,21 @@ class BuildConfig(Strict):
 class DistillConfig(Strict):
     """A small companion distilled from a large model's logits (`expertkit base distill`).
 
-    The defaults fit SmolLM2-135M on a CPU: a Llama of about 19M parameters (1/7 of the teacher), most of
-    them in the teacher-sized vocabulary's embedding, trained for about half an hour.
+    The defaults fit SmolLM2-135M on a CPU: a Llama of about 23M parameters (1/6 of the teacher), most of
+    them in the teacher-sized vocabulary's embedding, cut out of the teacher (companion_init.py) and trained for
+    about half an hour.
     """
 
+    init: Literal["teacher", "embedding"] = Field(
+        "teacher", description="teacher: the companion starts as a cut of the teacher (its most influential layers, "
+        "principal residual directions, strongest MLP neurons and all its attention heads; Llama-architecture "
+        "teachers, others fall back to embedding); embedding: random layers, the teacher's embedding reduced by SVD")
     num_layers: int = Field(8, ge=1)
-    hidden_size: int = Field(256, ge=16)
+    hidden_size: int = Field(288, ge=16, description="a multiple of the attention heads (288 = 9 x 32 divides by "
+                             "8, 9, 12, 16 and 32 heads)")
     intermediate_size: int = Field(768, ge=16)
-    num_heads: int = Field(4, ge=1)
+    num_heads: int | None = Field(None, ge=1, description="attention heads with init 'embedding' (default: "
+                                  "hidden_size / 64); init 'teacher' keeps the teacher's heads")
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(8, ge=1)
     block_size: int = Field(128, ge=16)
@@ -136,13 +143,22 @@ class DistillConfig(Strict):
     top_k: int = Field(64, ge=1, description="the teacher's k most likely tokens per position carry the loss")
     checkpoint_every: int = Field(50, ge=1)
     eval_blocks: int = Field(32, ge=1, description="test blocks of the text for the perplexity report")
+    calibration_blocks: int = Field(32, ge=1, description="training blocks the teacher reads to choose what "
+                                    "init 'teacher' keeps")
     seed: int = 0
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> "DistillConfig":
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
+        if self.num_heads is not None and self.init == "teacher":
+            raise ValueError("num_heads is the teacher's with init 'teacher'; leave it unset, or use init 'embedding'")
+        if self.hidden_size % self.attention_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.attention_heads}")
         return self
+
+    @property
+    def attention_heads(self) -> int:
+        """The heads of an 'embedding' companion: num_heads, or one per 64 dimensions."""
+        return self.num_heads or max(1, self.hidden_size // 64)
 
 
 class BaseConfig(Strict):

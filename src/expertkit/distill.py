@@ -5,8 +5,10 @@ distributions, which is exact only when both share one vocabulary, and most larg
 sibling. So we make one: a Llama (whatever the teacher's architecture, so every tool loads it) with the
 teacher's tokenizer, trained to match the teacher's next-token distribution on general text.
 
-- initialization: the student's tied embedding is the teacher's input embedding reduced to the
-  student's width by truncated SVD, so it starts from the teacher's token geometry instead of noise;
+- initialization (INITS): by default a cut of the teacher itself (companion_init.py: its most influential
+  layers, principal residual directions and strongest MLP neurons), so distillation starts near the teacher;
+  or ("embedding", and for teachers that cannot be cut) random layers under the teacher's input embedding
+  reduced to the student's width by truncated SVD;
 - loss: KL from the teacher's distribution restricted to its top-k tokens (renormalized) to the
   student's; the teacher runs once per batch, without gradients;
 - resume: a checkpoint (weights, AdamW, schedule, step) every `checkpoint_every` steps beside OUT;
@@ -29,6 +31,7 @@ from pathlib import Path
 import torch
 
 from expertkit.base import DISTILL_FILE, Base, count_parameters, load_base, perplexity, pick_device
+from expertkit.companion_init import calibrate, cut_config, cut_from_teacher, teacher_init_unsupported
 from expertkit.config import DistillConfig, DomainConfig, SourceConfig
 from expertkit.data import Blocks, TrainingStream, load_corpus, make_blocks
 from expertkit.errors import ExpertkitError
@@ -40,7 +43,7 @@ from expertkit.train import mean_loss
 
 
 def student_config(teacher: Base, config: DistillConfig):
-    """A Llama as wide as `config` asks, with the teacher's vocabulary rows, special ids and context."""
+    """A Llama as wide as `config` asks, with the teacher's vocabulary rows, special ids and context (init 'embedding')."""
     from transformers import LlamaConfig
 
     tok, tc = teacher.tokenizer, teacher.model.config
@@ -48,7 +51,7 @@ def student_config(teacher: Base, config: DistillConfig):
     return LlamaConfig(
         vocab_size=int(teacher.model.get_input_embeddings().weight.shape[0]), hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads, num_key_value_heads=config.num_heads,
+        num_attention_heads=config.attention_heads, num_key_value_heads=config.attention_heads,
         max_position_embeddings=context, tie_word_embeddings=True,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
@@ -65,6 +68,58 @@ def svd_embedding(weight: torch.Tensor, width: int, generator: torch.Generator) 
     out = torch.randn(weight.shape[0], width, generator=generator) * 0.02
     out[:, :k] = u[:, :k] * s[:k]
     return out
+
+
+def embedding_init(run: "DistillRun"):
+    """Random layers under the teacher's embedding reduced by SVD."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM(student_config(run.teacher, run.config))
+    generator = torch.Generator().manual_seed(run.config.seed)
+    teacher_embedding = run.teacher.model.get_input_embeddings().weight
+    model.get_input_embeddings().weight.data.copy_(svd_embedding(teacher_embedding, run.config.hidden_size, generator))
+    return model
+
+
+def teacher_init(run: "DistillRun"):
+    """A cut of the teacher (companion_init.py), or embedding_init where the teacher cannot be cut (said once)."""
+    from transformers import LlamaForCausalLM
+
+    teacher, cfg = run.teacher, run.config
+    why_not = teacher_init_unsupported(teacher.model)
+    if why_not is not None:
+        if not run.said_fallback:
+            console.print(f"the companion starts from the teacher's embedding only (init 'embedding'): the teacher "
+                          f"cannot be cut, {why_not}")
+            run.said_fallback = True
+        return embedding_init(run)
+    _check_fits_in(teacher.model.config, cfg)
+    model = LlamaForCausalLM(cut_config(teacher.model, cfg.num_layers, cfg.hidden_size, cfg.intermediate_size,
+                                        teacher.tokenizer))
+    blocks = run.calibration_blocks()
+    calibration = calibrate(teacher.model, blocks.input_ids, blocks.attention_mask, cfg.batch_size)
+    run.init_report = cut_from_teacher(model, teacher.model, calibration)
+    return model
+
+
+def _check_fits_in(teacher_config, cfg: DistillConfig) -> None:
+    """A cut keeps part of the teacher: each size at most the teacher's."""
+    sizes = (("--layers", cfg.num_layers, teacher_config.num_hidden_layers),
+             ("--hidden", cfg.hidden_size, teacher_config.hidden_size),
+             ("--intermediate", cfg.intermediate_size, teacher_config.intermediate_size))
+    too_big = [f"{flag} {mine} > the teacher's {theirs}" for flag, mine, theirs in sizes if mine > theirs]
+    if too_big:
+        raise ExpertkitError("a companion cut out of the teacher is at most the teacher's size: "
+                             + ", ".join(too_big) + " (make it smaller, or pass --init embedding)")
+    heads = teacher_config.num_attention_heads
+    if cfg.hidden_size % heads:
+        below = cfg.hidden_size // heads * heads
+        raise ExpertkitError(f"--hidden {cfg.hidden_size} is not a multiple of the teacher's {heads} attention heads, "
+                             f"which the companion keeps (transformers' Llama requires it): try {below or heads} "
+                             f"or {below + heads}")
+
+
+INITS = {"teacher": teacher_init, "embedding": embedding_init}  # DistillConfig.init
 
 
 def topk_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
@@ -89,21 +144,21 @@ class DistillRun:
         # blocks from all over the split, as the scorecard takes them: a folder's files come one after another
         self.test = test.take(scored_blocks(len(test), config.eval_blocks, "spread"))
         self.text = str(text)
+        self.init_report: dict = {}  # what a cut of the teacher kept (init 'teacher')
+        self.said_fallback = False
         self.checkpoints = out.parent / f"{out.name}.checkpoints"
         recipe = {"config": config.model_dump(), "teacher": teacher.identity(), "text": self.text,
                   "train_blocks": len(self.train)}
         self.fingerprint = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def student(self):
-        from transformers import LlamaForCausalLM
-
+        """The untrained companion, built the way config.init says, on the teacher's device."""
         torch.manual_seed(self.config.seed)
-        model = LlamaForCausalLM(student_config(self.teacher, self.config))
-        generator = torch.Generator().manual_seed(self.config.seed)
-        teacher_embedding = self.teacher.model.get_input_embeddings().weight
-        model.get_input_embeddings().weight.data.copy_(svd_embedding(teacher_embedding, self.config.hidden_size,
-                                                                     generator))
-        return model.to(self.teacher.device)
+        return INITS[self.config.init](self).to(self.teacher.device)
+
+    def calibration_blocks(self) -> Blocks:
+        """Training blocks spread over the split: what the teacher reads to decide what a cut keeps."""
+        return self.train.take(scored_blocks(len(self.train), self.config.calibration_blocks, "spread"))
 
     def loss(self, student, batch: Blocks, device) -> torch.Tensor:
         ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
@@ -161,7 +216,7 @@ class DistillRun:
         with console.status("perplexity of the teacher and the companion on the text's test split"):
             report = {"teacher_ppl": perplexity(mean_loss(self.teacher.model, self.test, device, cfg.batch_size)),
                       "companion_ppl": perplexity(mean_loss(student, self.test, device, cfg.batch_size))}
-        report.update(test_blocks=len(self.test), companion_params=n_student, teacher_params=n_teacher,
+        report.update(init=cfg.init, **self.init_report, test_blocks=len(self.test), companion_params=n_student, teacher_params=n_teacher,
                       param_ratio=n_student / n_teacher, resumed_from_step=start,
                       train_seconds=round(time.time() - started, 1))
         with atomic_dir(self.out, overwrite=True) as tmp:
