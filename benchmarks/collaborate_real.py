@@ -197,8 +197,10 @@ def _print(result: dict, gap_goal: float) -> None:
                                                 for lr, c in result["learning_rate_selection"].items()) + ")")
     report = result["companion_report"]
     if report:
-        print(f"companion perplexity on general test text {report['companion_ppl']:.2f} vs teacher "
-              f"{report['teacher_ppl']:.2f}")
+        start = (f"a cut of the teacher's layers {report['teacher_layers']}" if report.get("init") == "teacher"
+                 else "the teacher's embedding only")
+        print(f"companion (started as {start}) perplexity on general test text {report['companion_ppl']:.2f} vs "
+              f"teacher {report['teacher_ppl']:.2f}")
     print(f"{'domain':<10}{'large':>9}{'tuned':>9}{'proxy':>9}{'small exp':>10}{'gap closed':>12}")
     for d, r in result["ppl"].items():
         small = f"{r['small_expert']:>10.2f}" if "small_expert" in r else f"{'-':>10}"

@@ -19,7 +19,7 @@ LAYERS = [
     ["runtime"],
     ["routing"],
     ["compose"],
-    ["scoring", "evaluate", "executors", "merging", "train", "tasks", "porting", "federated", "distill"],
+    ["scoring", "evaluate", "executors", "merging", "train", "tasks", "porting", "federated", "distill", "companion_init"],
     ["serve"],
     ["workflow", "demo", "cli"],
 ]

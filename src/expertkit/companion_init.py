@@ -48,9 +48,9 @@ def cut_config(teacher_model, num_layers: int, hidden_size: int, intermediate_si
     raw = teacher_model.config.to_dict()
     for key in ("architectures", "_name_or_path", "auto_map", "transformers_version", "dtype", "torch_dtype"):
         raw.pop(key, None)
+    t_cfg = teacher_model.config
     raw.update(num_hidden_layers=num_layers, hidden_size=hidden_size, intermediate_size=intermediate_size,
-               head_dim=teacher_model.config.hidden_size // teacher_model.config.num_attention_heads
-               if getattr(teacher_model.config, "head_dim", None) is None else teacher_model.config.head_dim,
+               head_dim=getattr(t_cfg, "head_dim", None) or t_cfg.hidden_size // t_cfg.num_attention_heads,
                tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)
     return LlamaConfig(**raw)

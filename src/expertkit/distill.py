@@ -6,7 +6,7 @@ sibling. So we make one: a Llama (whatever the teacher's architecture, so every 
 teacher's tokenizer, trained to match the teacher's next-token distribution on general text.
 
 - initialization (INITS): by default a cut of the teacher itself (companion_init.py: its most influential
-  layers, principal residual directions and strongest MLP neurons), so distillation starts near the teacher;
+  layers, most-read residual coordinates and strongest MLP neurons), so distillation starts near the teacher;
   or ("embedding", and for teachers that cannot be cut) random layers under the teacher's input embedding
   reduced to the student's width by truncated SVD;
 - loss: KL from the teacher's distribution restricted to its top-k tokens (renormalized) to the
