@@ -16,7 +16,8 @@ rotary attention), the companion is a smaller copy of it:
 - attention heads: all of the teacher's, with its head size and rotary settings (q/k/v/o are cut along the
   residual side only).
 
-The student stays a plain Llama with tied embeddings (the teacher's embedding times P), so every tool loads it.
+The student stays a plain Llama with tied embeddings (the kept columns of the teacher's input embedding; a
+teacher with a separate output head lends the companion its input embedding for both), so every tool loads it.
 """
 
 from __future__ import annotations
@@ -75,10 +76,10 @@ def _normalized(h: torch.Tensor) -> torch.Tensor:
 def calibrate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int = 8) -> Calibration:
     """Run the teacher over the calibration blocks, recording what each layer reads and writes."""
     layers = model.model.layers
-    n, width = len(layers), model.config.hidden_size
-    energy = torch.zeros(n + 1, width, dtype=torch.float64)
-    turn, importance = torch.zeros(n, dtype=torch.float64), torch.zeros(n, model.config.intermediate_size,
-                                                                       dtype=torch.float64)
+    n, width, device = len(layers), model.config.hidden_size, next(model.parameters()).device
+    energy = torch.zeros(n + 1, width, dtype=torch.float64, device=device)
+    turn = torch.zeros(n, dtype=torch.float64, device=device)
+    importance = torch.zeros(n, model.config.intermediate_size, dtype=torch.float64, device=device)
     state = {"mask": None, "inputs": [None] * n}
 
     def real(h):  # the real positions' vectors, [tokens, D]
@@ -109,7 +110,6 @@ def calibrate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, batc
         handles += [layer.register_forward_pre_hook(before(i), with_kwargs=True),
                     layer.register_forward_hook(after(i), with_kwargs=True),
                     layer.mlp.down_proj.register_forward_pre_hook(neurons(i))]
-    device = next(model.parameters()).device
     try:
         for start in range(0, len(input_ids), batch_size):
             ids = input_ids[start:start + batch_size].to(device)
@@ -120,8 +120,8 @@ def calibrate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, batc
         for handle in handles:
             handle.remove()
     tokens = float(attention_mask.sum())
-    out_norms = torch.stack([layer.mlp.down_proj.weight.double().norm(dim=0) for layer in layers]).cpu()
-    return Calibration(energy / tokens, turn / tokens, importance / tokens * out_norms)
+    out_norms = torch.stack([layer.mlp.down_proj.weight.double().norm(dim=0) for layer in layers])
+    return Calibration((energy / tokens).cpu(), (turn / tokens).cpu(), (importance / tokens * out_norms).cpu())
 
 
 def kept_layers(calibration: Calibration, count: int) -> list[int]:
