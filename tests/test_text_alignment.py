@@ -115,7 +115,7 @@ def test_a_companion_of_another_teacher_is_refused(two_vocabularies, tmp_path, m
     text = write_corpus(tmp_path / "text", "general", n=200)
     out = tmp_path / "companion"
     distill(str(micro_base_dir), text, out, DistillConfig(num_layers=1, hidden_size=16, intermediate_size=32,
-                                                          num_heads=2, steps=2, batch_size=2, block_size=32))
+                                                          steps=2, batch_size=2, block_size=32))
     companion = ExpertPool(load_base(str(out)))
     assert check_collaborators(large, companion, []) is None  # its own teacher: one vocabulary
     with pytest.raises(ExpertkitError, match="was distilled from .* not from the large model"):
