@@ -122,7 +122,7 @@ class DistillConfig(Strict):
 
     The defaults fit SmolLM2-135M on a CPU: a Llama of about 23M parameters (1/6 of the teacher), most of
     them in the teacher-sized vocabulary's embedding, cut out of the teacher (companion_init.py) and trained for
-    about half an hour.
+    about 50 minutes on 2 CPU cores (1000 steps at 2.9 s).
     """
 
     init: Literal["teacher", "embedding"] = Field(
