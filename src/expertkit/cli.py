@@ -108,7 +108,8 @@ def base_distill(teacher: str = typer.Option(..., help="the large model: its HF 
     from expertkit.distill import distill
     from pydantic import ValidationError
 
-    given = {"init": init, "num_layers": layers, "hidden_size": hidden, "intermediate_size": intermediate, "num_heads": heads,
+    given = {"init": init, "num_layers": layers, "hidden_size": hidden, "intermediate_size": intermediate,
+             "num_heads": heads,
              "steps": steps, "batch_size": batch_size, "block_size": block_size, "learning_rate": learning_rate,
              "top_k": top_k}
     try:

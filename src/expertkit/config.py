@@ -127,7 +127,7 @@ class DistillConfig(Strict):
 
     init: Literal["teacher", "embedding"] = Field(
         "teacher", description="teacher: the companion starts as a cut of the teacher (its most influential layers, "
-        "principal residual directions, strongest MLP neurons and all its attention heads; Llama-architecture "
+        "most-read residual coordinates, strongest MLP neurons and all its attention heads; Llama-architecture "
         "teachers, others fall back to embedding); embedding: random layers, the teacher's embedding reduced by SVD")
     num_layers: int = Field(8, ge=1)
     hidden_size: int = Field(288, ge=16, description="a multiple of the attention heads (288 = 9 x 32 divides by "

@@ -43,7 +43,7 @@ from expertkit.train import mean_loss
 
 
 def student_config(teacher: Base, config: DistillConfig):
-    """A Llama as wide as `config` asks, with the teacher's vocabulary rows, special ids and context (init 'embedding')."""
+    """init 'embedding': a Llama as wide as `config` asks, with the teacher's vocabulary rows, special ids, context."""
     from transformers import LlamaConfig
 
     tok, tc = teacher.tokenizer, teacher.model.config
