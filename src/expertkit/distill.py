@@ -216,7 +216,8 @@ class DistillRun:
         with console.status("perplexity of the teacher and the companion on the text's test split"):
             report = {"teacher_ppl": perplexity(mean_loss(self.teacher.model, self.test, device, cfg.batch_size)),
                       "companion_ppl": perplexity(mean_loss(student, self.test, device, cfg.batch_size))}
-        report.update(init=cfg.init, **self.init_report, test_blocks=len(self.test), companion_params=n_student, teacher_params=n_teacher,
+        report.update(init=cfg.init, **self.init_report, test_blocks=len(self.test), companion_params=n_student,
+                      teacher_params=n_teacher,
                       param_ratio=n_student / n_teacher, resumed_from_step=start,
                       train_seconds=round(time.time() - started, 1))
         with atomic_dir(self.out, overwrite=True) as tmp:
