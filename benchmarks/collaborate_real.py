@@ -3,7 +3,10 @@
 - `--large smollm2-135m --small distilled`: the small model is the companion `expertkit base distill` makes for
   the large one (its tokenizer, at most 1/5 of its parameters), with one LoRA expert per domain trained on the
   same data and steps as the reference "truly tuned" large experts (the specialize suite's library); only their
-  learning rate is their own (chosen with α on the validation split).
+  learning rate is their own (chosen with α on the validation split). Two designs of those experts, each
+  reported: trained on their own text (proxy-tuning as published), and trained through the proxy with the large
+  model frozen (`training.proxy_for`, expertkit/proxy_loss.py); the headline figures are the design and rate
+  that do best on validation.
 - `--large gemma3-270m --small smollm2-135m`: across vocabularies (compose/vocab.py's text alignment); the small
   experts are SmolLM2's specialize-suite experts.
 
@@ -24,8 +27,13 @@ import torch
 from collaborate import _gap, _references, _score, choose_alpha, loop_tok_s
 from common import distilled_companion, real_config
 
-# The companion's experts see the reference's data and steps; their learning rate is chosen with α on validation.
-SMALL_LEARNING_RATES = [1e-3, 3e-3]
+# The companion's experts see the reference's data and steps; their rate and rank are chosen with α on validation.
+# Rank 64 (alpha 128: the same scale as r=8 / 16) added 6 points of validation gap over rank 8 for experts trained
+# alone. Through the proxy, one recipe: each of its steps costs a forward of the large model.
+WIDE = {"rank": 64, "alpha": 128.0}
+SMALL_RECIPES = [{"learning_rate": 1e-3}, {"learning_rate": 3e-3}, {"learning_rate": 3e-3, **WIDE}]
+THROUGH_PROXY_RECIPES = [{"learning_rate": 3e-3, **WIDE}]
+DESIGNS = {False: "alone", True: "through_proxy"}
 ALPHAS = [0.5, 1.0, 1.5, 2.0]
 TEST_BLOCKS, VALID_BLOCKS = 32, 16
 NEW_TOKENS, PROMPT_TOKENS, REPEATS, SAMPLE_TOKENS = 64, 32, 3, 40
@@ -33,16 +41,17 @@ GAP_GOAL = {True: 0.70, False: 0.50}  # same vocabulary / across vocabularies
 SPEED_GOAL = 0.75
 
 
-def _small_sides(data: Path, large_name: str, small_name: str, device) -> list:
+def _small_sides(data: Path, large_name: str, large_cfg, small_name: str, device) -> list:
     """[(small model's config, base)], its experts trained (cached) on the same domains as the large one's:
-    the companion with each of SMALL_LEARNING_RATES, or another real model's specialize-suite experts."""
+    the companion with each of SMALL_RECIPES on their own and THROUGH_PROXY_RECIPES through the proxy, or another
+    real model's specialize-suite experts."""
     from expertkit.train import train_all
     from expertkit.workflow import load_project_base
 
     if small_name == "distilled":
         companion = distilled_companion(data, large_name)
-        configs = [real_config(data, companion.name, recipe={"learning_rate": lr}, model_dir=companion)
-                   for lr in SMALL_LEARNING_RATES]
+        recipes = SMALL_RECIPES + [{**r, "proxy_for": large_cfg.base.path} for r in THROUGH_PROXY_RECIPES]
+        configs = [real_config(data, companion.name, recipe=recipe, model_dir=companion) for recipe in recipes]
     else:
         configs = [real_config(data, small_name)]
     sides = []
@@ -134,35 +143,52 @@ def run_real(data: Path, device: str | None, large_name: str, small_name: str) -
     train_all(large_cfg, large)  # the reference: truly tuned large experts (the specialize suite's library)
     experts = [d.name for d in large_cfg.domains]
     large_pool = ExpertPool(large, Library(large_cfg.library), names=experts)
-    candidates = []  # (validation mean gap at its best α, learning rate, choice, config, base, pool)
-    for small_cfg, small in _small_sides(data, large_name, small_name, device):
+    candidates = []  # (validation mean gap at its best α, design, recipe label, choice, config, base, pool)
+    for small_cfg, small in _small_sides(data, large_name, large_cfg, small_name, device):
         same_vocab = large.identity()["tokenizer_hash"] == small.identity()["tokenizer_hash"]
         batch_size = large_cfg.evaluation.batch_size if same_vocab else max(1, large_cfg.evaluation.batch_size // 2)
         small_pool = ExpertPool(small, Library(small_cfg.library), names=experts)
         choice = choose_alpha(large_cfg, large_pool, small_pool, experts, ALPHAS, VALID_BLOCKS, batch_size)
         gap = choice["valid_mean_gap_closed"][choice["alpha"]]
-        candidates.append((gap, small_cfg.training.learning_rate, choice, small_cfg, small, small_pool))
-    _, small_lr, chosen, small_cfg, small, small_pool = max(candidates, key=lambda c: c[0])
-    alpha = chosen["alpha"]
-    rows = _quality(large_cfg, large_pool, small_pool, experts, alpha, same_vocab, batch_size)
+        design = DESIGNS[bool(small_cfg.training.proxy_for)]
+        label = f"lr {small_cfg.training.learning_rate}, rank {small_cfg.training.rank}"
+        candidates.append((gap, design, label, choice, small_cfg, small, small_pool))
+    designs = {}  # per design, its best rate on validation, measured on test
+    for design in dict.fromkeys(c[1] for c in candidates):
+        _, _, label, choice, cfg, small, pool = max((c for c in candidates if c[1] == design), key=lambda c: c[0])
+        rows = _quality(large_cfg, large_pool, pool, experts, choice["alpha"], same_vocab, batch_size)
+        gaps = {d: r["gap_closed"] for d, r in rows.items()}
+        designs[design] = {"recipe": label, "alpha": choice["alpha"], "gap_closed": gaps,
+                           "mean_gap_closed": statistics.mean(gaps.values()), "ppl": rows,
+                           "proxy_vs_small_expert": ({d: r["proxy"] / r["small_expert"] for d, r in rows.items()}
+                                                     if same_vocab else None),
+                           "train_seconds_per_step": _seconds_per_step(Library(cfg.library), experts)}
+    _, best_design, small_recipe, chosen, small_cfg, small, small_pool = max(candidates, key=lambda c: c[0])
+    alpha, best = chosen["alpha"], designs[best_design]
     prompts = _prompts(large_cfg, large.tokenizer, experts)
     speed = _speed(large_pool, small_pool, experts[0], alpha, prompts[experts[0]])
     samples = _samples(large_pool, small_pool, experts, alpha, prompts)
-    gaps = {d: r["gap_closed"] for d, r in rows.items()}
-    vs_small = {d: r["proxy"] / r["small_expert"] for d, r in rows.items()} if same_vocab else None
     sizes = {"companion_params": base_parameters(small.model), "large_params": base_parameters(large.model)}
     alignment = None if same_vocab else _alignment_of(large_pool, small_pool)
     teacher = companion_teacher(small.name)
     result = {"large": large_name, "small": small_name, "small_model": small.name, "same_vocabulary": same_vocab,
-              "alignment": alignment, "gap_closed": gaps, "mean_gap_closed": statistics.mean(gaps.values()),
-              "proxy_vs_small_expert": vs_small, "speed_ratio": speed["proxy_vs_large"], **sizes,
-              "alpha": alpha, "alpha_selection": chosen, "ppl": rows, "speed": speed, "samples": samples,
-              "small_learning_rate": small_lr,
-              "learning_rate_selection": {c[1]: {"alpha": c[2]["alpha"], "valid_mean_gap_closed": c[0]}
-                                          for c in candidates},
+              "alignment": alignment, "design": best_design, "gap_closed": best["gap_closed"],
+              "mean_gap_closed": best["mean_gap_closed"], "proxy_vs_small_expert": best["proxy_vs_small_expert"],
+              "speed_ratio": speed["proxy_vs_large"], **sizes, "alpha": alpha, "alpha_selection": chosen,
+              "ppl": best["ppl"], "speed": speed, "samples": samples, "small_recipe": small_recipe,
+              "designs": designs,
+              "large_train_seconds_per_step": _seconds_per_step(Library(large_cfg.library), experts),
+              "recipe_selection": {f"{c[1]}, {c[2]}": {"alpha": c[3]["alpha"], "valid_mean_gap_closed": c[0]}
+                                   for c in candidates},
               "companion_report": _distill_report(small.name) if teacher else None}
     _print(result, GAP_GOAL[same_vocab])
     return result
+
+
+def _seconds_per_step(library, experts: list[str]) -> float:
+    """Mean training seconds per step of the library's experts (from their manifests)."""
+    manifests = [library.get(d).manifest for d in experts]
+    return sum(m["train_seconds"] for m in manifests) / sum(m["steps"] for m in manifests)
 
 
 def base_parameters(model) -> int:
@@ -192,9 +218,10 @@ def _print(result: dict, gap_goal: float) -> None:
     print(f"\nlarge {result['large']}, small {result['small']} ({sizes}); "
           + ("one vocabulary" if result["same_vocabulary"] else
              f"aligned by {result['alignment']['method']} ({result['alignment']['coverage']:.1%} of the large "
-             "vocabulary)") + f"; α = {result['alpha']}, small experts' learning rate {result['small_learning_rate']} "
-          "(chosen on validation: " + ", ".join(f"lr {lr}: α {c['alpha']} closes {c['valid_mean_gap_closed']:.1%}"
-                                                for lr, c in result["learning_rate_selection"].items()) + ")")
+             "vocabulary)") + f"; small experts trained {result['design'].replace('_', ' ')}, "
+          f"{result['small_recipe']}, α = {result['alpha']} (chosen on validation: "
+          + ", ".join(f"{key}: α {c['alpha']} closes {c['valid_mean_gap_closed']:.1%}"
+                      for key, c in result["recipe_selection"].items()) + ")")
     report = result["companion_report"]
     if report:
         start = (f"a cut of the teacher's layers {report['teacher_layers']}" if report.get("init") == "teacher"
@@ -207,6 +234,11 @@ def _print(result: dict, gap_goal: float) -> None:
         print(f"{d:<10}{r['large']:>9.2f}{r['large_tuned']:>9.2f}{r['proxy']:>9.2f}{small}{r['gap_closed']:>12.1%}")
     mean = result["mean_gap_closed"]
     print(f"mean gap closed {mean:.1%} (goal >= {gap_goal:.0%}: {'PASS' if mean >= gap_goal else 'MISS'})")
+    for design, d in result["designs"].items():
+        print(f"  small experts trained {design.replace('_', ' ')} ({d['recipe']}, α {d['alpha']}, "
+              f"{d['train_seconds_per_step']:.1f} s per training step; the large expert: "
+              f"{result['large_train_seconds_per_step']:.1f} s): gap closed "
+              + ", ".join(f"{k} {v:.1%}" for k, v in d["gap_closed"].items()) + f", mean {d['mean_gap_closed']:.1%}")
     if result["proxy_vs_small_expert"]:
         beats = {d: v < 1 for d, v in result["proxy_vs_small_expert"].items()}
         print("proxy perplexity / small expert alone: " + ", ".join(

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "expertkit"
 LAYERS = [
     ["expertkit", "errors", "registry", "quiet", "progress", "fsutil", "plots", "demo_data"],
     ["config"],
-    ["base", "library", "encoding", "data", "optim", "replay", "build", "gguf_export", "gguf_import", "models"],
+    ["base", "library", "encoding", "data", "optim", "replay", "proxy_loss", "build", "gguf_export", "gguf_import", "models"],
     ["runtime"],
     ["routing"],
     ["compose"],

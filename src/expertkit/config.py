@@ -190,13 +190,18 @@ class TrainConfig(Strict):
     max_grad_norm: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(50, ge=1)
     seed: int = 0
+    proxy_for: str | None = Field(None, description="a large model (local dir or hub id) with this base's "
+                                  "vocabulary that the experts will steer by proxy-tuning: each is then "
+                                  "trained through that proxy, the large model frozen (expertkit/proxy_loss.py); "
+                                  "null: trained on its own")
 
     @model_serializer(mode="wrap")
-    def _without_default_replay_loss(self, handler):
-        """Recipes with the default replay loss dump (and hash, and cache) exactly as before the option existed."""
+    def _without_absent_options(self, handler):
+        """Recipes that leave the later options at their defaults dump (and hash, and cache) as before them."""
         out = handler(self)
-        if out.get("replay_loss") == "lm":
-            out.pop("replay_loss")
+        for name, absent in (("replay_loss", "lm"), ("proxy_for", None)):
+            if name in out and out[name] == absent:
+                out.pop(name)
         return out
 
 

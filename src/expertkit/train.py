@@ -35,6 +35,7 @@ from expertkit.fsutil import atomic_dir, sha256_of
 from expertkit.library import ADAPTER_WEIGHTS, Entry, Kind, Library
 from expertkit.optim import language_model_loss, make_optimizer, train_step
 from expertkit.progress import console
+from expertkit.proxy_loss import proxy_loss_for
 from expertkit.replay import REPLAY_LOSSES, replay_loss
 
 TRAINER_STATE = "trainer.pt"
@@ -269,7 +270,8 @@ def train_all(config: ProjectConfig, base: Base, only: list[str] | None = None, 
     recipe = config.training
     REPLAY_LOSSES.get(recipe.replay_loss)  # an unknown name fails here, before anything is trained
     # Read and pack every domain's data before training any: bad data fails fast and writes nothing.
-    jobs = [Job(f"expert {d.name}", expert_job(d, base.tokenizer, recipe, library), total=recipe.steps)
+    loss = proxy_loss_for(recipe.proxy_for, base) if recipe.proxy_for else None
+    jobs = [Job(f"expert {d.name}", expert_job(d, base.tokenizer, recipe, library, loss), total=recipe.steps)
             for d in todo]
     general_blocks = None
     if recipe.replay > 0:
@@ -287,7 +289,8 @@ def train_all(config: ProjectConfig, base: Base, only: list[str] | None = None, 
     return [entries[d.name] for d in todo]
 
 
-def expert_job(domain: DomainConfig, tokenizer, recipe: TrainConfig, library: Library) -> ExpertJob:
+def expert_job(domain: DomainConfig, tokenizer, recipe: TrainConfig, library: Library,
+               loss: LossSpec | None = None) -> ExpertJob:
     """One domain's job, its data read and packed here, by the driver: bad data fails before any training."""
     corpus = load_corpus(domain)
     valid = None
@@ -295,4 +298,4 @@ def expert_job(domain: DomainConfig, tokenizer, recipe: TrainConfig, library: Li
         valid = make_blocks(tokenizer, corpus, "valid", recipe.block_size, domain.task).take(slice(0, 32))
     return ExpertJob(domain, corpus.fingerprint(), make_blocks(tokenizer, corpus, "train", recipe.block_size,
                                                                domain.task),
-                     valid, recipe, str(library.checkpoint_dir(domain.name)))
+                     valid, recipe, str(library.checkpoint_dir(domain.name)), loss=loss)

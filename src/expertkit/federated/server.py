@@ -83,6 +83,9 @@ class FederatedTrainer:
         self.library = Library(Path(config.library).resolve())
         self.schedule = FACTOR_SCHEDULES.get(config.federated.aggregation)
         REPLAY_LOSSES.get(config.training.replay_loss)  # an unknown name fails before any round, not in the silos
+        if config.training.proxy_for:
+            raise ExpertkitError("training.proxy_for is not supported by federated training yet (silos would each "
+                                 "need the large model); train this expert without it, or centrally")
         options = config.federated.privacy
         self.ledger = PrivacyLedger(options, self.plan.rounds) if options is not None else None
         self.folder = self.library.checkpoint_dir(self.domain.name) / "federated"

@@ -115,6 +115,9 @@ def _refresh_jobs(experts: dict[str, Entry], cfg: ProjectConfig, new_base: Base,
     jobs = []
     for name, entry in experts.items():
         recipe = refresh_recipe(entry, cfg.training, options.refresh)
+        if recipe.proxy_for:
+            raise ExpertkitError(f"expert '{name}' was trained through a proxy on {recipe.proxy_for}; --refresh does "
+                                 "not carry that training to a new base yet: port it without --refresh, or retrain it")
         job = expert_job(cfg.domain(entry.domain), new_base.tokenizer, recipe, library)
         loss = (CompatibleLoss(old_spec.path, old_spec.identity, str(entry.path), options.compatible_weight)
                 if options.compatible else None)
