@@ -6,9 +6,9 @@ base lacks far more than the large one does (SmolLM2's 23M companion: perplexity
 the shift repeats what the large model already knows, and at full strength it overshoots. Trained through the
 proxy instead, on softmax(large + α · (expert − small base)) over the domain text, with the large model run
 frozen and without gradients, the expert learns what the large model is missing there: the supervised form of
-an inference-time policy adapter (Lu et al., 2023). It costs one forward of the large model per batch; no
-gradient, optimizer state or copy of the large model is made. Replay rows keep their own loss (KL to the small
-base), so the shift stays near zero on general text.
+an inference-time policy adapter (Lu et al., 2023). It costs one forward of the large model per batch, with no
+gradient or optimizer state for it. Replay rows keep their own loss (KL to the small base), so the shift stays
+near zero on general text.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Why: a decode step multiplies a handful of hidden rows by the head, a tall [vocab, hidden] matrix that does not
 fit in cache. On CPU, `F.linear(x, W)` (x · Wᵀ) with so few rows runs several times slower than the same product
-written W · xᵀ (MKL re-lays the transposed operand out on every call). Measured on 2 CPU cores (torch 2.13,
+written W · xᵀ (the x · Wᵀ form takes a slower kernel path here). Measured on 2 CPU cores (torch 2.13,
 SmolLM2's 49,152 x 288 and x 576 heads, fp32): 2 rows 13-24 ms vs 1.5-3.5 ms; 1 row 6-12 ms vs 2.6-6 ms
 once padded to two. From about a dozen rows on the plain form is as fast or faster, so it is kept there, and
 on every other device.
