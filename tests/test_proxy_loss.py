@@ -1,6 +1,7 @@
 """Experts trained through the proxy they steer (training.proxy_for, expertkit/proxy_loss.py)."""
 
 import json
+import pickle
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from expertkit.config import PortOptions, TrainConfig, load_config
 from expertkit.errors import ExpertkitError
 from expertkit.library import Library
 from expertkit.optim import language_model_loss
-from expertkit.proxy_loss import ProxyObjective
+from expertkit.proxy_loss import ProxyObjective, proxy_loss_for
 from expertkit.train import lora_config, train_all
 from expertkit.workflow import load_project_base, validation_blocks
 
@@ -115,3 +116,18 @@ def test_refreshing_an_expert_trained_through_a_proxy_is_refused_and_nothing_wri
         port_library(Library(cfg.library), load_base(str(update_base(micro_base_dir, tmp_path / "new"))), out,
                      PortOptions(refresh=2, task_examples=0), cfg)
     assert not out.exists()
+
+
+def test_the_driver_shares_its_large_model_and_a_worker_loads_a_checked_copy(small_project, micro_base_dir):
+    """In the driver's process the jobs reuse the large model loaded for the vocabulary check; pickled for a
+    worker, the spec loads its own copy from the path and gives the same loss."""
+    cfg, small = load_project_base(small_project)
+    spec = proxy_loss_for(str(micro_base_dir), small)
+    local = spec.build(torch.device("cpu"))
+    assert local.large is spec.large.local.model
+    remote = pickle.loads(pickle.dumps(spec)).build(torch.device("cpu"))
+    assert remote.large is not local.large
+    model = get_peft_model(load_base(cfg.base.path).model, lora_config(TrainConfig(rank=4, alpha=8)))
+    blocks = validation_blocks(cfg, small.tokenizer, ["alpha"], max_blocks=4)["alpha"]
+    cpu = torch.device("cpu")
+    torch.testing.assert_close(remote(model, blocks, cpu), local(model, blocks, cpu))

@@ -13,40 +13,38 @@ near zero on general text.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from expertkit.base import Base, BaseSpec, load_base
 from expertkit.data import Blocks
 from expertkit.errors import ExpertkitError
 
 
 @dataclass(frozen=True)
 class ProxyLoss:
-    """A picklable loss spec (train.LossSpec): the large model is loaded where the job runs."""
+    """A picklable loss spec (train.LossSpec). In the driver's process the jobs use the large model the driver
+    loaded to check it; a worker elsewhere loads its own copy from the path, checked hash for hash."""
 
-    large_path: str
-    large_identity: dict  # checked when it is loaded
+    large: BaseSpec
     alpha: float = 1.0  # the shift's weight in the training proxy (use the same α when decoding)
 
     def describe(self) -> dict:
-        return {"kind": "proxy (trained through the large model)", "large": self.large_identity, "alpha": self.alpha}
+        return {"kind": "proxy (trained through the large model)", "large": self.large.identity, "alpha": self.alpha}
 
     def build(self, device):
-        from expertkit.base import BaseSpec
-
-        large = BaseSpec(self.large_path, self.large_identity, device=str(device)).load_private().model
-        large.eval().requires_grad_(False)
-        return ProxyObjective(large, self.alpha)
+        large = self.large.local or dataclasses.replace(self.large, device=str(device)).load_private()
+        return ProxyObjective(large.model.eval().requires_grad_(False), self.alpha)
 
 
-def proxy_loss_for(large_name: str, small) -> ProxyLoss:
-    """The spec that trains `small`'s experts through a proxy on `large_name`; a large model whose vocabulary
-    differs from the small base's is refused (the proxy adds their log-probs token by token)."""
-    from expertkit.base import load_base
-
-    large = load_base(large_name, "cpu")
+def proxy_loss_for(large_name: str, small: Base) -> ProxyLoss:
+    """The spec that trains `small`'s experts through a proxy on `large_name` (loaded once, on the small base's
+    device); a large model whose vocabulary differs from the small base's is refused (the proxy adds their
+    log-probs token by token)."""
+    large = load_base(large_name, str(small.device))
     same_tokenizer = large.identity()["tokenizer_hash"] == small.identity()["tokenizer_hash"]
     widths = large.model.get_output_embeddings().weight.shape[0], small.model.get_output_embeddings().weight.shape[0]
     if not same_tokenizer or widths[0] != widths[1]:
@@ -54,7 +52,7 @@ def proxy_loss_for(large_name: str, small) -> ProxyLoss:
                              f"{'equal' if same_tokenizer else 'differ'}, {widths[0]} vs {widths[1]} logits); train "
                              f"experts through a proxy on a companion of it: `expertkit base distill --teacher "
                              f"{large_name}`")
-    return ProxyLoss(large.name, large.identity())
+    return ProxyLoss(BaseSpec.of(large))
 
 
 class ProxyObjective:
