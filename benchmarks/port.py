@@ -62,13 +62,13 @@ def run(data: Path, device: str | None, base: str = MICRO) -> dict:
     new_cfg, new_base = load_project_base(new_cfg, device)
     train_all(new_cfg, new_base)  # retrained from scratch: the reference (cached)
     steps = max(1, round(REFRESH_SHARE * cfg.training.steps))
-    reports = {}
+    reports, measured = {}, {}  # one memo: the old and ported experts, bases and retrained ones measured once
     for name, compatible in (("refreshed", False), ("compatible", True)):
         out = Path(str(new_dir) + f"-port-{name}")
         shutil.rmtree(out, ignore_errors=True)
         options = PortOptions(refresh=steps, compatible=compatible, task_examples=TASK_EXAMPLES["per_task"])
         reports[name] = port_library(Library(cfg.library), load_base(str(new_dir), device), out, options, cfg,
-                                     retrained=Library(new_cfg.library))
+                                     retrained=Library(new_cfg.library), measured=measured)
     return summarize(reports, base, update, steps, cfg.training.steps)
 
 

@@ -122,6 +122,29 @@ def test_refresh_continues_from_the_ported_weights(ported_setup, tmp_path, compa
     assert all(row["refreshed_ppl"] > 0 for row in report["experts"].values())
 
 
+def test_a_shared_memo_measures_what_two_ports_have_in_common_once(ported_setup, tmp_path, monkeypatch):
+    """The port suite ports one library twice (plain and compatible refresh): the old and ported experts and the
+    bases are measured by the first call only, and the second's report has the very same figures for them."""
+    from expertkit.base import load_base
+    from expertkit.config import load_config
+    from expertkit.porting import port_library
+    from expertkit.porting import report as port_report
+
+    project, old, updated = ported_setup
+    cfg, memo = load_config(project), {}
+    first = port_library(old, load_base(str(updated)), tmp_path / "plain", PortOptions(refresh=2, task_examples=0),
+                         cfg, measured=memo)
+    scored, text_scores = [], port_report.text_scores
+    monkeypatch.setattr(port_report, "text_scores", lambda c, *a: scored.append(c.name) or text_scores(c, *a))
+    second = port_library(old, load_base(str(updated)), tmp_path / "compatible",
+                          PortOptions(refresh=2, compatible=True, task_examples=0), cfg, measured=memo)
+    assert sorted(scored) == sorted(first["experts"])  # each refreshed expert, nothing else
+    for name, row in second["experts"].items():
+        for key in ("old_base_ppl", "old_ppl", "new_base_ppl", "ported_ppl"):
+            assert row[key] == first["experts"][name][key], key
+        assert row["refreshed_ppl"] != first["experts"][name]["refreshed_ppl"]
+
+
 def test_compatible_loss_is_the_lm_loss_plus_kl_on_the_old_experts_right_tokens(micro_base_dir):
     from transformers import AutoModelForCausalLM
 

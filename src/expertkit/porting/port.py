@@ -33,8 +33,11 @@ CARRIED_KINDS = (Kind.EXPERT, Kind.MIXTURE)  # copied as they are; merges and ro
 
 def port_library(old_library: Library, new_base: Base, out: Path, options: PortOptions,
                  cfg: ProjectConfig | None = None, retrained: Library | None = None,
-                 tasks_data: Path | None = None) -> dict:
-    """Carry `old_library` to `new_base` as a new library at `out`; returns the report (empty without `cfg`)."""
+                 tasks_data: Path | None = None, measured: dict | None = None) -> dict:
+    """Carry `old_library` to `new_base` as a new library at `out`; returns the report (empty without `cfg`).
+
+    `measured`: a memo (report.Measurer.memo) shared by calls that port the same library, so what they have in
+    common (the old and ported experts, the bases, the retrained reference) is measured once."""
     # 1. every check, and all data read, before anything is written
     _check_out(out)
     old_identity = old_library.base_identity()
@@ -51,7 +54,8 @@ def port_library(old_library: Library, new_base: Base, out: Path, options: PortO
         retrained.check_base(new_base.identity(), what=f"--retrained library {retrained.root}")
     library = Library(out)  # nothing on disk until create_or_check below
     refresh = _refresh_jobs(experts, cfg, new_base, options, old_spec, library) if options.refresh else []
-    measurer = (Measurer(cfg, {n: e.domain for n, e in experts.items()}, options.task_examples, tasks_data)
+    measurer = (Measurer(cfg, {n: e.domain for n, e in experts.items()}, options.task_examples, tasks_data,
+                         memo=measured if measured is not None else {})
                 if cfg is not None else None)
 
     # 2. the training-free port

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from expertkit.base import Base, BaseSpec, perplexity
+from expertkit.base import IDENTITY_KEYS, Base, BaseSpec, perplexity
 from expertkit.config import PortOptions, ProjectConfig
-from expertkit.fsutil import atomic_write_text
-from expertkit.library import BASE, Library
+from expertkit.fsutil import atomic_write_text, sha256_of
+from expertkit.library import ADAPTER_WEIGHTS, BASE, Library
 from expertkit.progress import console
 
 REPORT = "port_report"  # port_report.json / .md in the new library's folder
@@ -50,6 +50,9 @@ class Measurer:
     task_examples: int
     tasks_data: Path | None
     records: dict[str, ExpertRecord] = field(default_factory=dict)
+    # what was measured, by content (base weights, adapter weights, domain): a caller that ports one library
+    # twice (the port suite: plain and compatible refresh) passes one memo and measures each thing once
+    memo: dict = field(default_factory=dict)
 
     def __post_init__(self):
         """Resolve and check the task files now, before the port writes or trains anything."""
@@ -63,7 +66,30 @@ class Measurer:
 
     def measure(self, spec: BaseSpec, library: Library, stage: str, base_stage: str | None = None) -> None:
         """Record `stage` (each expert of `library` on a fresh copy of the base `spec` names) and, with
-        `base_stage`, the bare base itself. The copy is dropped afterwards: each library gets a clean base."""
+        `base_stage`, the bare base itself. The copy is dropped afterwards: each library gets a clean base.
+        What the memo already holds is not measured again."""
+        names = [n for n in self.experts if library.has_name(n)]
+        base_id = (*(spec.identity.get(k) for k in IDENTITY_KEYS), self.task_examples,
+                   self.cfg.evaluation.model_dump_json())
+        keys = {name: (base_id, sha256_of(library.get(name).path / ADAPTER_WEIGHTS), self.experts[name])
+                for name in names}
+        base_keys = {name: (base_id, BASE, self.experts[name]) for name in names} if base_stage else {}
+        todo = [n for n in names if keys[n] not in self.memo or base_keys.get(n, keys[n]) not in self.memo]
+        console.print(f"port report: measuring {stage}" + ("" if todo else " (measured before: reused)"),
+                      highlight=False)
+        if todo:
+            self._measure_now(spec, library, todo, keys, base_keys)
+        for name in names:
+            record = self.records[name]
+            record.ppl[stage], record.tokens[stage], correct = self.memo[keys[name]]
+            if correct is not None:
+                record.task = self._tasks[self.experts[name]][0]
+                record.correct[stage] = correct
+            if base_stage:
+                record.ppl[base_stage] = self.memo[base_keys[name]]
+
+    def _measure_now(self, spec: BaseSpec, library: Library, names: list[str], keys: dict, base_keys: dict) -> None:
+        """Measure `names` (and, where `base_keys` has them, the bare base) into the memo."""
         from expertkit.compose import build_compositions
         from expertkit.evaluate import test_blocks
         from expertkit.runtime import ExpertPool
@@ -71,20 +97,17 @@ class Measurer:
         base = spec.load_private()
         if self._blocks is None:
             self._blocks = test_blocks(self.cfg, base.tokenizer)
-        names = [n for n in self.experts if library.has_name(n)]
         pool = ExpertPool(base, library, names=names)
         compositions = {c.name: c for c in build_compositions(pool, [BASE, *names])}
-        console.print(f"port report: measuring {stage}", highlight=False)
         batch = self.cfg.evaluation.batch_size
         for name in names:
             domain = self.experts[name]
-            record = self.records[name]
-            record.ppl[stage], record.tokens[stage] = text_scores(compositions[name], self._blocks[domain], batch)
-            if base_stage:
-                record.ppl[base_stage], _ = text_scores(compositions[BASE], self._blocks[domain], batch)
-            if domain in self._tasks:
-                record.task, specs = self._tasks[domain]
-                record.correct[stage] = self._correct(compositions[name], base, pool, specs)
+            ppl, tokens = text_scores(compositions[name], self._blocks[domain], batch)
+            correct = (self._correct(compositions[name], base, pool, self._tasks[domain][1])
+                       if domain in self._tasks else None)
+            self.memo[keys[name]] = (ppl, tokens, correct)
+            if name in base_keys:
+                self.memo[base_keys[name]] = text_scores(compositions[BASE], self._blocks[domain], batch)[0]
 
     def _correct(self, composition, base: Base, pool, specs: list) -> list[int]:
         from expertkit.tasks.run import evaluate_on_tasks
