@@ -25,6 +25,7 @@ from expertkit.runtime.memory import release_freed_memory
 from expertkit.runtime.row_lora import RowLoRA
 from expertkit.runtime.state import BASE_ADAPTER, AdapterMix, PoolState, RowAdapter
 from expertkit.runtime.tokens import position_ids
+from expertkit.runtime.vocab_head import use_vocab_head
 
 log = logging.getLogger("expertkit.runtime")
 
@@ -100,6 +101,7 @@ class ExpertPool:
         self.library = library
         self.entries: list[Entry] = []
         self.host: AdapterHost | None = _HOSTS.get(base)
+        use_vocab_head(base.model)  # decode steps: the fast few-row head product on CPU (runtime.vocab_head)
         if library is None:
             return
         identity = base.identity()
