@@ -32,10 +32,8 @@ class VocabHead(torch.nn.Linear):
     49,152 x 576: 10 -> 3 ms, at 2 rows 21 -> 3 ms). Prefill and training (many rows) keep F.linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if x.device.type != "cpu" or rows > FEW_ROWS:
-            return F.linear(x, self.weight, self.bias)
-        return vocab_logits(x.reshape(rows, x.shape[-1]), self.weight, self.bias).view(*x.shape[:-1], -1)
+        """[..., D] -> [..., V]; vocab_logits decides by the number of rows and the device which form to take."""
+        return vocab_logits(x.reshape(-1, x.shape[-1]), self.weight, self.bias).view(*x.shape[:-1], -1)
 
 
 def use_vocab_head(model: torch.nn.Module) -> bool:
