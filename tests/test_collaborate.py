@@ -125,6 +125,7 @@ def test_registry_builds_every_listed_spec(pools):
     ("fusion:alpha", {}, "'fusion' takes no expert"),
     ("defer:alpha", {"alpha": 1.0}, "strategy 'defer' takes no parameter(s) ['alpha']"),
     ("proxy:alpha", {"alpha": -1.0}, "bad value for 'alpha': Input should be greater than or equal to 0"),
+    ("proxy:alpha", {"alpha": float("inf")}, "bad value for 'alpha': Input should be a finite number"),
 ])
 def test_registry_errors_list_the_choices(pools, spec, params, message):
     large, small = pools

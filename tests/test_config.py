@@ -25,6 +25,14 @@ def test_bad_literal_lists_allowed_values(tmp_path):
         config_from_dict(raw)
 
 
+def test_an_infinite_number_is_named(tmp_path):
+    path = tmp_path / "inf.yaml"
+    path.write_text(yaml.safe_dump(project_dict(tmp_path, "base", training={"learning_rate": float("inf")})))
+    assert "learning_rate: .inf" in path.read_text()
+    with pytest.raises(ExpertkitError, match=r"training.learning_rate.*finite number"):
+        load_config(path)
+
+
 def test_invalid_yaml_names_the_line(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("base:\n  path: x\n domains: [\n")

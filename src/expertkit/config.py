@@ -16,7 +16,11 @@ from expertkit.errors import ExpertkitError
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Every model of a project file or strategy parameters: unknown keys refused, and every number finite
+    (an `.inf` or `.nan` in YAML, or `Infinity` in a request's JSON, is a clear error, never a NaN in training
+    or decoding)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class SplitConfig(Strict):
@@ -274,7 +278,7 @@ class CardParams(Strict):
     """card: a relevant small expert writes a passage into the large model's prompt."""
 
     # nats/token: the expert must know the query clearly better than its base (about 10% lower perplexity)
-    threshold: float = Field(0.1, allow_inf_nan=False, description="relevance gate, nats/token of expert advantage")
+    threshold: float = Field(0.1, description="relevance gate, nats/token of expert advantage")
     card_tokens: int = Field(32, ge=1, description="longest passage the expert writes")
     query_tokens: int | None = Field(None, ge=1, description="the card is written from this many first prompt "
                                                               "tokens (None: the whole prompt)")
