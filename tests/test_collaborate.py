@@ -305,5 +305,9 @@ def test_server_sets_collaboration_parameters_per_request(served_library, small_
                                   ({"model": "proxy:alpha", "threshold": 2}, "takes no parameter(s) ['threshold']")]:
                 reply = complete(**body)
                 assert reply.status_code == 400 and message in reply.json()["error"]["message"], reply.text
+            # Python's JSON reader takes a bare Infinity; the strategy refuses it
+            reply = httpx.post(server.url + "/v1/completions", timeout=60, headers={"content-type": "application/json"},
+                               content='{"model": "proxy:alpha", "prompt": "a", "alpha": Infinity}')
+            assert reply.status_code == 400 and "finite number" in reply.json()["error"]["message"], reply.text
     finally:
         service.engine.stop()
