@@ -73,7 +73,8 @@ def _references(large_pool, domain: str):
 
 def choose_alpha(large_cfg, large_pool, small_pool, experts: list[str], alphas: list[float] = ALPHAS,
                  valid_blocks: int = VALID_BLOCKS, batch_size: int | None = None) -> dict:
-    """The proxy's α: the best mean gap closed on the VALIDATION split (the test text is never looked at)."""
+    """The proxy's α on the VALIDATION split (the test text is never looked at): `alpha`, the best mean gap closed
+    over the domains (one α for every expert), and `alpha_per_domain`, each expert's own best α."""
     from expertkit.compose.collaborate import ProxyComposition
     from expertkit.workflow import validation_blocks
 
@@ -86,7 +87,10 @@ def choose_alpha(large_cfg, large_pool, small_pool, experts: list[str], alphas: 
         for a in alphas:
             gaps[a][d] = _gap(ppl, f"a{a}")
     mean = {a: statistics.mean(g.values()) for a, g in gaps.items()}
-    return {"alpha": max(mean, key=mean.get), "valid_mean_gap_closed": mean, "valid_gap_closed": gaps}
+    own = {d: max(alphas, key=lambda a: gaps[a][d]) for d in experts}
+    return {"alpha": max(mean, key=mean.get), "valid_mean_gap_closed": mean, "valid_gap_closed": gaps,
+            "alpha_per_domain": own, "valid_mean_gap_closed_per_domain_alpha":
+                statistics.mean(gaps[own[d]][d] for d in experts)}
 
 
 def quality(large_cfg, large_pool, small_pool, experts: list[str], alpha: float) -> dict:

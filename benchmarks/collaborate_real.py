@@ -10,7 +10,8 @@
 - `--large gemma3-270m --small smollm2-135m`: across vocabularies (compose/vocab.py's text alignment); the small
   experts are SmolLM2's specialize-suite experts.
 
-α is chosen on the validation split; on test, gap closed = (loss_large - loss_proxy) / (loss_large - loss_tuned).
+α is chosen per expert on the validation split (each domain's best; a user tunes each expert's strength on its
+own held-out text); on test, gap closed = (loss_large - loss_proxy) / (loss_large - loss_tuned).
 Speed: batch 1, greedy, the same decode loop (prefill + step) for the large model alone and for the proxy.
 Goals: mean gap closed >= 70% with a companion (>= 50% across vocabularies), the proxy better than the small
 expert alone on every domain, proxy speed >= 0.75x the large model alone.
@@ -34,7 +35,7 @@ WIDE = {"rank": 64, "alpha": 128.0}
 SMALL_RECIPES = [{"learning_rate": 1e-3}, {"learning_rate": 3e-3}, {"learning_rate": 3e-3, **WIDE}]
 THROUGH_PROXY_RECIPES = [{"learning_rate": 3e-3, **WIDE}]
 DESIGNS = {False: "alone", True: "through_proxy"}
-ALPHAS = [0.5, 1.0, 1.5, 2.0]
+ALPHAS = [0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
 TEST_BLOCKS, VALID_BLOCKS = 32, 16
 NEW_TOKENS, PROMPT_TOKENS, REPEATS, SAMPLE_TOKENS = 64, 32, 3, 40
 GAP_GOAL = {True: 0.70, False: 0.50}  # same vocabulary / across vocabularies
@@ -62,9 +63,10 @@ def _small_sides(data: Path, large_name: str, large_cfg, small_name: str, device
     return sides
 
 
-def _quality(large_cfg, large_pool, small_pool, experts, alpha: float, same_vocab: bool, batch_size: int) -> dict:
-    """Per domain, test perplexity (large model's tokens) of the large model, its tuned expert, the proxy, and
-    (one vocabulary) the small expert alone."""
+def _quality(large_cfg, large_pool, small_pool, experts, alphas: dict[str, float], same_vocab: bool,
+             batch_size: int) -> dict:
+    """Per domain, test perplexity (large model's tokens) of the large model, its tuned expert, the proxy at the
+    domain's α, and (one vocabulary) the small expert alone."""
     from expertkit.compose.adapters import AdapterComposition
     from expertkit.compose.collaborate import ProxyComposition
     from expertkit.evaluate import test_blocks
@@ -72,7 +74,7 @@ def _quality(large_cfg, large_pool, small_pool, experts, alpha: float, same_voca
     blocks = {d: b.take(slice(0, TEST_BLOCKS)) for d, b in test_blocks(large_cfg, large_pool.tokenizer).items()}
     rows = {}
     for d in experts:
-        compositions = _references(large_pool, d) + [ProxyComposition(large_pool, small_pool, d, alpha=alpha,
+        compositions = _references(large_pool, d) + [ProxyComposition(large_pool, small_pool, d, alpha=alphas[d],
                                                                       name="proxy")]
         if same_vocab:
             compositions.append(AdapterComposition(small_pool, d, "small_expert"))
@@ -110,7 +112,7 @@ def _speed(large_pool, small_pool, expert: str, alpha: float, prompt: torch.Tens
     return result
 
 
-def _samples(large_pool, small_pool, experts, alpha: float, prompts: dict) -> list[dict]:
+def _samples(large_pool, small_pool, experts, alphas: dict[str, float], prompts: dict) -> list[dict]:
     """Greedy continuations of each domain's prompt: the large model alone, and steered by the domain's expert."""
     from expertkit.compose.adapters import AdapterComposition
     from expertkit.compose.collaborate import ProxyComposition
@@ -121,7 +123,7 @@ def _samples(large_pool, small_pool, experts, alpha: float, prompts: dict) -> li
     for d in experts:
         prompt = tok.decode(prompts[d][0], skip_special_tokens=True)
         large = generate(AdapterComposition(large_pool, BASE_ADAPTER, "large"), tok, [prompt], greedy)[0]
-        proxy = generate(ProxyComposition(large_pool, small_pool, d, alpha=alpha), tok, [prompt], greedy)[0]
+        proxy = generate(ProxyComposition(large_pool, small_pool, d, alpha=alphas[d]), tok, [prompt], greedy)[0]
         out.append({"domain": d, "prompt": prompt, "large": large, "proxy": proxy})
     return out
 
@@ -149,24 +151,24 @@ def run_real(data: Path, device: str | None, large_name: str, small_name: str) -
         batch_size = large_cfg.evaluation.batch_size if same_vocab else max(1, large_cfg.evaluation.batch_size // 2)
         small_pool = ExpertPool(small, Library(small_cfg.library), names=experts)
         choice = choose_alpha(large_cfg, large_pool, small_pool, experts, ALPHAS, VALID_BLOCKS, batch_size)
-        gap = choice["valid_mean_gap_closed"][choice["alpha"]]
+        gap = choice["valid_mean_gap_closed_per_domain_alpha"]
         design = DESIGNS[bool(small_cfg.training.proxy_for)]
         label = f"lr {small_cfg.training.learning_rate}, rank {small_cfg.training.rank}"
         candidates.append((gap, design, label, choice, small_cfg, small, small_pool))
     designs = {}  # per design, its best rate on validation, measured on test
     for design in dict.fromkeys(c[1] for c in candidates):
         _, _, label, choice, cfg, small, pool = max((c for c in candidates if c[1] == design), key=lambda c: c[0])
-        rows = _quality(large_cfg, large_pool, pool, experts, choice["alpha"], same_vocab, batch_size)
+        rows = _quality(large_cfg, large_pool, pool, experts, choice["alpha_per_domain"], same_vocab, batch_size)
         gaps = {d: r["gap_closed"] for d, r in rows.items()}
-        designs[design] = {"recipe": label, "alpha": choice["alpha"], "gap_closed": gaps,
+        designs[design] = {"recipe": label, "alpha": choice["alpha_per_domain"], "gap_closed": gaps,
                            "mean_gap_closed": statistics.mean(gaps.values()), "ppl": rows,
                            "proxy_vs_small_expert": ({d: r["proxy"] / r["small_expert"] for d, r in rows.items()}
                                                      if same_vocab else None),
                            "train_seconds_per_step": _seconds_per_step(Library(cfg.library), experts)}
     _, best_design, small_recipe, chosen, small_cfg, small, small_pool = max(candidates, key=lambda c: c[0])
-    alpha, best = chosen["alpha"], designs[best_design]
+    alpha, best = chosen["alpha_per_domain"], designs[best_design]
     prompts = _prompts(large_cfg, large.tokenizer, experts)
-    speed = _speed(large_pool, small_pool, experts[0], alpha, prompts[experts[0]])
+    speed = _speed(large_pool, small_pool, experts[0], alpha[experts[0]], prompts[experts[0]])
     samples = _samples(large_pool, small_pool, experts, alpha, prompts)
     sizes = {"companion_params": base_parameters(small.model), "large_params": base_parameters(large.model)}
     alignment = None if same_vocab else _alignment_of(large_pool, small_pool)
@@ -178,7 +180,8 @@ def run_real(data: Path, device: str | None, large_name: str, small_name: str) -
               "ppl": best["ppl"], "speed": speed, "samples": samples, "small_recipe": small_recipe,
               "designs": designs,
               "large_train_seconds_per_step": _seconds_per_step(Library(large_cfg.library), experts),
-              "recipe_selection": {f"{c[1]}, {c[2]}": {"alpha": c[3]["alpha"], "valid_mean_gap_closed": c[0]}
+              "recipe_selection": {f"{c[1]}, {c[2]}": {"alpha": c[3]["alpha_per_domain"],
+                                                       "valid_mean_gap_closed": c[0]}
                                    for c in candidates},
               "companion_report": _distill_report(small.name) if teacher else None}
     _print(result, GAP_GOAL[same_vocab])
@@ -212,6 +215,11 @@ def _distill_report(model_dir: str) -> dict:
     return json.loads((Path(model_dir) / DISTILL_FILE).read_text())["report"]
 
 
+def _alphas(per_domain: dict[str, float]) -> str:
+    """'medical 0.75 / code 1.0 / ...' for the printed table."""
+    return " / ".join(f"{d} {a}" for d, a in per_domain.items())
+
+
 def _print(result: dict, gap_goal: float) -> None:
     sizes = f"{result['companion_params'] / 1e6:.1f}M vs {result['large_params'] / 1e6:.1f}M params " \
             f"({result['companion_params'] / result['large_params']:.1%})"
@@ -219,8 +227,8 @@ def _print(result: dict, gap_goal: float) -> None:
           + ("one vocabulary" if result["same_vocabulary"] else
              f"aligned by {result['alignment']['method']} ({result['alignment']['coverage']:.1%} of the large "
              "vocabulary)") + f"; small experts trained {result['design'].replace('_', ' ')}, "
-          f"{result['small_recipe']}, α = {result['alpha']} (chosen on validation: "
-          + ", ".join(f"{key}: α {c['alpha']} closes {c['valid_mean_gap_closed']:.1%}"
+          f"{result['small_recipe']}, α {_alphas(result['alpha'])} (chosen on validation: "
+          + ", ".join(f"{key}: α {_alphas(c['alpha'])} closes {c['valid_mean_gap_closed']:.1%}"
                       for key, c in result["recipe_selection"].items()) + ")")
     report = result["companion_report"]
     if report:
@@ -235,7 +243,7 @@ def _print(result: dict, gap_goal: float) -> None:
     mean = result["mean_gap_closed"]
     print(f"mean gap closed {mean:.1%} (goal >= {gap_goal:.0%}: {'PASS' if mean >= gap_goal else 'MISS'})")
     for design, d in result["designs"].items():
-        print(f"  small experts trained {design.replace('_', ' ')} ({d['recipe']}, α {d['alpha']}, "
+        print(f"  small experts trained {design.replace('_', ' ')} ({d['recipe']}, α {_alphas(d['alpha'])}, "
               f"{d['train_seconds_per_step']:.1f} s per training step; the large expert: "
               f"{result['large_train_seconds_per_step']:.1f} s): gap closed "
               + ", ".join(f"{k} {v:.1%}" for k, v in d["gap_closed"].items()) + f", mean {d['mean_gap_closed']:.1%}")
