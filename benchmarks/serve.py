@@ -223,7 +223,7 @@ def engine_metrics(url: str) -> dict:
 
 
 def hostile_requests(n: int, models: list[str], seed: int = 0) -> list[tuple[str, bytes, dict]]:
-    """(path, body, headers) triples: malformed JSON, wrong types, absurd numbers, unknown fields,
+    """(path, body, headers) triples: malformed JSON, wrong types, absurd or non-finite numbers, unknown fields,
     path-like model names, 1 MB prompts, bad token ids, oversize bodies, bad chat messages."""
     rng = random.Random(seed)
     json_headers = {"Content-Type": "application/json"}
@@ -267,6 +267,10 @@ def hostile_requests(n: int, models: list[str], seed: int = 0) -> list[tuple[str
                                                                                     "content": "y" * 1_000_000}]}
                                                     ).encode(), json_headers),
         lambda: ("/v1/completions", b'{"model": "base", "prompt": "hi", "seed": 1e999}', json_headers),
+        # numbers that JSON itself lacks but Python's reader takes
+        lambda: ("/v1/completions", ('{"model": "%s", "prompt": "hi", "%s": %s}' % (
+            model(), rng.choice(["temperature", "top_p", "alpha", "threshold"]),
+            rng.choice(["NaN", "Infinity", "-Infinity"]))).encode(), json_headers),
     ]
     return [makers[i % len(makers)]() for i in range(n)]
 
