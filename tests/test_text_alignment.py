@@ -5,7 +5,7 @@ import torch
 
 from expertkit.base import load_base
 from expertkit.compose.collaborate import ProxyComposition, build_collaboration, check_collaborators
-from expertkit.compose.vocab import TextAlignment, token_texts
+from expertkit.compose.vocab import TextAlignment, scores_by_index, token_texts
 from expertkit.errors import ExpertkitError
 from expertkit.runtime import BASE_ADAPTER, ExpertPool, SamplingParams, generate
 from expertkit.runtime.tokens import left_pad
@@ -173,3 +173,10 @@ def test_extend_reads_rows_of_different_lengths_as_one_prefill_would(two_vocabul
         # exact to 1e-6: this barely trained micro model moves its logits by only ~5e-5 for a token one
         # position off, so a looser tolerance would not see a wrong position
         torch.testing.assert_close(logits[row, -1], expected[0, -1], rtol=0, atol=1e-6)
+
+
+def test_scores_by_index_equals_index_select_on_the_last_dim():
+    scores = torch.randn(2, 3, 5, 40)
+    index = torch.randint(0, 40, (70,))
+    for view in (scores, scores[:, :, 1:], scores.transpose(1, 2)):  # contiguous or not
+        assert torch.equal(scores_by_index(view, index), view.index_select(-1, index))

@@ -63,7 +63,7 @@ class TokenMap:
 
     def to_large(self, small_scores: torch.Tensor) -> torch.Tensor:
         """[..., V_small] -> [..., V_large]; large tokens without a counterpart get -inf."""
-        out = small_scores.index_select(-1, self.index.to(small_scores.device))
+        out = scores_by_index(small_scores, self.index)
         return out.masked_fill(~self.mapped.to(small_scores.device), float("-inf"))
 
     def mask_unmapped(self, scores: torch.Tensor) -> torch.Tensor:
@@ -279,12 +279,19 @@ class TextAlignment:
 
     def to_large(self, small_scores: torch.Tensor) -> torch.Tensor:
         """[..., V_small] -> [..., V_large]: each large token gets its chunk's first small token's score."""
-        out = small_scores.index_select(-1, self.index.to(small_scores.device))
+        out = scores_by_index(small_scores, self.index)
         return out.masked_fill(~self.aligned.to(small_scores.device), UNALIGNED_LOG_PROB)
 
     def mask_unmapped(self, scores: torch.Tensor) -> torch.Tensor:
         """Every large token stays possible (one the small model cannot spell is the large model's alone)."""
         return scores
+
+
+def scores_by_index(scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """scores[..., index] along the last dim, taken from a 2-D view: on CPU, `index_select` on the last dim of a
+    [k, B, T, V] tensor took 17 ms for a 262k index where the same on [k·B·T, V] takes 0.4 ms."""
+    flat = scores.reshape(-1, scores.shape[-1])
+    return flat.index_select(1, index.to(scores.device)).view(*scores.shape[:-1], len(index))
 
 
 ALIGNMENTS.add("text", TextAlignment.between)
