@@ -156,6 +156,7 @@ def speed(large_path: str, small_pool, expert: str, prompt_ids: torch.Tensor, al
     from expertkit.compose.adapters import AdapterComposition
     from expertkit.compose.collaborate import ProxyComposition
     from expertkit.runtime import BASE_ADAPTER, ExpertPool
+    from expertkit.runtime.hf_cache import cache_keyword, returned_cache
 
     large_model = AutoModelForCausalLM.from_pretrained(large_path).eval()
     small_path = small_pool.base.name
@@ -180,8 +181,8 @@ def speed(large_path: str, small_pool, expert: str, prompt_ids: torch.Tensor, al
         models, caches = [large_model, small_expert_model, small_base_model], []
 
         def combined(ids):
-            outs = [m(input_ids=ids, past_key_values=c, use_cache=True) for m, c in zip(models, caches)]
-            caches[:] = [o.past_key_values for o in outs]
+            outs = [m(input_ids=ids, use_cache=True, **{cache_keyword(m): c}) for m, c in zip(models, caches)]
+            caches[:] = [returned_cache(o) for o in outs]
             large_lp, expert_lp, base_lp = (torch.log_softmax(o.logits.float(), -1) for o in outs)
             return large_lp + alpha * (expert_lp - base_lp)
 

@@ -180,6 +180,7 @@ def peft_solo_ids(library, requests: list[tuple[str, str]]) -> list[tuple[list[i
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from expertkit.encoding import encode_texts
+    from expertkit.runtime.hf_cache import cache_keyword, returned_cache
 
     base_dir = library.base_identity()["name"]
     tokenizer, models, answers = AutoTokenizer.from_pretrained(base_dir), {}, []
@@ -191,8 +192,8 @@ def peft_solo_ids(library, requests: list[tuple[str, str]]) -> list[tuple[list[i
         ids, generated, past = torch.tensor([prompt_ids]), [], None
         with torch.no_grad():
             for _ in range(NEW_TOKENS):
-                out = models[expert](input_ids=ids, past_key_values=past, use_cache=True)
-                past, ids = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+                out = models[expert](input_ids=ids, use_cache=True, **{cache_keyword(models[expert]): past})
+                past, ids = returned_cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
                 generated.append(int(ids))
         answers.append((prompt_ids, generated))
     return answers

@@ -84,6 +84,22 @@ def test_row_wise_lora_equals_peft_per_row_adapters(trained_arch):
         torch.testing.assert_close(fast[i][real], alone[0][real], rtol=1e-4, atol=1e-4)
 
 
+def test_the_cache_goes_by_the_name_this_transformers_takes(trained_arch):
+    """transformers 5.25 renamed `past_key_values` to `cache` and drops the old name in 5.40: prefill, extend
+    and step use whichever name the model's forward declares (no deprecation warning), and read it back."""
+    import warnings
+
+    _, _, base, library = trained_arch
+    pool = ExpertPool(base, library)
+    ids, mask = left_pad(base.tokenizer, ["patient dose trial", "def return"])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*")
+        _, state = pool.prefill(ids, mask, ["alpha", BASE_ADAPTER])
+        _, state = pool.extend(state, ids[:, -2:], mask[:, -2:])
+        logits, state = pool.step(state, ids[:, -1])
+    assert logits.shape[0] == 2 and state.past.get_seq_length() == ids.shape[1] + 3
+
+
 def test_every_composition_generates_and_the_router_routes(trained_arch):
     _, _, base, library = trained_arch
     pool = ExpertPool(base, library)

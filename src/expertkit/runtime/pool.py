@@ -20,6 +20,7 @@ from transformers.cache_utils import DynamicCache
 from expertkit.base import Base
 from expertkit.errors import ExpertkitError
 from expertkit.library import Entry, Library
+from expertkit.runtime.hf_cache import cache_keyword, returned_cache
 from expertkit.runtime.lean import LeanDecoder, LeanState
 from expertkit.runtime.memory import release_freed_memory
 from expertkit.runtime.row_lora import RowLoRA
@@ -244,10 +245,11 @@ class ExpertPool:
                                      "variant; pin the mix as a merge instead (expertkit merge --method linear)")
             else:
                 kwargs = {"adapter_names": list(adapters)}
+        kwargs[cache_keyword(self.base.model)] = past
         with rows:
             return self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
                               position_ids=position_ids.to(self.device) if position_ids is not None else None,
-                              past_key_values=past, use_cache=True, **kwargs, **model_kwargs)
+                              use_cache=True, **kwargs, **model_kwargs)
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: list[RowAdapter],
                 keep_last: int | None = None, **model_kwargs) -> tuple[torch.Tensor, PoolState]:
@@ -259,7 +261,7 @@ class ExpertPool:
         # mask still applies the window), so a server can join and trim rows of it (kvcache.py).
         out = self.forward(input_ids, attention_mask, adapters, past=DynamicCache(), position_ids=positions,
                            **model_kwargs)
-        state = PoolState(out.past_key_values, attention_mask.to(self.device), positions[:, -1].to(self.device) + 1,
+        state = PoolState(returned_cache(out), attention_mask.to(self.device), positions[:, -1].to(self.device) + 1,
                           list(adapters), self)
         return out.logits, state
 
@@ -274,7 +276,7 @@ class ExpertPool:
         full = torch.cat([state.attention_mask, mask], dim=1)
         positions = state.next_position.view(-1, 1) + position_ids(mask)
         out = self.forward(next_ids, full, state.adapters, past=state.past, position_ids=positions)
-        return out.logits, PoolState(out.past_key_values, full, state.next_position + mask.sum(1), state.adapters, self)
+        return out.logits, PoolState(returned_cache(out), full, state.next_position + mask.sum(1), state.adapters, self)
 
     def step(self, state: PoolState | LeanState, next_ids: torch.Tensor,
              lean: bool = False) -> tuple[torch.Tensor, PoolState | LeanState]:
