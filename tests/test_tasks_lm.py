@@ -161,6 +161,19 @@ def test_an_unknown_task_name_is_one_clear_error(sentence_library, tmp_path):
         evaluate_on_tasks({"base": (lm.composition, "x")}, lm.tokenizer, lm.max_length, ["no_such_task"])
 
 
+def test_tasks_are_checked_through_lm_evals_current_loader():
+    """lm-eval 0.4.13 deprecates get_task_dict for TaskManager.load: the check before any model runs uses the
+    latter, so it keeps working when the old function goes."""
+    import warnings
+
+    from expertkit.tasks.local import default_data_root, resolve
+    from expertkit.tasks.run import check_tasks
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*get_task_dict is deprecated.*")
+        check_tasks(resolve(["arc_easy", "agnews"], default_data_root()))
+
+
 def test_real_tasks_match_hf_with_peft_request_for_request(sentence_library):
     """arc_easy and piqa from ../shared/tasks, 200 examples each: one request per batch on both sides (no padding
     anywhere), so every log-likelihood agrees to float32 rounding (relative: sums reach -220, where one float32

@@ -63,10 +63,10 @@ def evaluate_on_tasks(compositions: dict[str, tuple[Composition, str]], tokenize
 
 def check_tasks(specs: list) -> None:
     """Load the tasks once before any model runs: an unknown name is the user's error, said in one line."""
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
     try:
-        get_task_dict(specs, TaskManager())
+        TaskManager().load(specs)
     except (KeyError, ValueError) as e:  # lm-eval's words for an unknown task name or a bad config
         raise ExpertkitError(f"lm-eval could not load the tasks {task_names(specs)}: {e}; shipped tasks: "
                              f"{sorted(local_tasks())} (or any lm-eval task whose data is reachable)") from None
