@@ -37,7 +37,8 @@ def run(data: Path, device: str | None, base: str = MICRO) -> dict:
     cfg, model = load_project_base(suite_config(data, base), device)
     train_all(cfg, model)
     library = Library(cfg.library)
-    experts = [e.name for e in library.entries() if e.kind == "expert"]
+    wanted = {d.name for d in cfg.domains}  # the library may hold more (the serve suite's fourth expert)
+    experts = [e.name for e in library.entries() if e.kind == "expert" and e.domain in wanted]
     pool = ExpertPool(model, library)
     reconstruction, full_models = {}, []
     for method, params in RECIPES.items():

@@ -346,6 +346,11 @@ def test_cli_merge_errors_write_nothing(monkeypatch, capsys, trained, project):
     assert_one_line_error(code, err, "weights [1.0, -1.0] sum to 0")
     code, _, err = run_cli(monkeypatch, capsys, "merge", project, "--search", "--density", "0.5")
     assert_one_line_error(code, err, "--search chooses")
+    # a project that lists only alpha, over the library that also holds beta
+    alpha_only = write_project(project.parent / "alpha-only", str(cfg.base.path), domains=("alpha",),
+                               library=str(lib.root))
+    code, _, err = run_cli(monkeypatch, capsys, "merge", alpha_only, "--search")
+    assert_one_line_error(code, err, "lists no domain for expert(s) {'beta': 'beta'}")
     assert not (lib.root / "merges").exists()
     code, _, err = run_cli(monkeypatch, capsys, "merge", project, "--method", "dare_ties", "--density", "0.5",
                            "--name", "dt")

@@ -171,6 +171,12 @@ def run_merge_search(cfg: ProjectConfig, base: Base, experts: list[str] | None, 
     pool = ExpertPool(base, library)
     names = expert_names(pool, experts)
     domains = [pool_entry.domain for pool_entry in pool.entries if pool_entry.name in names and pool_entry.domain]
+    known = {d.name for d in cfg.all_domains()}
+    unlisted = {e.name: e.domain for e in pool.entries if e.name in names and e.domain and e.domain not in known}
+    if unlisted:
+        raise ExpertkitError(f"merge --search scores each expert's domain on its validation split, and the project "
+                             f"config lists no domain for expert(s) {unlisted} (expert: domain); add the domain(s) "
+                             f"to the config, or choose the experts to merge with --expert")
     valid = validation_blocks(cfg, base.tokenizer, domains)
     executor = executor or LocalExecutor()
     executor.check_shared({"library": library.root, "base model": Path(base.name)})
