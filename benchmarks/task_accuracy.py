@@ -73,7 +73,8 @@ def _best_merge(cfg, model, library) -> str:
     best = json.loads(results.read_text())["best_merge"].removeprefix("merge-") if results.is_file() else "linear"
     name = f"merge-{best}"
     if not library.has("merge", name) and not library.has("merged_model", name):
-        experts = [e.name for e in library.entries() if e.kind == "expert"]
+        wanted = {d.name for d in cfg.domains}  # as the merge suite: its config's experts, not all the library holds
+        experts = [e.name for e in library.entries() if e.kind == "expert" and e.domain in wanted]
         merge_experts(ExpertPool(model, library), library, make_recipe(method=best, experts=experts,
                                                                        **RECIPES[best]), name)
     return name
