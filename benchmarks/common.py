@@ -128,6 +128,13 @@ def suite_config(data: Path, base: str, domains: tuple[str, ...] | None = None,
     return real_config(data, base, domains, exclude=exclude)
 
 
+def config_experts(cfg: ProjectConfig, library) -> list[str]:
+    """The library's experts of `cfg`'s domains: a suite's library is shared, and may hold more (the serve
+    suite trains a fourth expert into the real-model library)."""
+    wanted = {d.name for d in cfg.domains}
+    return [e.name for e in library.entries() if e.kind == "expert" and e.domain in wanted]
+
+
 def reuse_experts(source: ProjectConfig, target: ProjectConfig, base) -> None:
     """Copy into `target`'s library the experts `source`'s library already has for `target`'s domains.
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from common import GENERAL, suite_config
+from common import GENERAL, config_experts, suite_config
 from suites import MICRO, REAL_BASES, suite
 
 # One setting per method, from the ranges the papers recommend (fixed, so runs compare).
@@ -37,8 +37,7 @@ def run(data: Path, device: str | None, base: str = MICRO) -> dict:
     cfg, model = load_project_base(suite_config(data, base), device)
     train_all(cfg, model)
     library = Library(cfg.library)
-    wanted = {d.name for d in cfg.domains}  # the library may hold more (the serve suite's fourth expert)
-    experts = [e.name for e in library.entries() if e.kind == "expert" and e.domain in wanted]
+    experts = config_experts(cfg, library)
     pool = ExpertPool(model, library)
     reconstruction, full_models = {}, []
     for method, params in RECIPES.items():

@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from common import ROOT, suite_config
+from common import ROOT, config_experts, suite_config
 from suites import MICRO, REAL_BASES, TASK_EXAMPLES, suite
 
 CROSS_CHECK_TASKS = ("arc_easy", "piqa")
@@ -73,8 +73,7 @@ def _best_merge(cfg, model, library) -> str:
     best = json.loads(results.read_text())["best_merge"].removeprefix("merge-") if results.is_file() else "linear"
     name = f"merge-{best}"
     if not library.has("merge", name) and not library.has("merged_model", name):
-        wanted = {d.name for d in cfg.domains}  # as the merge suite: its config's experts, not all the library holds
-        experts = [e.name for e in library.entries() if e.kind == "expert" and e.domain in wanted]
+        experts = config_experts(cfg, library)
         merge_experts(ExpertPool(model, library), library, make_recipe(method=best, experts=experts,
                                                                        **RECIPES[best]), name)
     return name
