@@ -170,9 +170,10 @@ def run_merge_search(cfg: ProjectConfig, base: Base, experts: list[str] | None, 
     library = Library(Path(cfg.library).resolve())
     pool = ExpertPool(base, library)
     names = expert_names(pool, experts)
-    domains = [pool_entry.domain for pool_entry in pool.entries if pool_entry.name in names and pool_entry.domain]
+    chosen = [e for e in pool.entries if e.name in names and e.domain]
+    domains = [e.domain for e in chosen]
     known = {d.name for d in cfg.all_domains()}
-    unlisted = {e.name: e.domain for e in pool.entries if e.name in names and e.domain and e.domain not in known}
+    unlisted = {e.name: e.domain for e in chosen if e.domain not in known}
     if unlisted:
         raise ExpertkitError(f"merge --search scores each expert's domain on its validation split, and the project "
                              f"config lists no domain for expert(s) {unlisted} (expert: domain); add the domain(s) "
