@@ -59,6 +59,8 @@ def run(data: Path, device: str | None, base: str = MICRO) -> dict:
     merges.update({f"{m} (full model)": ppl[f"merge-{m}-model"] for m in full_models})
     merges["searched"] = ppl["merge-searched"]
     best = min(merges, key=lambda m: sum(math.log(v) for v in merges[m].values()))  # geometric mean over domains
+    entries = {m: f"merge-{m}" for m in RECIPES} | {f"{m} (full model)": f"merge-{m}-model" for m in full_models}
+    best_entry = entries.get(best, "merge-searched")
     oracle = {d: ppl[d][d] if d in ppl else ppl["base"][d] for d in domains}
     result = {
         "base_model": base, "base": ppl["base"], "experts": {e: ppl[e] for e in experts},
@@ -67,6 +69,7 @@ def run(data: Path, device: str | None, base: str = MICRO) -> dict:
         "search": {"recipe": searched["recipe"], **ppl["merge-searched"], "validation_ppl": searched["validation_ppl"],
                    "trials": searched["trials"], "seconds": round(searched["seconds"], 1)},
         "reconstruction": reconstruction, "best_merge": best,
+        "best_merge_entry": best_entry, "best_merge_recipe": library.get(best_entry).manifest["parameters"],
         "best_beats_base_everywhere": all(merges[best][d] < ppl["base"][d] for d in domains),
         "best_gap_to_expert": {d: merges[best][d] / oracle[d] - 1 for d in domains if d != GENERAL},
     }

@@ -6,7 +6,7 @@ cross-check: on one expert, expertkit's model and lm-eval's own `hf` model with 
 same arc_easy and piqa requests: acc and acc_norm, the largest per-request log-likelihood difference, and
 requests per second side by side.
 
-Micro: the specialize suite's base and experts, `merge-<best>` (the merge suite's best recipe, made here if
+Micro: the specialize suite's base and experts, the merge suite's best merge (its entry and recipe, made here if
 missing) and the library's best router. A real base: the base alone, plus the specialize suite's experts
 when that suite has trained them (cached).
 """
@@ -63,19 +63,20 @@ def run(data: Path, device: str | None, base: str = MICRO) -> dict:
 
 
 def _best_merge(cfg, model, library) -> str:
-    """merge-<best> of the merge suite (its results file names the best recipe), made here when missing."""
+    """The merge suite's best merge (its results file names the entry and its recipe), made here when missing."""
     from expertkit.merging import make_recipe, merge_experts
     from expertkit.runtime import ExpertPool
 
     from merge import RECIPES
 
     results = ROOT / "benchmarks" / "results" / "merge.json"
-    best = json.loads(results.read_text())["best_merge"].removeprefix("merge-") if results.is_file() else "linear"
-    name = f"merge-{best}"
-    if not library.has("merge", name) and not library.has("merged_model", name):
-        experts = config_experts(cfg, library)
-        merge_experts(ExpertPool(model, library), library, make_recipe(method=best, experts=experts,
-                                                                       **RECIPES[best]), name)
+    best = json.loads(results.read_text()) if results.is_file() else {"best_merge": "linear"}
+    # files written before the suite recorded its best entry and recipe name a fixed recipe
+    name = best.get("best_merge_entry", f"merge-{best['best_merge']}")
+    recipe = best.get("best_merge_recipe") or {"method": best["best_merge"], **RECIPES[best["best_merge"]],
+                                               "experts": config_experts(cfg, library)}
+    if not library.has_name(name):
+        merge_experts(ExpertPool(model, library), library, make_recipe(**recipe), name)
     return name
 
 
