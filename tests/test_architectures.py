@@ -1,7 +1,8 @@
 """The core path on micro models of three architectures built from config (no download): Llama, Gemma3, Qwen2.
 
-Train two experts, merge them, train a router, generate, and serve one request; where a fast path
-exists beside the generic one (row-wise LoRA vs PEFT's per-row adapters), both give the same logits.
+Train two experts, merge them, train a router, generate, and serve one request; run the mixture, the
+proxy and a full-model merge; where a fast path exists beside the generic one (row-wise LoRA vs PEFT's
+per-row adapters), both give the same logits.
 """
 
 from __future__ import annotations
@@ -145,3 +146,44 @@ def test_the_server_engine_answers_as_generate_does(trained_arch):
     for i, (model, prompt) in enumerate(requests):
         assert ends[i]["type"] == "end", ends[i]
         assert ends[i]["full_text"] == generate(compositions[model], base.tokenizer, [prompt], params)[0]
+
+
+def test_mixture_proxy_and_a_full_model_merge_on_every_architecture(trained_arch, tmp_path):
+    """The compositions the core path above leaves out, on each architecture (Gemma3 past its sliding window):
+    the mixture's and the proxy's cached steps equal recomputation, a model steered by its own expert through
+    the proxy is that expert, and a linear merge written as a full model scores as its exact adapter form."""
+    import shutil
+
+    from conftest import assert_cached_steps_match
+
+    from expertkit.base import load_base
+    from expertkit.compose.adapters import AdapterComposition
+    from expertkit.compose.collaborate import ProxyComposition
+    from expertkit.compose.mix import MixtureComposition
+
+    _, cfg, base, library = trained_arch
+    pool = ExpertPool(base, library)
+    ids = torch.randint(3, SIZE["vocab_size"], (2, 14), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    real = mask.bool()
+
+    mixture = MixtureComposition(pool, [AdapterComposition(pool, a, a) for a in ("alpha", "beta", BASE_ADAPTER)],
+                                 2, "mix")
+    assert_cached_steps_match(mixture, ids, mask, split=5)
+
+    proxy = ProxyComposition(ExpertPool(load_base(cfg.base.path)), pool, "alpha")
+    steered, _ = proxy.prefill(ids, mask)
+    alpha, _ = pool.prefill(ids, mask, ["alpha"] * len(ids))
+    torch.testing.assert_close(torch.log_softmax(steered, -1)[real], torch.log_softmax(alpha, -1)[real],
+                               rtol=1e-4, atol=1e-4)
+    assert_cached_steps_match(proxy, ids, mask, split=5)
+
+    copy = Library(shutil.copytree(library.root, tmp_path / "library"))  # the module's library stays as it is
+    for name, storage in (("exact", {"max_error": 1e-6}), ("full-model", {"output": "model"})):
+        merge_experts(ExpertPool(base, copy), copy, make_recipe(method="linear", experts=["alpha", "beta"],
+                                                                **storage), name)
+    adapter_form, full_model = build_compositions(ExpertPool(base, copy), ["exact", "full-model"])
+    assert copy.get("exact").kind == "merge" and copy.get("full-model").kind == "merged_model"
+    torch.testing.assert_close(full_model.prefill(ids, mask)[0][real], adapter_form.prefill(ids, mask)[0][real],
+                               rtol=1e-4, atol=1e-4)
