@@ -46,6 +46,7 @@ def reload(url: str, key: str | None = ADMIN) -> httpx.Response:
                       timeout=60)
 
 
+@pytest.mark.filterwarnings("error:Adapter .* was active which is now deleted")  # a served log stays clean
 def test_rewritten_added_and_removed_entries_without_a_restart(library):
     params = SamplingParams(max_new_tokens=12)
     old_alpha, beta = reference(library, "alpha", params), reference(library, "beta", params)

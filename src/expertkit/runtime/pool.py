@@ -84,6 +84,9 @@ class AdapterHost:
         for name in unused:
             if len(self.model.peft_config) == 1:
                 break  # a PeftModel cannot run without one adapter config: the last one stays, unused
+            if name in self.model.active_adapters:  # PEFT warns on deleting the active one: make another active
+                self.model.base_model.set_adapter(next(n for n in self.model.peft_config if n != name),
+                                                  inference_mode=True)
             self.model.delete_adapter(name)
             del self.entry_of[name]
         if unused:
