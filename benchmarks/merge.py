@@ -49,18 +49,14 @@ def run(data: Path, device: str | None, base: str = MICRO) -> dict:
                           overwrite=True)
             full_models.append(method)
     searched = run_merge_search(cfg, model, experts, "merge-searched", SEARCH_BUDGET_SECONDS, overwrite=True)
-    names = ["base", *experts, *(f"merge-{m}" for m in RECIPES), *(f"merge-{m}-model" for m in full_models),
-             "merge-searched"]
+    entries = {m: f"merge-{m}" for m in RECIPES}  # the table's label of each merge -> its library entry
+    entries.update({f"{m} (full model)": f"merge-{m}-model" for m in full_models}, searched="merge-searched")
     card = run_scorecard(cfg, model, out=Path(cfg.library).parent / (Path(cfg.library).name + "-merge-scorecard"),
-                         names=names)
+                         names=["base", *experts, *entries.values()])
     ppl = card["ppl"]
     domains = list(ppl["base"])
-    merges = {m: ppl[f"merge-{m}"] for m in RECIPES}
-    merges.update({f"{m} (full model)": ppl[f"merge-{m}-model"] for m in full_models})
-    merges["searched"] = ppl["merge-searched"]
+    merges = {label: ppl[entry] for label, entry in entries.items()}
     best = min(merges, key=lambda m: sum(math.log(v) for v in merges[m].values()))  # geometric mean over domains
-    entries = {m: f"merge-{m}" for m in RECIPES} | {f"{m} (full model)": f"merge-{m}-model" for m in full_models}
-    best_entry = entries.get(best, "merge-searched")
     oracle = {d: ppl[d][d] if d in ppl else ppl["base"][d] for d in domains}
     result = {
         "base_model": base, "base": ppl["base"], "experts": {e: ppl[e] for e in experts},
@@ -69,7 +65,7 @@ def run(data: Path, device: str | None, base: str = MICRO) -> dict:
         "search": {"recipe": searched["recipe"], **ppl["merge-searched"], "validation_ppl": searched["validation_ppl"],
                    "trials": searched["trials"], "seconds": round(searched["seconds"], 1)},
         "reconstruction": reconstruction, "best_merge": best,
-        "best_merge_entry": best_entry, "best_merge_recipe": library.get(best_entry).manifest["parameters"],
+        "best_merge_entry": entries[best], "best_merge_recipe": library.get(entries[best]).manifest["parameters"],
         "best_beats_base_everywhere": all(merges[best][d] < ppl["base"][d] for d in domains),
         "best_gap_to_expert": {d: merges[best][d] / oracle[d] - 1 for d in domains if d != GENERAL},
     }
