@@ -131,8 +131,10 @@ def suite_config(data: Path, base: str, domains: tuple[str, ...] | None = None,
 def config_experts(cfg: ProjectConfig, library) -> list[str]:
     """The library's experts of `cfg`'s domains: a suite's library is shared, and may hold more (the serve
     suite trains a fourth expert into the real-model library)."""
+    from expertkit.library import Kind
+
     wanted = {d.name for d in cfg.domains}
-    return [e.name for e in library.entries() if e.kind == "expert" and e.domain in wanted]
+    return [e.name for e in library.entries(Kind.EXPERT) if e.domain in wanted]
 
 
 def reuse_experts(source: ProjectConfig, target: ProjectConfig, base) -> None:
