@@ -34,6 +34,13 @@ def test_a_name_registered_twice_is_refused(kind):
     assert registry.items() == before  # the first registration is kept untouched
 
 
+def test_registered_classes_know_their_own_name():
+    assert all(cls.kind == kind for kind, cls in ROUTERS.items()) and len(ROUTERS) >= 4
+    assert all(cls.name == name for name, cls in EXECUTORS.items()) and len(EXECUTORS) >= 2
+    stamped = Registry("widget").register("w", stamp="label")(type("Widget", (), {}))
+    assert stamped.label == "w"
+
+
 def test_unknown_names_list_the_registered_ones():
     with pytest.raises(ExpertkitError, match="unknown router kind 'nope'; known: arrow, embedding, lexical or "
                                              "likelihood"):

@@ -25,9 +25,17 @@ class Registry(Generic[T]):
         self._members[name] = member
         return member
 
-    def register(self, name: str) -> Callable[[T], T]:
-        """Decorator: `@REGISTRY.register("name")` adds the decorated object under `name`."""
-        return lambda member: self.add(name, member)
+    def register(self, name: str, stamp: str | None = None) -> Callable[[T], T]:
+        """Decorator: `@REGISTRY.register("name")` adds the decorated object under `name`; with `stamp`, the
+        object also gets the name as that attribute (a router class knows its own `kind`)."""
+
+        def add(member: T) -> T:
+            self.add(name, member)
+            if stamp:
+                setattr(member, stamp, name)
+            return member
+
+        return add
 
     def get(self, name: str) -> T:
         """The member registered as `name`; an unknown name is an ExpertkitError listing the known ones."""

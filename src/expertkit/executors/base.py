@@ -104,13 +104,7 @@ EXECUTORS: Registry[type[Executor]] = Registry("executor")
 
 def register(name: str):
     """Class decorator: `@register("ray")` makes the executor available as `--executor ray`."""
-
-    def wrap(cls: type[Executor]) -> type[Executor]:
-        EXECUTORS.add(name, cls)
-        cls.name = name
-        return cls
-
-    return wrap
+    return EXECUTORS.register(name, stamp="name")
 
 
 def executor_names() -> list[str]:

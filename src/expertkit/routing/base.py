@@ -108,13 +108,7 @@ ROUTERS: Registry[type[Router]] = Registry("router kind")
 
 def register_router(kind: str) -> Callable[[type[Router]], type[Router]]:
     """Class decorator: `@register_router("lexical")` makes `router train --kind lexical` build this class."""
-
-    def wrap(cls: type[Router]) -> type[Router]:
-        ROUTERS.add(kind, cls)
-        cls.kind = kind
-        return cls
-
-    return wrap
+    return ROUTERS.register(kind, stamp="kind")
 
 
 def router_kinds() -> list[str]:
