@@ -9,8 +9,6 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*adapter_names.*")
-    # a reloaded library deletes replaced adapter versions; the pool re-sets PEFT's active adapter itself
-    warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
