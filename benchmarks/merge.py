@@ -14,7 +14,7 @@ from suites import MICRO, REAL_BASES, suite
 
 # One setting per method, from the ranges the papers recommend (fixed, so runs compare). The methods whose
 # mergekit default is a weighted sum, not a mean (normalize false: all but linear and ties), take λ 0.5; at λ 1.0
-# dare_ties adds the micro suite's five ΔWs whole (4x one expert's norm) and perplexity rises 1.9-6.3x.
+# dare_ties adds the micro suite's five ΔWs whole (4x one expert's norm): 1.9-6.3x the base's perplexity.
 RECIPES = {
     "linear": {},
     "task_arithmetic": {"lambda": 0.5},
