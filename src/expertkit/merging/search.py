@@ -33,7 +33,7 @@ GRID = {
     "task_arithmetic": [{"lam": 0.5}, {"lam": 1.0}],
     "ties": [{"density": 0.3, "lam": 1.0}, {"density": 0.6, "lam": 1.0}],
     "dare_linear": [{"density": 0.5, "lam": 0.5}],
-    "dare_ties": [{"density": 0.5, "lam": 1.0}],
+    "dare_ties": [{"density": 0.5, "lam": 0.5}, {"density": 0.5, "lam": 1.0}],  # a sum: λ 1 adds every ΔW whole
     "magnitude_prune": [{"density": 0.5, "lam": 0.5}],
     "breadcrumbs": [{"density": 0.8, "gamma": 0.01, "lam": 0.5}],
 }
