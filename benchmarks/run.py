@@ -15,7 +15,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import DEFAULT_DATA, REAL_DOMAINS  # noqa: E402
+from common import DEFAULT_DATA, REAL_DOMAINS, REAL_RECIPE  # noqa: E402
 from suites import (COLLABORATE_OPTIONS, MICRO, PORT_OPTIONS, REAL_BASES, ROUTE_OPTIONS, SUITES,  # noqa: E402
                     TASK_EXAMPLES)
 from port import UPDATE_RATES  # noqa: E402  (registered by suites above)
@@ -39,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="examples per task where a suite measures task accuracy (all of a smaller task)")
     parser.add_argument("--domains", default=",".join(REAL_DOMAINS["chosen"]),
                         help="real bases: the domains whose experts the suites train (comma-separated)")
+    parser.add_argument("--recipe", action="append", default=[], metavar="KEY=VALUE",
+                        help="real bases: change one training setting of the suites' recipe (benchmarks/common.py "
+                             "REAL_RECIPE), e.g. learning_rate=1e-4; repeat for more. Libraries are keyed by their "
+                             "recipe, so the default recipe's experts stay cached beside these")
     parser.add_argument("--prompts", action="store_true",
                         help="route: measure routing of real prompts (general tasks -> base, domain tasks -> their "
                              "expert) instead of corpus documents")
@@ -59,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.base not in (MICRO, args.large):
             parser.error("--large and --base name the same model; give one")
         args.base = args.large
+    if args.recipe and args.base == MICRO:
+        parser.error("--recipe changes the real-model recipe; the micro suites keep their own (give --base)")
+    REAL_RECIPE.update(_recipe_changes(parser, args.recipe))
     COLLABORATE_OPTIONS["small"] = args.small
     ROUTE_OPTIONS["prompts"] = args.prompts
     ROUTE_OPTIONS["blocks"] = args.route_blocks
@@ -89,6 +96,20 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"\nwall time {result['wall_seconds']:.0f}s; results in {args.out}")
     return 0
+
+
+def _recipe_changes(parser: argparse.ArgumentParser, pairs: list[str]) -> dict:
+    """`KEY=VALUE` pairs as a dict; a value is read as JSON (1e-4, 0.5, ["q_proj"]) or else kept as text."""
+    changes = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            parser.error(f"--recipe takes KEY=VALUE (for example learning_rate=1e-4), not '{pair}'")
+        try:
+            changes[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            changes[key.strip()] = text
+    return changes
 
 
 if __name__ == "__main__":
