@@ -65,6 +65,8 @@ def run(data: Path, device: str | None, base: str = MICRO) -> dict:
         "merges": {m: merges[m] for m in RECIPES},
         "merges_full_model": {m: merges[f"{m} (full model)"] for m in full_models},
         "search": {"recipe": searched["recipe"], **ppl["merge-searched"], "validation_ppl": searched["validation_ppl"],
+                   "base_validation_ppl": searched["base_validation_ppl"],
+                   "worse_than_base_on": searched["worse_than_base_on"],
                    "trials": searched["trials"], "seconds": round(searched["seconds"], 1)},
         "reconstruction": reconstruction, "best_merge": best,
         "best_merge_entry": entries[best], "best_merge_recipe": library.get(entries[best]).manifest["parameters"],

@@ -366,6 +366,28 @@ def test_search_picks_a_recipe_within_budget(trained):
     assert result["trials"] >= 1 and result["recipe"]["method"]
     assert lib.get("searched").manifest["search"]["trials"] == result["trials"]
     assert set(result["validation_ppl"]) == {"general", "alpha", "beta"}
+    base_ppl = result["base_validation_ppl"]
+    assert set(base_ppl) == set(result["validation_ppl"])
+    assert result["worse_than_base_on"] == [d for d, p in result["validation_ppl"].items() if p > base_ppl[d]]
+
+
+def test_search_prefers_a_recipe_that_keeps_every_domain_to_a_better_mean(monkeypatch):
+    """A merge worse than the base on one domain ranks after one that is not, even with a lower mean."""
+    from expertkit.executors import Context
+    from expertkit.merging import search as search_module
+    from expertkit.merging.methods import METHODS
+
+    base = {"general": 10.0, "alpha": 20.0}
+    lopsided = {"general": 10.5, "alpha": 8.0}  # the lower mean, but worse than the base on general
+    even = {"general": 9.9, "alpha": 15.0}
+    monkeypatch.setattr(search_module, "METHODS", {m: METHODS[m] for m in ("linear", "task_arithmetic")})
+    monkeypatch.setattr(search_module, "score_base", lambda _, state, advance: base)
+    monkeypatch.setattr(search_module, "run_trial",
+                        lambda recipe, state, advance: lopsided if recipe.method == "linear" else even)
+    result = search_module.search(["alpha"], Context(lambda: None), budget_seconds=0.2)
+    assert result.base_ppl == base
+    assert {t.regressions for t in result.trials} == {("general",), ()}
+    assert result.best.ppl == even and result.best.regressions == ()
 
 
 def test_a_rewritten_entry_is_reloaded_not_served_stale(mixed_library):

@@ -188,13 +188,19 @@ def run_merge_search(cfg: ProjectConfig, base: Base, experts: list[str] | None, 
     merged = {k: v for k, v in result.best.recipe.describe().items() if k not in ("rank", "max_error", "output")}
     best = make_recipe(**merged, output=output, **{k: v for k, v in storage.items() if v is not None})
     info = {"search": {"validation_ppl": result.best.ppl, "score": result.best.score, "trials": len(result.trials),
-                       "seconds": round(result.seconds, 1)}}
+                       "seconds": round(result.seconds, 1), "base_validation_ppl": result.base_ppl,
+                       "worse_than_base_on": list(result.best.regressions)}}
     entry, report = merge_experts(pool, library, best, name, overwrite=overwrite, extra_manifest=info)
-    console.print(f"best recipe: {best.describe()}\nvalidation perplexity: "
-                  + ", ".join(f"{d} {p:.2f}" for d, p in result.best.ppl.items()), highlight=False)
+    console.print(f"best recipe: {best.describe()}\nvalidation perplexity (base): " + ", ".join(
+        f"{d} {p:.2f} ({result.base_ppl[d]:.2f})" for d, p in result.best.ppl.items()), highlight=False)
+    if result.best.regressions:
+        console.print(f"warning: none of the {len(result.trials)} recipes tried kept every domain at the base's "
+                      f"level; the best is worse than the base on {', '.join(result.best.regressions)} (a longer "
+                      f"--budget tries more)", highlight=False)
     console.print(describe_storage(report, report["modules"]), highlight=False)
     console.print(f"written to {entry.path}")
-    return {"recipe": best.describe(), "validation_ppl": result.best.ppl, "trials": len(result.trials),
+    return {"recipe": best.describe(), "validation_ppl": result.best.ppl, "base_validation_ppl": result.base_ppl,
+            "worse_than_base_on": list(result.best.regressions), "trials": len(result.trials),
             "seconds": result.seconds, "entry": entry.name, "report": {k: v for k, v in report.items()
                                                                        if k != "relative_error"}}
 

@@ -6,6 +6,10 @@ weights of one of the best few recipes so far), as mergekit-evolve does with CMA
 until the budget is spent. A trial applies the merged ΔW to the base weights in
 place, scores it, and restores the weights, so no files are written. Trials are
 jobs of an executor, so a Ray cluster scores as many at once as it has slots.
+
+Trials are ranked by mean log-perplexity, but a recipe worse than the base on any
+validation domain ranks after every recipe that is not: a merge that loses what the
+base already did on one domain is a regression its users see, whatever the mean says.
 """
 
 from __future__ import annotations
@@ -43,16 +47,28 @@ GRID = {
 class Trial:
     recipe: MergeRecipe
     ppl: dict[str, float]
+    regressions: tuple[str, ...] = ()  # validation domains where this recipe is worse than the base
 
     @property
     def score(self) -> float:
         """Mean log-perplexity over the validation domains (lower is better)."""
         return sum(math.log(p) for p in self.ppl.values()) / len(self.ppl)
 
+    @property
+    def rank(self) -> tuple[bool, float]:
+        """Sort key: recipes that keep the base's level on every domain first, then by score."""
+        return bool(self.regressions), self.score
+
+
+def regressions(ppl: dict[str, float], base_ppl: dict[str, float]) -> tuple[str, ...]:
+    """The domains on which `ppl` is worse than the base's."""
+    return tuple(d for d, p in ppl.items() if p > base_ppl[d])
+
 
 @dataclass
 class SearchResult:
     best: Trial
+    base_ppl: dict[str, float]
     trials: list[Trial] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -122,6 +138,11 @@ def trial_state(pool, experts: list[str], valid_blocks: dict, batch_size: int) -
     return TrialState(pool, expert_deltas(pool, experts), valid_blocks, batch_size)
 
 
+def score_base(_, state: TrialState, advance) -> dict[str, float]:
+    """The base's own validation perplexity: the level no merged recipe should fall below on any domain."""
+    return validation_ppl(state.pool, state.valid_blocks, state.batch_size)
+
+
 def run_trial(recipe: MergeRecipe, state: TrialState, advance) -> dict[str, float]:
     """One trial: validation perplexity per domain of the base with this recipe's merged ΔW added."""
     from expertkit.merging import merge_deltas
@@ -142,16 +163,18 @@ def search(experts: list[str], context: Context, budget_seconds: float, seed: in
     started = time.time()
     rng = random.Random(seed)
     result: SearchResult | None = None
+    base_ppl = executor.map(score_base, [Job("merge search: the base", None)], context)[0]
 
     def record(job: Job, ppl: dict[str, float]) -> None:
         nonlocal result
-        trial = Trial(job.payload, ppl)
+        trial = Trial(job.payload, ppl, regressions(ppl, base_ppl))
         if result is None:
-            result = SearchResult(trial)
+            result = SearchResult(trial, base_ppl)
         result.trials.append(trial)
-        if trial.score < result.best.score:
+        if trial.rank < result.best.rank:
             result.best = trial
-        console.print(f"  trial {len(result.trials):>3} {trial.recipe.method:<16} score {trial.score:.4f} "
+        worse = f" worse than the base on {', '.join(trial.regressions)}" if trial.regressions else ""
+        console.print(f"  trial {len(result.trials):>3} {trial.recipe.method:<16} score {trial.score:.4f}{worse} "
                       f"(best {result.best.recipe.method} {result.best.score:.4f}) {time.time() - started:.0f}s",
                       highlight=False)
 
@@ -164,7 +187,7 @@ def search(experts: list[str], context: Context, budget_seconds: float, seed: in
             break
         run(grid[i:i + slots])
     while time.time() - started < budget_seconds:
-        parents = sorted(result.trials, key=lambda t: t.score)[:TOURNAMENT]
+        parents = sorted(result.trials, key=lambda t: t.rank)[:TOURNAMENT]
         run([_mutate(rng.choice(parents).recipe, rng) for _ in range(slots)])
     result.seconds = time.time() - started
     return result
