@@ -116,10 +116,9 @@ def cross_check(cfg, expert_dir: Path, expert: str) -> dict:
 def _side_by_side(cfg, expert_dir: Path, expert: str, batch_size: int) -> dict:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
     from expertkit.tasks.lm import ExpertkitLM
     from expertkit.tasks.local import default_data_root, resolve
+    from expertkit.tasks.run import task_manager
 
     specs = resolve(list(CROSS_CHECK_TASKS), default_data_root())
     models = {"expertkit": ExpertkitLM.from_library(cfg.library, model=expert, device="cpu", batch_size=batch_size),
@@ -129,7 +128,7 @@ def _side_by_side(cfg, expert_dir: Path, expert: str, batch_size: int) -> dict:
     for label, lm in models.items():
         started = time.perf_counter()
         result = lm_eval.simple_evaluate(model=lm, tasks=specs, limit=CROSS_CHECK_EXAMPLES, log_samples=True,
-                                         task_manager=TaskManager(), verbosity="WARNING")
+                                         task_manager=task_manager(specs), verbosity="WARNING")
         runs[label] = (time.perf_counter() - started, result)
     mine, other = runs["expertkit"][1], runs["hf"][1]
     out = {"batch_size": batch_size, "tasks": {}}

@@ -15,8 +15,8 @@ lm_eval = pytest.importorskip("lm_eval")
 def evaluate(model, tasks: list[str], **kwargs) -> dict:
     from lm_eval.tasks import TaskManager
 
-    return lm_eval.simple_evaluate(model=model, tasks=tasks, task_manager=TaskManager(include_path=str(TASK_DIR)),
-                                   log_samples=True, **kwargs)
+    manager = TaskManager(include_path=str(TASK_DIR), include_defaults=False)  # lm-eval's own tasks: seconds to index
+    return lm_eval.simple_evaluate(model=model, tasks=tasks, task_manager=manager, log_samples=True, **kwargs)
 
 
 def per_request(result: dict, task: str) -> list[float]:
@@ -186,13 +186,25 @@ def test_real_tasks_match_hf_with_peft_request_for_request(sentence_library):
     ours = ExpertkitLM(loaded.composition, loaded.tokenizer, max_length=1024, batch_size=1)
     hf_args = f"pretrained={sentence_library.base_identity()['name']},peft={sentence_library.get('alpha').path}," \
               "dtype=float32,max_length=1024"
-    from lm_eval.tasks import TaskManager
+    from expertkit.tasks.run import task_manager
 
     run = lambda model, **kw: lm_eval.simple_evaluate(model=model, tasks=specs, limit=200, log_samples=True,  # noqa
-                                                       task_manager=TaskManager(), **kw)
+                                                       task_manager=task_manager(specs), **kw)
     mine, theirs = run(ours), run("hf", model_args=hf_args, device="cpu", batch_size=1)
     for task in mine["results"]:
         assert len(per_request(mine, task)) >= 400
         assert per_request(mine, task) == pytest.approx(per_request(theirs, task), rel=1e-6, abs=1e-6), task
         for metric in ("acc,none", "acc_norm,none"):
             assert mine["results"][task][metric] == theirs["results"][task][metric], (task, metric)
+
+
+def test_the_shipped_tasks_load_without_indexing_lm_evals_own():
+    """Indexing lm-eval's thousands of task files took seconds for every composition scored; the shipped tasks are
+    inline configs that need no index, and the one index is built once per process."""
+    from expertkit.tasks.local import default_data_root, resolve
+    from expertkit.tasks.run import task_manager
+
+    shipped = resolve(["arc_easy", "agnews"], default_data_root())
+    manager = task_manager(shipped)
+    assert manager.all_tasks == [] and task_manager(shipped) is manager
+    assert sorted(manager.load(shipped)["tasks"]) == ["agnews_local", "arc_easy_local"]

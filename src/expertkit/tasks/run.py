@@ -20,6 +20,7 @@ from expertkit.tasks.lm import ExpertkitLM
 from expertkit.tasks.local import SUFFIX, local_tasks, task_kind
 
 METRIC = "acc_norm"
+_TASK_MANAGERS: dict[bool, object] = {}  # does the index hold lm-eval's own tasks -> that index
 
 
 def composition_identity(base_identity: dict, manifest: dict | None) -> str:
@@ -36,7 +37,6 @@ def evaluate_on_tasks(compositions: dict[str, tuple[Composition, str]], tokenize
     which is what flip rates between two compositions compare.
     """
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     check_tasks(specs)
     rows = []
@@ -47,8 +47,8 @@ def evaluate_on_tasks(compositions: dict[str, tuple[Composition, str]], tokenize
             cache_dir.mkdir(parents=True, exist_ok=True)
             cache = str(cache_dir / f"{name}-{identity}")
         result = lm_eval.simple_evaluate(model=ExpertkitLM(composition, tokenizer, max_length, batch_size),
-                                         tasks=specs, limit=limit, task_manager=TaskManager(), use_cache=cache,
-                                         verbosity="WARNING", log_samples=per_example)
+                                         tasks=specs, limit=limit, task_manager=task_manager(specs),
+                                         use_cache=cache, verbosity="WARNING", log_samples=per_example)
         for task, metrics in sorted(result["results"].items()):
             row = {"composition": name, "task": task.removesuffix(SUFFIX),
                    "acc": metrics.get("acc,none"), "acc_norm": metrics.get("acc_norm,none"),
@@ -61,12 +61,21 @@ def evaluate_on_tasks(compositions: dict[str, tuple[Composition, str]], tokenize
     return rows
 
 
-def check_tasks(specs: list) -> None:
-    """Load the tasks once before any model runs: an unknown name is the user's error, said in one line."""
+def task_manager(specs: list):
+    """lm-eval's task index, built once per process and only when a spec names a task: indexing lm-eval's
+    thousands of task files takes seconds, and the shipped tasks come as inline configs that need no index."""
     from lm_eval.tasks import TaskManager
 
+    named = any(isinstance(spec, str) for spec in specs)
+    if named not in _TASK_MANAGERS:
+        _TASK_MANAGERS[named] = TaskManager(include_defaults=named)
+    return _TASK_MANAGERS[named]
+
+
+def check_tasks(specs: list) -> None:
+    """Load the tasks once before any model runs: an unknown name is the user's error, said in one line."""
     try:
-        TaskManager().load(specs)
+        task_manager(specs).load(specs)
     except (KeyError, ValueError) as e:  # lm-eval's words for an unknown task name or a bad config
         raise ExpertkitError(f"lm-eval could not load the tasks {task_names(specs)}: {e}; shipped tasks: "
                              f"{sorted(local_tasks())} (or any lm-eval task whose data is reachable)") from None
