@@ -70,7 +70,7 @@ def run(data: Path, device: str | None, base: str = MICRO) -> dict:
 
 
 def _points(value: float | None) -> str:
-    return "-" if value is None else f"{value:+.1f}"
+    return "-" if value is None else f"{value:+.2f}"  # a change of -1.03 misses the -1.0 goal: show it
 
 
 def _training_speed(library, experts: list[str], cfg, wall: float) -> dict:
