@@ -116,6 +116,7 @@ def cross_check(cfg, expert_dir: Path, expert: str) -> dict:
 def _side_by_side(cfg, expert_dir: Path, expert: str, batch_size: int) -> dict:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
+
     from expertkit.tasks.lm import ExpertkitLM
     from expertkit.tasks.local import default_data_root, resolve
     from expertkit.tasks.run import task_manager
