@@ -8,6 +8,7 @@ so rerunning after one new expert scores only that expert.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -20,7 +21,6 @@ from expertkit.tasks.lm import ExpertkitLM
 from expertkit.tasks.local import SUFFIX, local_tasks, task_kind
 
 METRIC = "acc_norm"
-_TASK_MANAGERS: dict[bool, object] = {}  # does the index hold lm-eval's own tasks -> that index
 
 
 def composition_identity(base_identity: dict, manifest: dict | None) -> str:
@@ -64,12 +64,14 @@ def evaluate_on_tasks(compositions: dict[str, tuple[Composition, str]], tokenize
 def task_manager(specs: list):
     """lm-eval's task index, built once per process and only when a spec names a task: indexing lm-eval's
     thousands of task files takes seconds, and the shipped tasks come as inline configs that need no index."""
+    return _task_index(with_lm_evals_own=any(isinstance(spec, str) for spec in specs))
+
+
+@functools.cache
+def _task_index(with_lm_evals_own: bool):
     from lm_eval.tasks import TaskManager
 
-    named = any(isinstance(spec, str) for spec in specs)
-    if named not in _TASK_MANAGERS:
-        _TASK_MANAGERS[named] = TaskManager(include_defaults=named)
-    return _TASK_MANAGERS[named]
+    return TaskManager(include_defaults=with_lm_evals_own)
 
 
 def check_tasks(specs: list) -> None:
