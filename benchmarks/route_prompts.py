@@ -166,19 +166,22 @@ def run_prompts(cfg, base, pool) -> dict:
 
 
 def routed_tasks(cfg, base, experts: dict[str, str], router: str, run_task_scorecard) -> dict:
-    """Task accuracy (acc_norm) of the routed composition, the base, and each domain task's own expert."""
+    """Task accuracy (each task by its own metric) of the routed composition, the base, and each domain
+    task's own expert."""
     from expertkit.tasks.local import local_tasks, task_kind
+    from expertkit.tasks.run import score
 
     out = Path(cfg.library).parent / (Path(cfg.library).name + "-tasks")  # the specialize suite's task cache
     card = run_task_scorecard(cfg, base, ["general", "domain"], out=out, names=["base", *experts, router],
                               limit=TASK_EXAMPLES["per_task"])
-    table = {(r["composition"], r["task"]): r["acc_norm"] for r in card["rows"]}
+    table = {(r["composition"], r["task"]): score(r)[0] for r in card["rows"]}
     tasks = sorted({t for _, t in table})
     kinds = {name: task_kind(config) for name, config in local_tasks().items()}
     own = {t: e for t in tasks for e, d in experts.items() if kinds.get(t) == d}
     return {"routed_task_acc": {t: table[(router, t)] for t in tasks},
             "base_task_acc": {t: table[("base", t)] for t in tasks},
             "expert_task_acc": {t: table[(e, t)] for t, e in own.items()}, "task_experts": own,
+            "task_metrics": {r["task"]: r["metric"] for r in card["rows"]},
             "task_examples_per_task": TASK_EXAMPLES["per_task"]}
 
 
@@ -201,7 +204,7 @@ def print_table(result: dict) -> None:
     for kind, acc in result["prompt_accuracy_detail"].items():
         print(f"{kind:<12} {acc['general']:>8.1%} {acc['domain']:>8.1%} "
               + " ".join(f"{acc[f]['general']:>7.1%}/{acc[f]['domain']:<7.1%}" for f in formats))
-    print(f"\ntask accuracy (acc_norm) with router '{result['best_router']}' "
+    print(f"\ntask accuracy (general tasks acc_norm, domain tasks acc) with router '{result['best_router']}' "
           f"(routing cost {result['router_cost_ratio']:.2%} of generating 64 tokens)")
     print(f"{'task':<16} {'routed':>8} {'base':>8} {'expert':>8}")
     for task, acc in result["routed_task_acc"].items():

@@ -36,6 +36,7 @@ PUBLISHED = {"smollm2-135m": {
 @suite("tasks", bases=(MICRO, *REAL_BASES))
 def run(data: Path, device: str | None, base: str = MICRO) -> dict:
     from expertkit.library import Kind, Library
+    from expertkit.tasks.run import summarize
     from expertkit.workflow import load_project_base, run_task_scorecard
 
     cfg = suite_config(data, base)
@@ -52,6 +53,9 @@ def run(data: Path, device: str | None, base: str = MICRO) -> dict:
     result = {"base_model": base, "compositions": names, "examples_per_task": TASK_EXAMPLES["per_task"],
               "rows": card["rows"], "forgetting": card["forgetting"],
               "forgetting_interval": card["forgetting_interval"], "domain_skill": card["domain_skill"],
+              "domain_skill_acc_norm": summarize(card["rows"], {e: e for e in card["forgetting"]},
+                                                 metric="acc_norm")["domain_skill"],
+              "task_metrics": {r["task"]: r["metric"] for r in card["rows"]},
               "checks": {"forgetting": {e: f >= FORGETTING_LIMIT for e, f in card["forgetting"].items()}}}
     if base != MICRO:
         result["published"] = _published(base, card["rows"])
@@ -151,12 +155,16 @@ def _side_by_side(cfg, expert_dir: Path, expert: str, batch_size: int) -> dict:
 
 
 def _print(result: dict) -> None:
+    from expertkit.tasks.run import score
+
     rows = result["rows"]
     tasks = sorted({r["task"] for r in rows})
     print(f"\n{'composition':<18}" + "".join(f"{t[:11]:>12}" for t in tasks) + f"{'forgetting':>12}")
+    metric = {r["task"]: r["metric"] for r in rows}
+    print(f"{'':<18}" + "".join(f"{metric[t]:>12}" for t in tasks))
     table = {(r["composition"], r["task"]): r for r in rows}
     for name in result["compositions"]:
-        cells = [table.get((name, t), {}).get("acc_norm") for t in tasks]
+        cells = [score(table[(name, t)])[0] if (name, t) in table else None for t in tasks]
         f = result["forgetting"].get(name)
         print(f"{name:<18}" + "".join("{:>12}".format("-" if c is None else f"{100 * c:.1f}") for c in cells)
               + ("{:>12}".format("-" if f is None else f"{f:+.1f}")))

@@ -208,3 +208,37 @@ def test_the_shipped_tasks_load_without_indexing_lm_evals_own():
     manager = task_manager(shipped)
     assert manager.all_tasks == [] and task_manager(shipped) is manager
     assert sorted(manager.load(shipped)["tasks"]) == ["agnews_local", "arc_easy_local"]
+
+
+def test_each_task_is_judged_by_its_own_metric(sentence_library):
+    """Forgetting reads the general tasks by acc_norm; a domain task (class words as choices) is read by acc, as
+    lm-eval reads pubmedqa; flips compare the same metric, and acc_norm stays in every row beside it."""
+    from expertkit.tasks.local import default_data_root, resolve
+    from expertkit.tasks.run import evaluate_on_tasks, summarize
+
+    lms = {name: ExpertkitLM.from_library(sentence_library.root, name) for name in ("base", "alpha")}
+    specs = resolve(["arc_easy", "pubmedqa"], default_data_root())
+    base = lms["base"]
+    rows = evaluate_on_tasks({n: (lm.composition, n) for n, lm in lms.items()}, base.tokenizer, base.max_length,
+                             specs, limit=40, batch_size=8, per_example=True)
+    assert {r["task"]: r["metric"] for r in rows} == {"arc_easy": "acc_norm", "pubmedqa": "acc"}
+    for row in rows:
+        assert row["acc"] is not None and row["acc_norm"] is not None
+        assert sum(row["correct"]) / len(row["correct"]) == pytest.approx(row[row["metric"]])
+    table = {(r["composition"], r["task"]): r for r in rows}
+    change = {(t, m): 100 * (table[("alpha", t)][m] - table[("base", t)][m])
+              for t in ("arc_easy", "pubmedqa") for m in ("acc", "acc_norm")}
+    card = summarize(rows, {"alpha": "medical"})
+    assert card["forgetting"]["alpha"] == pytest.approx(change[("arc_easy", "acc_norm")])
+    assert card["domain_skill"]["alpha"] == pytest.approx(change[("pubmedqa", "acc")])
+    by_acc_norm = summarize(rows, {"alpha": "medical"}, metric="acc_norm")
+    assert by_acc_norm["domain_skill"]["alpha"] == pytest.approx(change[("pubmedqa", "acc_norm")])
+
+
+def test_a_task_that_declares_an_unknown_metric_is_one_clear_error():
+    from expertkit.errors import ExpertkitError
+    from expertkit.tasks.run import headline_metric
+
+    with pytest.raises(ExpertkitError, match="task 'mine' declares expertkit_metric 'f1'; use one of"):
+        headline_metric("f1", {"task": "mine", "acc": 0.5, "acc_norm": 0.5})
+    assert headline_metric(None, {"task": "lm_evals", "acc": 0.5, "acc_norm": None}) == "acc"

@@ -1,4 +1,4 @@
-"""The task table as files: tasks.json, tasks.md and tasks.png (change of acc_norm vs the base, per task)."""
+"""The task table as files: tasks.json, tasks.md and tasks.png (each task by its own metric, change vs the base)."""
 
 from __future__ import annotations
 
@@ -6,20 +6,24 @@ import json
 from pathlib import Path
 
 from expertkit.fsutil import atomic_write_text, ensure_writable_dir
+from expertkit.tasks.run import score
 
 
 def markdown(card: dict) -> str:
     tasks = sorted({r["task"] for r in card["rows"]})
     names = list(dict.fromkeys(r["composition"] for r in card["rows"]))
     cell = {(r["composition"], r["task"]): r for r in card["rows"]}
+    metric = {r["task"]: r["metric"] for r in card["rows"]}
 
     def show(name: str, task: str) -> str:
-        r = cell.get((name, task))
-        return "" if r is None or r["acc_norm"] is None else f"{100 * r['acc_norm']:.1f} ± {100 * (r['stderr'] or 0):.1f}"
+        value, error = score(cell[(name, task)]) if (name, task) in cell else (None, 0.0)
+        return "" if value is None else f"{100 * value:.1f} ± {100 * error:.1f}"
 
-    lines = ["| composition | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    lines = ["| composition | " + " | ".join(f"{t} ({metric[t]})" for t in tasks) + " |",
+             "|---|" + "---:|" * len(tasks)]
     lines += [f"| {n} | " + " | ".join(show(n, t) for t in tasks) + " |" for n in names]
-    out = "Task accuracy (acc_norm, %, ± lm-eval's standard error)\n\n" + "\n".join(lines) + "\n"
+    out = "Task accuracy (%, ± lm-eval's standard error; each task by the metric in its header)\n\n"
+    out += "\n".join(lines) + "\n"
     for expert, points in card["forgetting"].items():
         out += (f"\n- {expert}: general tasks {points:+.2f} points "
                 f"(± {card['forgetting_interval'][expert]:.2f}, 95%)")
@@ -29,16 +33,17 @@ def markdown(card: dict) -> str:
 
 
 def plot(card: dict, path: Path) -> None:
-    """Compositions x tasks, coloured by acc_norm change vs the base in points (green = better)."""
+    """Compositions x tasks, coloured by the change vs the base in points (green = better)."""
     from expertkit.plots import heatmap
 
     tasks = sorted({r["task"] for r in card["rows"]})
     names = list(dict.fromkeys(r["composition"] for r in card["rows"]))
-    cell = {(r["composition"], r["task"]): r["acc_norm"] for r in card["rows"]}
+    cell = {(r["composition"], r["task"]): score(r)[0] for r in card["rows"]}
+    metric = {r["task"]: r["metric"] for r in card["rows"]}
     change = [[100 * ((cell.get((n, t)) or 0) - (cell.get(("base", t)) or 0)) for t in tasks] for n in names]
     text = [[None if cell.get((n, t)) is None else 100 * cell[(n, t)] for t in tasks] for n in names]
-    heatmap(path, names, tasks, change, text, ("RdYlGn", -10, 10), "acc_norm change vs base (points)",
-            "task accuracy (text: acc_norm %; colour: change vs base)")
+    heatmap(path, names, [f"{t}\n({metric[t]})" for t in tasks], change, text, ("RdYlGn", -10, 10),
+            "change vs base (points)", "task accuracy (text: %, each task's metric; colour: change vs base)")
 
 
 def write(card: dict, out_dir: Path) -> dict[str, Path]:

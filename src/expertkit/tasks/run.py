@@ -1,9 +1,12 @@
 """The scorecard's task table: every composition on every task, forgetting and domain skill vs the base.
 
-Forgetting is what an expert loses on the general tasks (mean acc_norm change over them, in points, with a
-95% interval from lm-eval's standard errors); domain skill is the change on its own domain's task. Each
-composition's per-request log-likelihoods are cached under its identity (base weights + entry manifest),
-so rerunning after one new expert scores only that expert.
+Forgetting is what an expert loses on the general tasks (mean change over them, in points, with a 95%
+interval from lm-eval's standard errors); domain skill is the change on its own domain's task. Each task is
+judged by its own metric, the one lm-eval reports for such a task (`metadata.expertkit_metric` of a shipped
+config): acc_norm for the general benchmarks, whose choices are sentences of different lengths; acc for the
+labeled domain tasks, whose choices are class words (lm-eval's pubmedqa reports acc only). Every row holds
+both. Each composition's per-request log-likelihoods are cached under its identity (base weights + entry
+manifest), so rerunning after one new expert scores only that expert.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from expertkit.runtime import Composition
 from expertkit.tasks.lm import ExpertkitLM
 from expertkit.tasks.local import SUFFIX, local_tasks, task_kind
 
-METRIC = "acc_norm"
+METRICS = ("acc", "acc_norm")
 
 
 def composition_identity(base_identity: dict, manifest: dict | None) -> str:
@@ -31,14 +34,16 @@ def composition_identity(base_identity: dict, manifest: dict | None) -> str:
 def evaluate_on_tasks(compositions: dict[str, tuple[Composition, str]], tokenizer, max_length: int,
                       specs: list, limit: int | None = None, batch_size: int = 16,
                       cache_dir: Path | None = None, per_example: bool = False) -> list[dict]:
-    """{name: (composition, identity)} x task specs -> rows {composition, task, acc, acc_norm, stderr ...}.
+    """{name: (composition, identity)} x task specs -> rows {composition, task, metric, acc, acc_norm, ...}.
 
-    `per_example`: each row also holds "correct", the acc_norm (0 or 1) of every example in document order,
-    which is what flip rates between two compositions compare.
+    `metric` names the row's headline metric (see `headline_metric`). `per_example`: each row also holds
+    "correct", that metric (0 or 1) for every example in document order, which flip rates compare.
     """
     import lm_eval
 
     check_tasks(specs)
+    declared = {name.removesuffix(SUFFIX): spec.get("metadata", {}).get("expertkit_metric")
+                for name, spec in zip(task_names(specs), specs) if isinstance(spec, dict)}
     rows = []
     for name, (composition, identity) in compositions.items():
         console.print(f"tasks: {name}", highlight=False)
@@ -50,15 +55,34 @@ def evaluate_on_tasks(compositions: dict[str, tuple[Composition, str]], tokenize
                                          tasks=specs, limit=limit, task_manager=task_manager(specs),
                                          use_cache=cache, verbosity="WARNING", log_samples=per_example)
         for task, metrics in sorted(result["results"].items()):
-            row = {"composition": name, "task": task.removesuffix(SUFFIX),
-                   "acc": metrics.get("acc,none"), "acc_norm": metrics.get("acc_norm,none"),
-                   "stderr": metrics.get("acc_norm_stderr,none"), "acc_stderr": metrics.get("acc_stderr,none"),
+            short = task.removesuffix(SUFFIX)
+            row = {"composition": name, "task": short,
+                   **{m: metrics.get(f"{m},none") for m in METRICS},
+                   **{f"{m}_stderr": metrics.get(f"{m}_stderr,none") for m in METRICS},
                    "n": result["n-samples"].get(task, {}).get("effective")}
+            row["metric"] = headline_metric(declared.get(short), row)
             if per_example:
                 samples = sorted(result["samples"][task], key=lambda sample: sample["doc_id"])
-                row["correct"] = [int(sample[METRIC]) for sample in samples]
+                row["correct"] = [int(sample[row["metric"]]) for sample in samples]
             rows.append(row)
     return rows
+
+
+def headline_metric(declared: str | None, row: dict) -> str:
+    """The metric a task is judged by: its config's `expertkit_metric`; for a task lm-eval names (no such
+    field), acc_norm where lm-eval reports it, else acc."""
+    if declared is not None:
+        if declared not in METRICS:
+            raise ExpertkitError(f"task '{row['task']}' declares expertkit_metric '{declared}'; use one of "
+                                 f"{list(METRICS)}")
+        return declared
+    return "acc_norm" if row["acc_norm"] is not None else "acc"
+
+
+def score(row: dict, metric: str | None = None) -> tuple[float | None, float]:
+    """(accuracy, its standard error) of a row by its headline metric, or by `metric`."""
+    metric = metric or row["metric"]
+    return row[metric], row[f"{metric}_stderr"] or 0.0
 
 
 def task_manager(specs: list):
@@ -87,27 +111,30 @@ def task_names(specs: list) -> list[str]:
     return [s["task"] if isinstance(s, dict) else s for s in specs]
 
 
-def summarize(rows: list[dict], expert_domains: dict[str, str]) -> dict:
-    """Forgetting (mean change over the general tasks, with its 95% interval) and domain skill, in points."""
+def summarize(rows: list[dict], expert_domains: dict[str, str], metric: str | None = None) -> dict:
+    """Forgetting (mean change over the general tasks, with its 95% interval) and domain skill, in points,
+    each task by its headline metric (or by `metric`, for a second reading of the same rows)."""
     kinds = {name: task_kind(config) for name, config in local_tasks().items()}
     table = {(r["composition"], r["task"]): r for r in rows}
     forgetting, interval, skill = {}, {}, {}
     general = sorted({r["task"] for r in rows if kinds.get(r["task"]) == "general"})
     for expert, domain in expert_domains.items():
-        changes = [_change(table, expert, t) for t in general]
+        changes = [change_vs_base(table, expert, t, metric) for t in general]
         if general and all(c is not None for c in changes):
             forgetting[expert] = sum(c[0] for c in changes) / len(changes)
             interval[expert] = 1.96 * math.sqrt(sum(c[1] ** 2 for c in changes)) / len(changes)
         own = [t for t in {r["task"] for r in rows} if kinds.get(t) == domain]
-        if own and (change := _change(table, expert, own[0])) is not None:
+        if own and (change := change_vs_base(table, expert, own[0], metric)) is not None:
             skill[expert] = change[0]
     return {"forgetting": forgetting, "forgetting_interval": interval, "domain_skill": skill}
 
 
-def _change(table: dict, name: str, task: str) -> tuple[float, float] | None:
-    """(acc_norm change vs the base in points, its standard error) for one task, if both rows exist."""
+def change_vs_base(table: dict, name: str, task: str, metric: str | None = None) -> tuple[float, float] | None:
+    """(change vs the base in points, its standard error) for one task, if both rows exist."""
     mine, base = table.get((name, task)), table.get(("base", task))
-    if not mine or not base or mine[METRIC] is None or base[METRIC] is None:
+    if not mine or not base:
         return None
-    se = math.sqrt((mine["stderr"] or 0) ** 2 + (base["stderr"] or 0) ** 2)
-    return 100 * (mine[METRIC] - base[METRIC]), 100 * se
+    (value, error), (base_value, base_error) = score(mine, metric), score(base, metric)
+    if value is None or base_value is None:
+        return None
+    return 100 * (value - base_value), 100 * math.sqrt(error ** 2 + base_error ** 2)
