@@ -235,10 +235,16 @@ def test_each_task_is_judged_by_its_own_metric(sentence_library):
     assert by_acc_norm["domain_skill"]["alpha"] == pytest.approx(change[("pubmedqa", "acc_norm")])
 
 
-def test_a_task_that_declares_an_unknown_metric_is_one_clear_error():
+def test_a_task_that_declares_an_unknown_metric_is_one_clear_error(sentence_library):
+    """Found before any model runs, not after a composition's whole pass over the tasks."""
     from expertkit.errors import ExpertkitError
-    from expertkit.tasks.run import headline_metric
+    from expertkit.tasks.local import default_data_root, resolve
+    from expertkit.tasks.run import evaluate_on_tasks, headline_metric
 
-    with pytest.raises(ExpertkitError, match="task 'mine' declares expertkit_metric 'f1'; use one of"):
-        headline_metric("f1", {"task": "mine", "acc": 0.5, "acc_norm": 0.5})
+    specs = resolve(["arc_easy"], default_data_root())
+    specs[0]["metadata"]["expertkit_metric"] = "f1"
+    lm = ExpertkitLM.from_library(sentence_library.root, "base")
+    lm.composition.prefill = None  # scoring anything would fail with another error
+    with pytest.raises(ExpertkitError, match="task 'arc_easy' declares expertkit_metric 'f1'; use one of"):
+        evaluate_on_tasks({"base": (lm.composition, "x")}, lm.tokenizer, lm.max_length, specs, limit=2)
     assert headline_metric(None, {"task": "lm_evals", "acc": 0.5, "acc_norm": None}) == "acc"

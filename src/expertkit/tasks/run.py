@@ -2,10 +2,10 @@
 
 Forgetting is what an expert loses on the general tasks (mean change over them, in points, with a 95%
 interval from lm-eval's standard errors); domain skill is the change on its own domain's task. Each task is
-judged by its own metric, the one lm-eval reports for such a task (`metadata.expertkit_metric` of a shipped
-config): acc_norm for the general benchmarks, whose choices are sentences of different lengths; acc for the
-labeled domain tasks, whose choices are class words (lm-eval's pubmedqa reports acc only). Every row holds
-both. Each composition's per-request log-likelihoods are cached under its identity (base weights + entry
+judged by the metric its shipped config declares (`metadata.expertkit_metric`): acc_norm for the general
+benchmarks, the forgetting goal's metric (lm-eval reads HellaSwag, ARC, PIQA and SciQ by it too); acc for the
+labeled domain tasks, whose choices are class words, as lm-eval reads such tasks (its pubmedqa reports acc
+only). Every row holds both. Each composition's per-request log-likelihoods are cached under its identity (base weights + entry
 manifest), so rerunning after one new expert scores only that expert.
 """
 
@@ -42,8 +42,7 @@ def evaluate_on_tasks(compositions: dict[str, tuple[Composition, str]], tokenize
     import lm_eval
 
     check_tasks(specs)
-    declared = {name.removesuffix(SUFFIX): spec.get("metadata", {}).get("expertkit_metric")
-                for name, spec in zip(task_names(specs), specs) if isinstance(spec, dict)}
+    declared = declared_metrics(specs)
     rows = []
     for name, (composition, identity) in compositions.items():
         console.print(f"tasks: {name}", highlight=False)
@@ -68,13 +67,23 @@ def evaluate_on_tasks(compositions: dict[str, tuple[Composition, str]], tokenize
     return rows
 
 
+def declared_metrics(specs: list) -> dict[str, str]:
+    """{task: metric} that the configs among `specs` declare, checked before any model runs."""
+    declared = {}
+    for name, spec in zip(task_names(specs), specs):
+        metric = spec.get("metadata", {}).get("expertkit_metric") if isinstance(spec, dict) else None
+        if metric is not None and metric not in METRICS:
+            raise ExpertkitError(f"task '{name.removesuffix(SUFFIX)}' declares expertkit_metric '{metric}'; use "
+                                 f"one of {list(METRICS)}")
+        if metric is not None:
+            declared[name.removesuffix(SUFFIX)] = metric
+    return declared
+
+
 def headline_metric(declared: str | None, row: dict) -> str:
-    """The metric a task is judged by: its config's `expertkit_metric`; for a task lm-eval names (no such
-    field), acc_norm where lm-eval reports it, else acc."""
+    """The metric a task is judged by: the one its config declares; for a task lm-eval names (none declared),
+    acc_norm where lm-eval reports it, else acc."""
     if declared is not None:
-        if declared not in METRICS:
-            raise ExpertkitError(f"task '{row['task']}' declares expertkit_metric '{declared}'; use one of "
-                                 f"{list(METRICS)}")
         return declared
     return "acc_norm" if row["acc_norm"] is not None else "acc"
 
