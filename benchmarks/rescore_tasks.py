@@ -26,14 +26,14 @@ KEYS = {"specialize": ("general_tasks_acc_norm_change", "domain_task_acc_change"
 def rescore(result: dict) -> dict[str, tuple[float | None, float | None, float | None]]:
     """Update `result` in place; {expert: (domain task change before, after, how far forgetting moved)}."""
     from expertkit.tasks.local import local_tasks
-    from expertkit.tasks.run import summarize
+    from expertkit.tasks.run import headline_metric, summarize
 
     metrics = {name: config["metadata"]["expertkit_metric"] for name, config in local_tasks().items()}
     rows = result["task_rows"] if "task_rows" in result else result["rows"]
     for row in rows:
         if "stderr" in row:  # rows written before the metric was a field: "stderr" was acc_norm's
             row["acc_norm_stderr"] = row.pop("stderr")
-        row["metric"] = metrics[row["task"]]
+        row["metric"] = headline_metric(metrics.get(row["task"]), row)  # a task lm-eval named: its default
     if "task_rows" in result:  # a specialize result: experts are named by their domain
         experts = {name: name for name in result["domains"]}
         forgetting, skill, skill_by_acc_norm = KEYS["specialize"]
@@ -59,9 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", type=Path, nargs="+", help="specialize or tasks result JSON files")
     args = parser.parse_args(argv)
-    results = {path: json.loads(path.read_text(encoding="utf-8")) for path in args.results}
+    results = {}
+    for path in args.results:
+        try:
+            results[path] = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:  # checked before anything is rewritten
+            print(f"error: {path}: cannot read it as JSON ({e}); pass result files of benchmarks/run.py",
+                  file=sys.stderr)
+            return 2
     without_rows = [str(path) for path, result in results.items() if not ({"task_rows", "rows"} & set(result))]
-    if without_rows:  # checked before anything is rewritten
+    if without_rows:
         print(f"error: {', '.join(without_rows)}: no task rows; pass the JSON of a specialize run on a real base "
               "or of the tasks suite", file=sys.stderr)
         return 2
