@@ -5,7 +5,8 @@
 Every task row keeps acc and acc_norm with their standard errors, so a change of the metric a task is judged
 by (`metadata.expertkit_metric` of the shipped configs: on 2026-12-07 the domain tasks moved from acc_norm to
 acc, lm-eval's metric for such tasks) re-reads the summary without rerunning a model: forgetting, the domain
-task's change by the headline metric and by acc_norm. Prints the domain task's change before and after.
+task's change by the headline metric and by acc_norm. Prints, per expert, the domain task's change before and
+after, and how far its forgetting moved (0 when the general tasks' metric did not change).
 """
 
 from __future__ import annotations
@@ -76,11 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'file':<{width}} {'expert':<12} {'domain task before':>18} {'after':>8} {'forgetting moved by':>20}")
     for path, result in results.items():
         for expert, (before, after, moved) in rescore(result).items():
-            show = lambda value: "-" if value is None else f"{value:+.2f}"  # noqa: E731
-            print(f"{path.name:<{width}} {expert:<12} {show(before):>18} {show(after):>8} "
+            print(f"{path.name:<{width}} {expert:<12} {_points(before):>18} {_points(after):>8} "
                   f"{'-' if moved is None else f'{moved:.1e}':>20}")
         path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return 0
+
+
+def _points(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.2f}"
 
 
 if __name__ == "__main__":
