@@ -27,7 +27,7 @@ KEYS = {"specialize": ("general_tasks_acc_norm_change", "domain_task_acc_change"
 def rescore(result: dict) -> dict[str, tuple[float | None, float | None, float | None]]:
     """Update `result` in place; {expert: (domain task change before, after, how far forgetting moved)}."""
     from expertkit.tasks.local import local_tasks
-    from expertkit.tasks.run import headline_metric, summarize
+    from expertkit.tasks.run import headline_metric, summarize, task_metrics
 
     metrics = {name: config["metadata"]["expertkit_metric"] for name, config in local_tasks().items()}
     rows = result["task_rows"] if "task_rows" in result else result["rows"]
@@ -45,7 +45,7 @@ def rescore(result: dict) -> dict[str, tuple[float | None, float | None, float |
     card, by_acc_norm = summarize(rows, experts), summarize(rows, experts, metric="acc_norm")
     result[forgetting], result[skill] = card["forgetting"], card["domain_skill"]
     result[skill_by_acc_norm] = by_acc_norm["domain_skill"]
-    result["task_metrics"] = {row["task"]: row["metric"] for row in rows}
+    result["task_metrics"] = task_metrics(rows)
     for name, row in result.get("domains", {}).items():
         if "domain_task_acc_change" in row:
             row["domain_task_acc_change"] = card["domain_skill"].get(name)

@@ -169,7 +169,7 @@ def routed_tasks(cfg, base, experts: dict[str, str], router: str, run_task_score
     """Task accuracy (each task by its own metric) of the routed composition, the base, and each domain
     task's own expert."""
     from expertkit.tasks.local import local_tasks, task_kind
-    from expertkit.tasks.run import score
+    from expertkit.tasks.run import score, task_metrics
 
     out = Path(cfg.library).parent / (Path(cfg.library).name + "-tasks")  # the specialize suite's task cache
     card = run_task_scorecard(cfg, base, ["general", "domain"], out=out, names=["base", *experts, router],
@@ -181,7 +181,7 @@ def routed_tasks(cfg, base, experts: dict[str, str], router: str, run_task_score
     return {"routed_task_acc": {t: table[(router, t)] for t in tasks},
             "base_task_acc": {t: table[("base", t)] for t in tasks},
             "expert_task_acc": {t: table[(e, t)] for t, e in own.items()}, "task_experts": own,
-            "task_metrics": {r["task"]: r["metric"] for r in card["rows"]},
+            "task_metrics": task_metrics(card["rows"]),
             "task_examples_per_task": TASK_EXAMPLES["per_task"]}
 
 

@@ -86,7 +86,7 @@ def _training_speed(library, experts: list[str], cfg, wall: float) -> dict:
 
 def _task_accuracy(cfg, model, experts: list[str]) -> dict:
     """The task table (base and every expert on the six general tasks and the domain tasks)."""
-    from expertkit.tasks.run import summarize
+    from expertkit.tasks.run import summarize, task_metrics
     from expertkit.workflow import run_task_scorecard
 
     out = Path(cfg.library).parent / (Path(cfg.library).name + "-tasks")
@@ -97,5 +97,5 @@ def _task_accuracy(cfg, model, experts: list[str]) -> dict:
             "general_tasks_change_interval": card["forgetting_interval"],
             "domain_task_acc_change": card["domain_skill"],
             "domain_task_acc_norm_change": by_acc_norm["domain_skill"],
-            "task_metrics": {r["task"]: r["metric"] for r in card["rows"]}, "task_rows": card["rows"],
+            "task_metrics": task_metrics(card["rows"]), "task_rows": card["rows"],
             "task_examples_per_task": TASK_EXAMPLES["per_task"]}

@@ -36,7 +36,7 @@ PUBLISHED = {"smollm2-135m": {
 @suite("tasks", bases=(MICRO, *REAL_BASES))
 def run(data: Path, device: str | None, base: str = MICRO) -> dict:
     from expertkit.library import Kind, Library
-    from expertkit.tasks.run import summarize
+    from expertkit.tasks.run import summarize, task_metrics
     from expertkit.workflow import load_project_base, run_task_scorecard
 
     cfg = suite_config(data, base)
@@ -55,7 +55,7 @@ def run(data: Path, device: str | None, base: str = MICRO) -> dict:
               "forgetting_interval": card["forgetting_interval"], "domain_skill": card["domain_skill"],
               "domain_skill_acc_norm": summarize(card["rows"], {e: e for e in card["forgetting"]},
                                                  metric="acc_norm")["domain_skill"],
-              "task_metrics": {r["task"]: r["metric"] for r in card["rows"]},
+              "task_metrics": task_metrics(card["rows"]),
               "checks": {"forgetting": {e: f >= FORGETTING_LIMIT for e, f in card["forgetting"].items()}}}
     if base != MICRO:
         result["published"] = _published(base, card["rows"])
@@ -155,12 +155,12 @@ def _side_by_side(cfg, expert_dir: Path, expert: str, batch_size: int) -> dict:
 
 
 def _print(result: dict) -> None:
-    from expertkit.tasks.run import score
+    from expertkit.tasks.run import score, task_metrics
 
     rows = result["rows"]
     tasks = sorted({r["task"] for r in rows})
     print(f"\n{'composition':<18}" + "".join(f"{t[:11]:>12}" for t in tasks) + f"{'forgetting':>12}")
-    metric = {r["task"]: r["metric"] for r in rows}
+    metric = task_metrics(rows)
     print(f"{'':<18}" + "".join(f"{metric[t]:>12}" for t in tasks))
     table = {(r["composition"], r["task"]): r for r in rows}
     for name in result["compositions"]:

@@ -6,14 +6,14 @@ import json
 from pathlib import Path
 
 from expertkit.fsutil import atomic_write_text, ensure_writable_dir
-from expertkit.tasks.run import score
+from expertkit.tasks.run import score, task_metrics
 
 
 def markdown(card: dict) -> str:
     tasks = sorted({r["task"] for r in card["rows"]})
     names = list(dict.fromkeys(r["composition"] for r in card["rows"]))
     cell = {(r["composition"], r["task"]): r for r in card["rows"]}
-    metric = {r["task"]: r["metric"] for r in card["rows"]}
+    metric = task_metrics(card["rows"])
 
     def show(name: str, task: str) -> str:
         value, error = score(cell[(name, task)]) if (name, task) in cell else (None, 0.0)
@@ -39,7 +39,7 @@ def plot(card: dict, path: Path) -> None:
     tasks = sorted({r["task"] for r in card["rows"]})
     names = list(dict.fromkeys(r["composition"] for r in card["rows"]))
     cell = {(r["composition"], r["task"]): score(r)[0] for r in card["rows"]}
-    metric = {r["task"]: r["metric"] for r in card["rows"]}
+    metric = task_metrics(card["rows"])
     change = [[100 * ((cell.get((n, t)) or 0) - (cell.get(("base", t)) or 0)) for t in tasks] for n in names]
     text = [[None if cell.get((n, t)) is None else 100 * cell[(n, t)] for t in tasks] for n in names]
     heatmap(path, names, [f"{t}\n({metric[t]})" for t in tasks], change, text, ("RdYlGn", -10, 10),

@@ -5,8 +5,8 @@ interval from lm-eval's standard errors); domain skill is the change on its own 
 judged by the metric its shipped config declares (`metadata.expertkit_metric`): acc_norm for the general
 benchmarks, the forgetting goal's metric (lm-eval reads HellaSwag, ARC, PIQA and SciQ by it too); acc for the
 labeled domain tasks, whose choices are class words, as lm-eval reads such tasks (its pubmedqa reports acc
-only). Every row holds both. Each composition's per-request log-likelihoods are cached under its identity (base weights + entry
-manifest), so rerunning after one new expert scores only that expert.
+only). Every row holds both. Each composition's per-request log-likelihoods are cached under its identity
+(base weights + entry manifest), so rerunning after one new expert scores only that expert.
 """
 
 from __future__ import annotations
@@ -69,14 +69,12 @@ def evaluate_on_tasks(compositions: dict[str, tuple[Composition, str]], tokenize
 
 def declared_metrics(specs: list) -> dict[str, str]:
     """{task: metric} that the configs among `specs` declare, checked before any model runs."""
-    declared = {}
-    for name, spec in zip(task_names(specs), specs):
-        metric = spec.get("metadata", {}).get("expertkit_metric") if isinstance(spec, dict) else None
-        if metric is not None and metric not in METRICS:
-            raise ExpertkitError(f"task '{name.removesuffix(SUFFIX)}' declares expertkit_metric '{metric}'; use "
-                                 f"one of {list(METRICS)}")
-        if metric is not None:
-            declared[name.removesuffix(SUFFIX)] = metric
+    declared = {name.removesuffix(SUFFIX): spec.get("metadata", {}).get("expertkit_metric")
+                for name, spec in zip(task_names(specs), specs) if isinstance(spec, dict)}
+    declared = {name: metric for name, metric in declared.items() if metric is not None}
+    for name, metric in declared.items():
+        if metric not in METRICS:
+            raise ExpertkitError(f"task '{name}' declares expertkit_metric '{metric}'; use one of {list(METRICS)}")
     return declared
 
 
@@ -86,6 +84,11 @@ def headline_metric(declared: str | None, row: dict) -> str:
     if declared is not None:
         return declared
     return "acc_norm" if row["acc_norm"] is not None else "acc"
+
+
+def task_metrics(rows: list[dict]) -> dict[str, str]:
+    """{task: the metric its rows are read by}, for tables and result files to say which."""
+    return {row["task"]: row["metric"] for row in rows}
 
 
 def score(row: dict, metric: str | None = None) -> tuple[float | None, float]:
