@@ -66,7 +66,22 @@ def run(data: Path, device: str | None, base: str = MICRO) -> dict:
     result["config"] = cfg.model_dump()
     result["ppl"] = ppl
     print(f"general base perplexity {result['general_base_ppl']:.2f}; all domains pass: {result['all_passed']}")
+    _print_domain_task_references(result)
     return result
+
+
+def _print_domain_task_references(result: dict) -> None:
+    """The base's domain-task accuracy beside guessing and a constant answer, so a change reads against both."""
+    from expertkit.tasks.local import local_tasks, task_kind
+    from expertkit.tasks.run import score
+
+    kinds = {name: task_kind(config) for name, config in local_tasks().items()}
+    for row in result.get("task_rows", []):
+        reference = result["task_references"].get(row["task"])
+        if row["composition"] == "base" and reference and kinds.get(row["task"]) in result["domains"]:
+            print(f"{row['task']} ({row['metric']}): base {100 * score(row)[0]:.1f}%; guessing "
+                  f"{100 * reference['chance']:.1f}%; always '{reference['most_frequent_answer']}' "
+                  f"{100 * reference['most_frequent']:.1f}%")
 
 
 def _points(value: float | None) -> str:
@@ -98,4 +113,4 @@ def _task_accuracy(cfg, model, experts: list[str]) -> dict:
             "domain_task_acc_change": card["domain_skill"],
             "domain_task_acc_norm_change": by_acc_norm["domain_skill"],
             "task_metrics": task_metrics(card["rows"]), "task_rows": card["rows"],
-            "task_examples_per_task": TASK_EXAMPLES["per_task"]}
+            "task_references": card["references"], "task_examples_per_task": TASK_EXAMPLES["per_task"]}

@@ -55,7 +55,7 @@ def run(data: Path, device: str | None, base: str = MICRO) -> dict:
               "forgetting_interval": card["forgetting_interval"], "domain_skill": card["domain_skill"],
               "domain_skill_acc_norm": summarize(card["rows"], {e: e for e in card["forgetting"]},
                                                  metric="acc_norm")["domain_skill"],
-              "task_metrics": task_metrics(card["rows"]),
+              "task_metrics": task_metrics(card["rows"]), "references": card["references"],
               "checks": {"forgetting": {e: f >= FORGETTING_LIMIT for e, f in card["forgetting"].items()}}}
     if base != MICRO:
         result["published"] = _published(base, card["rows"])
@@ -168,6 +168,10 @@ def _print(result: dict) -> None:
         f = result["forgetting"].get(name)
         print(f"{name:<18}" + "".join("{:>12}".format("-" if c is None else f"{100 * c:.1f}") for c in cells)
               + ("{:>12}".format("-" if f is None else f"{f:+.1f}")))
+    references = result.get("references", {})
+    for key, label in (("chance", "(guessing)"), ("most_frequent", "(one answer)")):
+        print(f"{label:<18}" + "".join("{:>12}".format(f"{100 * references[t][key]:.1f}" if t in references
+                                                      else "-") for t in tasks))
     check = result.get("cross_check")
     if check:
         for task, row in check["tasks"].items():

@@ -135,6 +135,28 @@ def test_eval_tasks_writes_the_task_table(trained, tmp_path, monkeypatch, capsys
     assert (tmp_path / "card" / "tasks.png").stat().st_size > 0 and "general tasks" in out + err
     cached = sorted((tmp_path / "card" / "task-cache").glob("*.db"))
     assert len(cached) == 3  # one cache per composition identity: a rerun scores nothing again
+    assert set(card["references"]) == {"arc_easy", "piqa"} and card["references"]["piqa"]["chance"] == 0.5
+    assert "| (always the most frequent answer) |" in (tmp_path / "card" / "tasks.md").read_text()
+
+
+def test_a_task_table_reads_against_guessing_and_one_constant_answer(tmp_path):
+    """A labeled task whose classes are uneven: always answering its most frequent class is the score to beat,
+    over the same first `limit` examples lm-eval scores."""
+    from expertkit.tasks.local import reference_scores, resolve
+
+    labels = ["no", "yes", "yes", "maybe", "yes", "no", "no", "no"]
+    medical = tmp_path / "corpora" / "medical"
+    medical.mkdir(parents=True)
+    (medical / "eval_pubmedqa.jsonl").write_text("".join(
+        json.dumps({"context": "c", "question": "q", "label": label}) + "\n" for label in labels))
+    shared_like(tmp_path, {"arc_easy": [{"context": "Q", "choices": [" a", " b"], "label": 1},
+                                        {"context": "Q", "choices": [" a", " b", " c", " d"], "label": 1}]})
+    specs = resolve(["pubmedqa", "arc_easy"], tmp_path)
+    assert reference_scores(specs, limit=5) == {
+        "pubmedqa": {"chance": pytest.approx(1 / 3), "most_frequent": 0.6, "most_frequent_answer": "yes"},
+        "arc_easy": {"chance": pytest.approx(0.375), "most_frequent": 1.0, "most_frequent_answer": "choice index 1"}}
+    assert reference_scores(specs)["pubmedqa"] == {
+        "chance": pytest.approx(1 / 3), "most_frequent": 0.5, "most_frequent_answer": "no"}
 
 
 @pytest.mark.parametrize("row, message", [

@@ -75,7 +75,7 @@ def run_task_scorecard(cfg: ProjectConfig, base: Base, tasks: list[str], out: Pa
     from expertkit.library import Library
     from expertkit.runtime import ExpertPool
     from expertkit.tasks import report
-    from expertkit.tasks.local import default_data_root, resolve
+    from expertkit.tasks.local import default_data_root, reference_scores, resolve
     from expertkit.tasks.run import composition_identity, evaluate_on_tasks, summarize
 
     specs = resolve(tasks, data_root or default_data_root())
@@ -90,7 +90,7 @@ def run_task_scorecard(cfg: ProjectConfig, base: Base, tasks: list[str], out: Pa
     rows = evaluate_on_tasks(compositions, base.tokenizer, pool.context_length or 2048, specs, limit,
                              cfg.evaluation.batch_size, cache_dir=out / "task-cache")
     experts = {n: e.domain for n, e in entries.items() if e.kind == Kind.EXPERT and n in names}
-    card = {"rows": rows, **summarize(rows, experts), "limit": limit}
+    card = {"rows": rows, **summarize(rows, experts), "limit": limit, "references": reference_scores(specs, limit)}
     paths = report.write(card, out)
     console.print(report.markdown(card), highlight=False)
     console.print(f"task table written to {paths['json']}, {paths['md']}, {paths['png']}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
 from pathlib import Path
 
 import yaml
@@ -109,3 +110,22 @@ def _check_row(where: str, line: str, fields: set[str], fixed: list[str] | None)
     if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
         raise ExpertkitError(f"{where}: label {label!r} is out of range for {len(choices)} choices (0.."
                              f"{len(choices) - 1})")
+
+
+def reference_scores(specs: list, limit: int | None = None) -> dict[str, dict]:
+    """{task: {"chance", "most_frequent", "most_frequent_answer"}} for the shipped tasks among `specs`, over the
+    examples lm-eval scores (the first `limit`): what guessing, and always giving the one most frequent answer,
+    would score. A labeled task whose classes are uneven (PubMedQA's "yes") is read against the second."""
+    out = {}
+    for spec in specs:
+        if not isinstance(spec, dict):
+            continue  # a task lm-eval names: its data is lm-eval's own
+        path = Path(spec["dataset_kwargs"]["data_files"]["test"])
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()][:limit]
+        fixed = spec["doc_to_choice"] if isinstance(spec["doc_to_choice"], list) else None
+        answer, count = Counter(row["label"] for row in rows).most_common(1)[0]
+        out[spec["task"].removesuffix(SUFFIX)] = {
+            "chance": sum(1 / len(fixed or row["choices"]) for row in rows) / len(rows),
+            "most_frequent": count / len(rows),
+            "most_frequent_answer": answer if fixed else f"choice index {answer}"}
+    return out
