@@ -168,7 +168,7 @@ def run_prompts(cfg, base, pool) -> dict:
 def routed_tasks(cfg, base, experts: dict[str, str], router: str, run_task_scorecard) -> dict:
     """Task accuracy (each task by its own metric) of the routed composition, the base, and each domain
     task's own expert."""
-    from expertkit.tasks.local import local_tasks, task_kind
+    from expertkit.tasks.local import task_kinds
     from expertkit.tasks.run import score, task_metrics
 
     out = Path(cfg.library).parent / (Path(cfg.library).name + "-tasks")  # the specialize suite's task cache
@@ -176,7 +176,7 @@ def routed_tasks(cfg, base, experts: dict[str, str], router: str, run_task_score
                               limit=TASK_EXAMPLES["per_task"])
     table = {(r["composition"], r["task"]): score(r)[0] for r in card["rows"]}
     tasks = sorted({t for _, t in table})
-    kinds = {name: task_kind(config) for name, config in local_tasks().items()}
+    kinds = task_kinds()
     own = {t: e for t in tasks for e, d in experts.items() if kinds.get(t) == d}
     return {"routed_task_acc": {t: table[(router, t)] for t in tasks},
             "base_task_acc": {t: table[("base", t)] for t in tasks},

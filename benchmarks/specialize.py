@@ -72,10 +72,10 @@ def run(data: Path, device: str | None, base: str = MICRO) -> dict:
 
 def _print_domain_task_references(result: dict) -> None:
     """The base's domain-task accuracy beside guessing and a constant answer, so a change reads against both."""
-    from expertkit.tasks.local import local_tasks, task_kind
+    from expertkit.tasks.local import task_kinds
     from expertkit.tasks.run import score
 
-    kinds = {name: task_kind(config) for name, config in local_tasks().items()}
+    kinds = task_kinds()
     for row in result.get("task_rows", []):
         reference = result["task_references"].get(row["task"])
         if row["composition"] == "base" and reference and kinds.get(row["task"]) in result["domains"]:

@@ -37,6 +37,11 @@ def task_kind(config: dict) -> str:
     return config["metadata"]["expertkit_kind"]
 
 
+def task_kinds() -> dict[str, str]:
+    """{short name: kind} of the shipped tasks: which are general, and which domain each other one measures."""
+    return {name: task_kind(config) for name, config in local_tasks().items()}
+
+
 def default_data_root() -> Path | None:
     """$EXPERTKIT_SHARED, else the `shared` folder beside this checkout, when there is one."""
     if os.environ.get("EXPERTKIT_SHARED"):

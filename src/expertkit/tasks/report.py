@@ -22,9 +22,9 @@ def markdown(card: dict) -> str:
     lines = ["| composition | " + " | ".join(f"{t} ({metric[t]})" for t in tasks) + " |",
              "|---|" + "---:|" * len(tasks)]
     lines += [f"| {n} | " + " | ".join(show(n, t) for t in tasks) + " |" for n in names]
-    references = card.get("references", {})
-    for key, label in (("chance", "(guessing)"), ("most_frequent", "(always the most frequent answer)")):
-        if references:
+    references = card.get("references") or {}  # cards written before references render as before
+    if references:
+        for key, label in (("chance", "(guessing)"), ("most_frequent", "(always the most frequent answer)")):
             lines.append(f"| {label} | " + " | ".join(
                 f"{100 * references[t][key]:.1f}" if t in references else "" for t in tasks) + " |")
     out = "Task accuracy (%, ± lm-eval's standard error; each task by the metric in its header)\n\n"

@@ -21,7 +21,7 @@ from expertkit.errors import ExpertkitError
 from expertkit.progress import console
 from expertkit.runtime import Composition
 from expertkit.tasks.lm import ExpertkitLM
-from expertkit.tasks.local import SUFFIX, local_tasks, task_kind
+from expertkit.tasks.local import SUFFIX, local_tasks, task_kinds
 
 METRICS = ("acc", "acc_norm")
 
@@ -126,7 +126,7 @@ def task_names(specs: list) -> list[str]:
 def summarize(rows: list[dict], expert_domains: dict[str, str], metric: str | None = None) -> dict:
     """Forgetting (mean change over the general tasks, with its 95% interval) and domain skill, in points,
     each task by its headline metric (or by `metric`, for a second reading of the same rows)."""
-    kinds = {name: task_kind(config) for name, config in local_tasks().items()}
+    kinds = task_kinds()
     table = {(r["composition"], r["task"]): r for r in rows}
     forgetting, interval, skill = {}, {}, {}
     general = sorted({r["task"] for r in rows if kinds.get(r["task"]) == "general"})
