@@ -399,3 +399,20 @@ def test_a_rewritten_entry_is_reloaded_not_served_stale(mixed_library):
     module = next(iter(second))
     assert rel_err(second[module]["m"], second[module]["beta"]) < 1e-5
     assert rel_err(second[module]["m"], first[module]["m"]) > 0.1
+
+
+def test_a_copied_library_with_other_weights_is_not_read_as_the_original(mixed_library, tmp_path):
+    """Two libraries on one base may hold an expert of the same name and manifest (a library copied, then its
+    adapter edited): each pool reads its own library's weights, not the ones the other loaded first."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    cfg, base, lib, pool = mixed_library
+    copy = Library(shutil.copytree(lib.root, tmp_path / "copy"))
+    weights = copy.get("alpha").path / "adapter_model.safetensors"
+    save_file({k: 2 * v if "lora_B" in k else v for k, v in load_file(str(weights)).items()}, str(weights))
+    original = expert_deltas(ExpertPool(base, lib), ["alpha"])
+    doubled = expert_deltas(ExpertPool(base, copy), ["alpha"])
+    for module in original:
+        torch.testing.assert_close(doubled[module]["alpha"], 2 * original[module]["alpha"])

@@ -157,6 +157,12 @@ def test_a_task_table_reads_against_guessing_and_one_constant_answer(tmp_path):
         "arc_easy": {"chance": pytest.approx(0.375), "most_frequent": 1.0, "most_frequent_answer": "choice index 1"}}
     assert reference_scores(specs)["pubmedqa"] == {
         "chance": pytest.approx(1 / 3), "most_frequent": 0.5, "most_frequent_answer": "no"}
+    # the heatmap's columns say the same, as the markdown's last two rows do
+    from expertkit.tasks.report import column_label
+
+    assert column_label("pubmedqa", "acc", reference_scores(specs, limit=5)["pubmedqa"]) == \
+        "pubmedqa\n(acc)\nguess 33.3\nconstant 60.0"
+    assert column_label("pubmedqa", "acc", None) == "pubmedqa\n(acc)"
 
 
 @pytest.mark.parametrize("row, message", [

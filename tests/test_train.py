@@ -61,6 +61,23 @@ def test_training_is_deterministic_and_leaves_the_base_clean(project, tmp_path, 
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_strength_keeps_that_share_of_the_trained_update(project, tmp_path, micro_base_dir):
+    """training.strength scales the finished update (WiSE-FT's interpolation), not the training: the same run,
+    its B factors scaled and its A factors as they were; a recipe at the default dumps as before the option."""
+    cfg, base = load_project_base(project)
+    train_all(cfg, base, only=["alpha"])
+    weaker = write_project(tmp_path / "weaker", str(micro_base_dir), training={"strength": 0.25})
+    cfg2, base2 = load_project_base(weaker)
+    train_all(cfg2, base2, only=["alpha"])
+    full = load_file(str(Library(cfg.library).get("alpha").path / "adapter_model.safetensors"))
+    scaled = load_file(str(Library(cfg2.library).get("alpha").path / "adapter_model.safetensors"))
+    assert {k for k in full if "lora_B" in k} and full.keys() == scaled.keys()
+    for key in full:
+        torch.testing.assert_close(scaled[key], full[key] * (0.25 if "lora_B" in key else 1.0))
+    assert Library(cfg2.library).get("alpha").manifest["recipe"]["strength"] == 0.25
+    assert "strength" not in cfg.training.model_dump()  # so a default recipe's hash (and cache) is unchanged
+
+
 def _train_cmd(project):
     return [sys.executable, "-m", "expertkit.cli", "train", str(project), "--only", "alpha"]
 

@@ -194,6 +194,11 @@ class TrainConfig(Strict):
     max_grad_norm: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(50, ge=1)
     seed: int = 0
+    strength: float = Field(1.0, gt=0, description="the share of the trained update each expert keeps: its "
+                            "LoRA update is scaled by this once training ends (weight-space interpolation between "
+                            "base and expert, as in WiSE-FT: below 1 gives up some own-domain gain for less "
+                            "forgetting, with no retraining of the trade-off); the saved adapter holds the scaled "
+                            "update, so every tool that reads it sees the same expert")
     proxy_for: str | None = Field(None, description="a large model (local dir or hub id) with this base's "
                                   "vocabulary that the experts will steer by proxy-tuning: each is then "
                                   "trained through that proxy, the large model frozen (expertkit/proxy_loss.py); "
@@ -203,7 +208,7 @@ class TrainConfig(Strict):
     def _without_absent_options(self, handler):
         """Recipes that leave the later options at their defaults dump (and hash, and cache) as before them."""
         out = handler(self)
-        for name, absent in (("replay_loss", "lm"), ("proxy_for", None)):
+        for name, absent in (("replay_loss", "lm"), ("proxy_for", None), ("strength", 1.0)):
             if name in out and out[name] == absent:
                 out.pop(name)
         return out

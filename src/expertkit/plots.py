@@ -16,7 +16,7 @@ def heatmap(path: Path, rows: list[str], columns: list[str], colour: list[list[f
     cmap, vmin, vmax = scale
     fig, ax = plt.subplots(figsize=(1.4 * len(columns) + 2.5, 0.55 * len(rows) + 1.5))
     image = ax.imshow(colour, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
-    ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
+    ax.set_xticks(range(len(columns)), columns, fontsize=9)
     ax.set_yticks(range(len(rows)), rows)
     for i, row in enumerate(text):
         for j, value in enumerate(row):

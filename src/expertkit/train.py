@@ -209,6 +209,7 @@ def train_expert_job(job: ExpertJob, state: TrainState, advance) -> dict:
     torch.manual_seed(recipe.seed)
     if job.start_from:
         peft_model = PeftModel.from_pretrained(base.model, job.start_from, is_trainable=True)
+        scale_update(peft_model, 1 / recipe.strength)  # it was saved at this strength: train its full update on
     else:
         peft_model = get_peft_model(base.model, lora_config(recipe))
     loss_fn = replay_loss(recipe.replay_loss, job.loss.build(base.device) if job.loss is not None
@@ -217,6 +218,7 @@ def train_expert_job(job: ExpertJob, state: TrainState, advance) -> dict:
         losses, start = _run_steps(peft_model, stream, recipe, domain.name, ckpt_dir, rhash, base.device, advance,
                                    loss_fn)
         metrics = {"train_loss_last": losses[-1] if losses else None}
+        scale_update(peft_model, recipe.strength)
         if job.valid is not None:
             metrics["valid_ppl"] = perplexity(mean_loss(peft_model, job.valid, base.device, recipe.batch_size))
         with atomic_dir(ckpt_dir / FINAL, overwrite=True) as tmp:
@@ -230,6 +232,15 @@ def train_expert_job(job: ExpertJob, state: TrainState, advance) -> dict:
         **provenance,
     }
     return {"staged": str(ckpt_dir / FINAL), "manifest": manifest}
+
+
+@torch.no_grad()
+def scale_update(peft_model, strength: float) -> None:
+    """Scale every LoRA update B·A by `strength` (through B: exact for plain LoRA, the only kind trained here)."""
+    if strength != 1.0:
+        for name, param in peft_model.named_parameters():
+            if ".lora_B." in name:
+                param.mul_(strength)
 
 
 def add_expert(library: Library, name: str, result: dict, overwrite: bool) -> Entry:

@@ -193,11 +193,12 @@ class FederatedTrainer:
     def _write_adapter(self, state: dict, folder: Path) -> None:
         from peft import get_peft_model, set_peft_model_state_dict
 
-        from expertkit.train import lora_config
+        from expertkit.train import lora_config, scale_update
 
         peft_model = get_peft_model(self.base.model, lora_config(self.config.training))
         try:
             set_peft_model_state_dict(peft_model, {k: v.to(self.base.device) for k, v in state.items()})
+            scale_update(peft_model, self.config.training.strength)  # the aggregate is the full trained update
             peft_model.save_pretrained(folder)
         finally:
             peft_model.unload()

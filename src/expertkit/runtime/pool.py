@@ -13,6 +13,7 @@ import contextlib
 import logging
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers.cache_utils import DynamicCache
@@ -42,7 +43,7 @@ class AdapterHost:
     """
 
     model: object  # peft.PeftModel
-    current: dict[str, tuple[str, str | None]] = field(default_factory=dict)  # entry -> (PEFT name, "created")
+    current: dict[str, tuple[str, tuple]] = field(default_factory=dict)  # entry -> (PEFT name, version_of(entry))
     entry_of: dict[str, str] = field(default_factory=dict)  # PEFT name -> entry name, every version held
     loads: dict[str, int] = field(default_factory=dict)  # entry -> versions loaded so far
     row_lora: RowLoRA | None = None  # None when some LoRA layer is not one RowLoRA handles
@@ -58,7 +59,7 @@ class AdapterHost:
 
     def holds(self, entry: Entry) -> bool:
         """Whether the current version of `entry` is the one on disk now."""
-        return entry.name in self.current and self.current[entry.name][1] == entry.manifest.get("created")
+        return entry.name in self.current and self.current[entry.name][1] == version_of(entry)
 
     def load(self, entry: Entry) -> None:
         """Load `entry`'s adapter as its current version (a new PEFT name when an older one is held)."""
@@ -70,7 +71,7 @@ class AdapterHost:
     def record(self, entry: Entry, name: str) -> None:
         """`entry`'s weights are loaded under PEFT name `name`: new rows asking for `entry` run on them."""
         self.loads[entry.name] = self.loads.get(entry.name, 0) + 1
-        self.current[entry.name] = (name, entry.manifest.get("created"))
+        self.current[entry.name] = (name, version_of(entry))
         self.entry_of[name] = entry.name
 
     def retire(self, entry: str) -> None:
@@ -93,6 +94,12 @@ class AdapterHost:
             if self.model.active_adapter not in self.model.peft_config:  # PEFT keeps a deleted name when none
                 self.model.active_adapter = next(iter(self.model.peft_config))  # was active (the bare base)
             self.active = None
+
+
+def version_of(entry: Entry) -> tuple:
+    """What tells two versions of an entry apart: its folder (two libraries on one base may both hold a
+    "medical", and a copied library keeps its manifests) and when it was written."""
+    return str(Path(entry.path).resolve()), entry.manifest.get("created")
 
 
 # base -> its host; weak, so a base that is dropped takes its adapters with it (a host never refers to its Base)

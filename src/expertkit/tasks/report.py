@@ -47,8 +47,18 @@ def plot(card: dict, path: Path) -> None:
     metric = task_metrics(card["rows"])
     change = [[100 * ((cell.get((n, t)) or 0) - (cell.get(("base", t)) or 0)) for t in tasks] for n in names]
     text = [[None if cell.get((n, t)) is None else 100 * cell[(n, t)] for t in tasks] for n in names]
-    heatmap(path, names, [f"{t}\n({metric[t]})" for t in tasks], change, text, ("RdYlGn", -10, 10),
-            "change vs base (points)", "task accuracy (text: %, each task's metric; colour: change vs base)")
+    references = card.get("references") or {}
+    heatmap(path, names, [column_label(t, metric[t], references.get(t)) for t in tasks], change, text,
+            ("RdYlGn", -10, 10), "change vs base (points)",
+            "task accuracy (text: %, each task's metric; colour: change vs base)")
+
+
+def column_label(task: str, metric: str, reference: dict | None) -> str:
+    """A heatmap column's name, with what guessing and one constant answer score there (as tasks.md's last rows)."""
+    label = f"{task}\n({metric})"
+    if reference:
+        label += f"\nguess {100 * reference['chance']:.1f}\nconstant {100 * reference['most_frequent']:.1f}"
+    return label
 
 
 def write(card: dict, out_dir: Path) -> dict[str, Path]:
