@@ -335,3 +335,21 @@ def test_federated_without_silos_or_with_an_unknown_engine_is_one_line(project, 
     assert_one_line_error(code, err, "no domain lists silos")
     code, _, err = run_cli(monkeypatch, capsys, "train", project, "--federated", "--executor", "ray")
     assert_one_line_error(code, err, "--federated runs the silos with --engine")
+
+
+def test_the_written_federated_expert_keeps_the_recipes_strength(tmp_path, micro_base_dir):
+    """training.strength applies to a federated expert as to a central one: the aggregate's B factors scaled."""
+    from safetensors.torch import load_file
+
+    project = federated_project(tmp_path, str(micro_base_dir))
+    raw = yaml.safe_load(project.read_text())
+    raw["training"]["strength"] = 0.5
+    project.write_text(yaml.safe_dump(raw))
+    trainer, _ = trainer_and_transport(project, tmp_path)
+    torch.manual_seed(0)
+    state = {k: torch.randn_like(v) for k, v in trainer._initial_state().items()}
+    trainer._write_adapter(state, tmp_path / "written")
+    written = load_file(tmp_path / "written" / "adapter_model.safetensors")
+    assert written.keys() == state.keys() and any(".lora_B." in k for k in state)
+    for key, value in state.items():
+        torch.testing.assert_close(written[key], value * (0.5 if ".lora_B." in key else 1.0))

@@ -78,6 +78,29 @@ def test_strength_keeps_that_share_of_the_trained_update(project, tmp_path, micr
     assert "strength" not in cfg.training.model_dump()  # so a default recipe's hash (and cache) is unchanged
 
 
+def test_training_on_from_a_weakened_expert_trains_its_full_update(tmp_path, micro_base_dir):
+    """A port refresh continues an expert saved at strength s: training resumes from its full update and the
+    strength is applied once at the end, so a refresh that barely moves the weights returns the expert as it was
+    (not s times weaker again)."""
+    import dataclasses
+
+    from expertkit.train import TrainState, expert_job, train_expert_job
+
+    project = write_project(tmp_path, str(micro_base_dir), training={"strength": 0.5, "replay": 0})
+    cfg, base = load_project_base(project)
+    library = Library(cfg.library)
+    (entry,) = train_all(cfg, base, only=["alpha"])
+    recipe = cfg.training.model_copy(update={"learning_rate": 1e-12, "steps": 1, "warmup_steps": 0})
+    job = dataclasses.replace(expert_job(cfg.domain("alpha"), base.tokenizer, recipe, library),
+                              start_from=str(entry.path), checkpoints=str(tmp_path / "refresh"))
+    staged = train_expert_job(job, TrainState(base, None), lambda *_, **__: None)["staged"]
+    before = load_file(str(entry.path / "adapter_model.safetensors"))
+    after = load_file(str(tmp_path / "refresh" / "final" / "adapter_model.safetensors"))
+    assert staged == str(tmp_path / "refresh" / "final") and before.keys() == after.keys()
+    for key in before:
+        torch.testing.assert_close(after[key], before[key])
+
+
 def _train_cmd(project):
     return [sys.executable, "-m", "expertkit.cli", "train", str(project), "--only", "alpha"]
 
