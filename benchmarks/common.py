@@ -15,7 +15,7 @@ from expertkit.errors import ExpertkitError
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "corpora"
-CACHE = ROOT / ".expertkit-cache" / "bench"
+CACHE = (ROOT / ".expertkit-cache").resolve() / "bench"  # a linked cache is named by where it lies (result JSONs)
 GENERAL = "general"
 
 # The benchmark base: a tiny Llama pretrained mostly on the general corpus.
