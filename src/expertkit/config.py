@@ -197,8 +197,8 @@ class TrainConfig(Strict):
     strength: float = Field(1.0, gt=0, description="the share of the trained update each expert keeps: its "
                             "LoRA update is scaled by this once training ends (weight-space interpolation between "
                             "base and expert, as in WiSE-FT: below 1 gives up some own-domain gain for less "
-                            "forgetting, with no retraining of the trade-off; above 1 extrapolates it); the saved adapter holds the scaled "
-                            "update, so every tool that reads it sees the same expert")
+                            "forgetting, with no retraining of the trade-off; above 1 extrapolates it); the saved "
+                            "adapter holds the scaled update, so every tool that reads it sees the same expert")
     proxy_for: str | None = Field(None, description="a large model (local dir or hub id) with this base's "
                                   "vocabulary that the experts will steer by proxy-tuning: each is then "
                                   "trained through that proxy, the large model frozen (expertkit/proxy_loss.py); "

@@ -171,8 +171,7 @@ class ExpertPool:
                 found[entry.name] = entry
             except ExpertkitError as e:
                 refused[entry.name] = str(e)
-        changed = [e for name, e in found.items() if name not in held or held[name].manifest.get("created")
-                   != e.manifest.get("created")]
+        changed = [e for name, e in found.items() if name not in held or version_of(held[name]) != version_of(e)]
         removed = [name for name in held if name not in found]
         for name in removed:
             if self.host is not None:
