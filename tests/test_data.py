@@ -206,6 +206,14 @@ def test_stream_is_a_function_of_seed_and_step():
     assert 0.2 < share < 0.3
 
 
+def test_a_stream_started_further_on_draws_the_batches_after_those_before_it():
+    blocks = Blocks(torch.arange(40).view(10, 4), torch.arange(40).view(10, 4), torch.ones(10, 4, dtype=torch.long))
+    whole = TrainingStream.with_replay(blocks, _blocks(99), 0.25, 8, seed=3)
+    later = TrainingStream.with_replay(blocks, _blocks(99), 0.25, 8, seed=3, first_batch=180)
+    assert all(torch.equal(later.batch(k).input_ids, whole.batch(180 + k).input_ids) for k in range(3))
+    assert not torch.equal(later.batch(0).input_ids, whole.batch(0).input_ids)
+
+
 def test_stream_without_replay_uses_only_the_domain():
     s = TrainingStream.with_replay(_blocks(1), _blocks(2), 0.0, 8, seed=0)
     assert s.batch(0).input_ids.eq(1).all()

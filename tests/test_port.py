@@ -105,17 +105,27 @@ def test_ported_expert_on_the_new_base_is_peft_with_the_old_adapter(ported_setup
 
 
 @pytest.mark.parametrize("compatible", [False, True])
-def test_refresh_continues_from_the_ported_weights(ported_setup, tmp_path, compatible):
+def test_refresh_continues_from_the_ported_weights(ported_setup, tmp_path, compatible, monkeypatch):
     from expertkit.base import load_base
     from expertkit.config import load_config
+    from expertkit.data import TrainingStream
     from expertkit.porting import port_library
+    from expertkit.porting.port import batches_read
 
+    streams = []  # where each refresh's data stream starts
+    with_replay = TrainingStream.with_replay
+    monkeypatch.setattr(TrainingStream, "with_replay", classmethod(
+        lambda cls, *args: streams.append(args[-1]) or with_replay(*args)))
     project, old, updated = ported_setup
     out = tmp_path / "refreshed"
     options = PortOptions(refresh=3, compatible=compatible, task_examples=0)
     report = port_library(old, load_base(str(updated)), out, options, load_config(project))
     entry = Library(out).get("alpha")
     assert entry.manifest["steps"] == 3
+    trained = old.get("alpha").manifest["steps"]
+    # the refresh reads the batches after the expert's own training, and a later refresh those after it
+    assert streams == [trained, old.get("beta").manifest["steps"]]
+    assert entry.manifest["first_batch"] == trained and batches_read(entry) == trained + 3
     assert entry.manifest["continued_from_sha256"] == sha256_of(old.get("alpha").path / ADAPTER_WEIGHTS)
     assert ("loss" in entry.manifest) == compatible
     assert sha256_of(entry.path / ADAPTER_WEIGHTS) != sha256_of(old.get("alpha").path / ADAPTER_WEIGHTS)

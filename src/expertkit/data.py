@@ -339,25 +339,28 @@ class TrainingStream:
 
     Batch k depends only on (seed, k): each row picks a source by its share, then a
     random block of it. A resumed run therefore sees exactly the batches an
-    uninterrupted run would, with no iterator state to save.
+    uninterrupted run would, with no iterator state to save. `first_batch` starts
+    the stream further on: training that continues an expert (a port's refresh)
+    draws the batches after the ones that expert was trained on, not them again.
     """
 
-    def __init__(self, sources: list[tuple[Blocks, float]], batch_size: int, seed: int):
+    def __init__(self, sources: list[tuple[Blocks, float]], batch_size: int, seed: int, first_batch: int = 0):
         sources = [(b, share) for b, share in sources if share > 0]
         if not sources:
             raise ExpertkitError("the training mix is empty: give at least one source a share > 0")
         self.sources = [b for b, _ in sources]
         self.shares = torch.tensor([share for _, share in sources], dtype=torch.float64)
-        self.batch_size, self.seed = batch_size, seed
+        self.batch_size, self.seed, self.first_batch = batch_size, seed, first_batch
 
     @classmethod
-    def with_replay(cls, domain: Blocks, general: Blocks | None, replay: float, batch_size: int, seed: int):
+    def with_replay(cls, domain: Blocks, general: Blocks | None, replay: float, batch_size: int, seed: int,
+                    first_batch: int = 0):
         """Domain rows (source DOMAIN_ROWS) with a `replay` share of general rows (source REPLAY_ROWS)."""
         mix = [(domain, 1.0 - replay)] + ([(general, replay)] if general is not None and replay > 0 else [])
-        return cls(mix, batch_size, seed)
+        return cls(mix, batch_size, seed, first_batch)
 
     def batch(self, step: int) -> Blocks:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.first_batch + step)
         picks = torch.multinomial(self.shares, self.batch_size, replacement=True, generator=g)
         rows = []
         for source_index in picks.tolist():

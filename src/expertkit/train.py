@@ -169,12 +169,15 @@ class ExpertJob:
     checkpoints: str  # on a filesystem every worker sees; a retried job resumes from here
     start_from: str | None = None  # an adapter dir whose weights training continues from (a ported expert)
     loss: LossSpec | None = None  # None: next-token cross-entropy
+    first_batch: int = 0  # stream batches the expert it continues from has read (data.TrainingStream)
 
     def provenance(self) -> dict:
         """What besides recipe and data this run depends on (empty for a plain expert)."""
         out = {}
         if self.start_from:
             out["continued_from_sha256"] = sha256_of(Path(self.start_from) / ADAPTER_WEIGHTS)
+        if self.first_batch:
+            out["first_batch"] = self.first_batch
         if self.loss is not None:
             out["loss"] = self.loss.describe()
         return out
@@ -204,7 +207,7 @@ def train_expert_job(job: ExpertJob, state: TrainState, advance) -> dict:
     provenance = job.provenance()
     rhash = recipe_hash(recipe, domain.task, job.fingerprint, provenance)
     stream = TrainingStream.with_replay(job.blocks, state.general_blocks, recipe.replay, recipe.batch_size,
-                                        recipe.seed)
+                                        recipe.seed, job.first_batch)
     ckpt_dir = Path(job.checkpoints)
     torch.manual_seed(recipe.seed)
     if job.start_from:

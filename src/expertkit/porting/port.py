@@ -4,7 +4,8 @@
 2. Training-free port (PortLLM): each expert's adapter, unchanged, becomes an entry of a new library on
    the new base, with its provenance. Mixtures (specs naming experts) are carried the same way.
 3. `--refresh STEPS`: each ported expert trains on for STEPS steps on the new base, from its ported
-   weights, with replay; `--compatible` adds the MUSCLE term (porting.compatible_loss).
+   weights, with replay, on the batches after those it was trained on; `--compatible` adds the MUSCLE term
+   (porting.compatible_loss).
 4. What depends on the base is re-made, not copied: merges from the new experts with their recipes,
    routers retrained and re-calibrated on the new base (their features and abstain threshold are the base's).
 5. The port report (porting.report), when the project YAML gives the data to measure on.
@@ -134,8 +135,19 @@ def _refresh_jobs(experts: dict[str, Entry], cfg: ProjectConfig, new_base: Base,
                 general_blocks[recipe.block_size] = make_blocks(new_base.tokenizer, load_corpus(cfg.general), "train",
                                                                 recipe.block_size)
             general = general_blocks[recipe.block_size]
-        jobs.append((name, dataclasses.replace(job, start_from=str(entry.path), loss=loss), general))
+        jobs.append((name, dataclasses.replace(job, start_from=str(entry.path), loss=loss,
+                                               first_batch=batches_read(entry)), general))
     return jobs
+
+
+def batches_read(entry: Entry) -> int:
+    """How far into its data stream an expert's training went (a refreshed one: its own refresh included).
+
+    A refresh starts there, so its steps read text the expert has not been trained on yet rather than the
+    first batches of its own training again: an expert trained on fewer rows than its domain has blocks has
+    not seen most of its text.
+    """
+    return int(entry.manifest.get("first_batch", 0)) + int(entry.manifest.get("steps", 0))
 
 
 def refresh_recipe(entry: Entry, default: TrainConfig, steps: int) -> TrainConfig:
