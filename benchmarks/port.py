@@ -18,10 +18,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from common import CACHE, GENERAL, _key, reuse_experts, suite_config
+from common import CACHE, GENERAL, REAL_DOMAINS, _key, reuse_experts, suite_config
 from suites import MICRO, PORT_OPTIONS, TASK_EXAMPLES, suite
 
-PORT_DOMAINS = ("medical", "news", "code")
+PORT_DOMAINS = ("medical", "news", "code")  # micro; a real base takes run.py --domains (the same three by default)
 UPDATE_TEXT = {GENERAL: 0.5, "literature": 0.5}  # "more general text": the corpus mix of the update
 # The continued pretraining that makes the new base, every weight, in two strengths (run.py --update).
 # "strong": micro at a tenth of its own peak pretraining learning rate (3e-3) for a third of its steps; SmolLM2 at
@@ -50,8 +50,9 @@ def run(data: Path, device: str | None, base: str = MICRO) -> dict:
     from expertkit.workflow import load_project_base
 
     full_cfg, old_base = load_project_base(suite_config(data, base), device)  # builds the micro base if needed
-    cfg = suite_config(data, base, domains=PORT_DOMAINS,
-                       exclude=tuple(d.name for d in full_cfg.domains if d.name not in PORT_DOMAINS))
+    domains = PORT_DOMAINS if base == MICRO else REAL_DOMAINS["chosen"]
+    cfg = suite_config(data, base, domains=domains,
+                       exclude=tuple(d.name for d in full_cfg.domains if d.name not in domains))
     cfg = cfg.model_copy(update={"library": cfg.library + "-experts"})  # experts only: no merges or routers
     reuse_experts(full_cfg, cfg, old_base)
     train_all(cfg, old_base)
