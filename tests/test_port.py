@@ -123,7 +123,8 @@ def test_refresh_continues_from_the_ported_weights(ported_setup, tmp_path, compa
     entry = Library(out).get("alpha")
     assert entry.manifest["steps"] == 3
     trained = old.get("alpha").manifest["steps"]
-    # the refresh reads the batches after the expert's own training, and a later refresh those after it
+    # each expert's refresh (alpha's, then beta's) reads the batches after its own training; a later refresh
+    # of this one would start after its 3 steps (batches_read)
     assert streams == [trained, old.get("beta").manifest["steps"]]
     assert entry.manifest["first_batch"] == trained and batches_read(entry) == trained + 3
     assert entry.manifest["continued_from_sha256"] == sha256_of(old.get("alpha").path / ADAPTER_WEIGHTS)
