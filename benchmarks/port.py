@@ -3,14 +3,15 @@
 The "update" is the benchmark base (micro, or SmolLM2-135M) trained further, every weight, on more general
 text (the general and literature train splits; literature has no expert here). Experts for medical, news and
 code are then: ported (training-free), refreshed (20% of their original steps, from the ported weights, with
-replay), refreshed compatibly (the same steps, plus the MUSCLE term), and retrained from scratch on the new
-base (their full recipe), all measured on the new base.
+replay), refreshed compatibly (the same steps, plus the MUSCLE terms: on tokens, and on the answers to the
+validation questions of the domain's labeled task), and retrained from scratch on the new base (their full
+recipe), all measured on the new base.
 
 Acceptance: ported experts keep >= 70% of the retrained experts' perplexity gain over the new base; the
 refresh keeps >= 95%; the compatible refresh has >= 30% fewer negative flips than the plain refresh (on
-the domain's labeled task, against the old expert) with accuracy no more than 0.5 point lower. Flips are
-also counted token by token on each domain's test text (the old expert's top-1 guess right, the new one's
-wrong): every domain has that, and it is what the compatible term trains on.
+the domain's labeled task's test questions, against the old expert) with accuracy no more than 0.5 point
+lower. Flips are also counted token by token on each domain's test text (the old expert's top-1 guess right,
+the new one's wrong): every domain has that, and it is what the compatible term's token part trains on.
 """
 
 from __future__ import annotations

@@ -301,7 +301,8 @@ def test_port_options_are_validated():
 
 
 def test_report_counts_flips_on_the_domains_labeled_task(micro_base_dir, tmp_path):
-    """A domain named 'medical' is measured on PubMedQA (../shared): accuracies and flips per stage, consistent."""
+    """A domain named 'medical' is measured on PubMedQA (../shared): accuracies and flips per stage, consistent.
+    The compatible refresh keeps the old expert's answers on the 100 validation questions."""
     import yaml
     from conftest import project_dict
 
@@ -319,11 +320,108 @@ def test_report_counts_flips_on_the_domains_labeled_task(micro_base_dir, tmp_pat
     train_all(cfg, base)
     updated = update_base(micro_base_dir, tmp_path / "updated")
     report = port_library(Library(cfg.library), load_base(str(updated)), tmp_path / "out",
-                          PortOptions(refresh=2, task_examples=6), load_config(project))
+                          PortOptions(refresh=2, compatible=True, task_examples=6), load_config(project))
     row = report["experts"]["medical"]
     assert row["task"] == "pubmedqa"
+    answers = Library(tmp_path / "out").get("medical").manifest["loss"]["answers"]
+    assert answers["task"] == "pubmedqa" and answers["questions"] == 100
     for stage in ("ported", "refreshed"):
         change = row[f"{stage}_acc"] - row["old_acc"]
         assert change == pytest.approx(row[f"{stage}_positive_flips"] - row[f"{stage}_negative_flips"])
         assert 0 <= row[f"{stage}_negative_flips"] <= row["old_acc"]
         assert 0 <= row[f"{stage}_token_negative_flips"] < 1  # token by token on the test text
+
+
+NEWS_ROWS = [("valid", "Rain in Paris", "The city flooded.", "World"),
+             ("valid", "Cup final won", "The team scored twice.", "Sports"),
+             ("valid", "Shares fall", "Markets closed lower.", "Business"),
+             ("valid", "New chip", "A faster processor ships.", "Sci/Tech"),
+             ("valid", "Talks resume", "Leaders met on Monday.", "World"),
+             ("test", "Bank merger", "Two lenders join.", "Business"),
+             ("test", "Match drawn", "No goals were scored.", "Sports"),
+             ("test", "Probe lands", "The craft reached Mars.", "Sci/Tech")]
+
+
+def _labeled_news(root, with_split: bool = True):
+    """A data root laid out as ../shared with a small AG News file (five validation rows, three test rows)."""
+    folder = root / "corpora" / "news"
+    folder.mkdir(parents=True)
+    rows = [{**({"split": split} if with_split else {}), "title": title, "description": text, "label": label}
+            for split, title, text, label in NEWS_ROWS]
+    (folder / "eval_agnews_topic.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_the_answer_term_reads_validation_questions_as_the_evaluation_scores_them(ported_setup, tmp_path):
+    """Its examples are the validation rows only, and the old expert's choice scores on them are the very
+    log-likelihoods lm-eval's evaluation reads: its per-question right/wrong is the evaluation's."""
+    from expertkit.porting.compatible_loss import load_old_expert
+    from expertkit.porting.task_term import choice_log_probs, validation_choices
+    from expertkit.tasks import ExpertkitLM
+    from expertkit.tasks.local import resolve
+    from expertkit.tasks.run import evaluate_on_tasks
+
+    _, old, _ = ported_setup
+    root = _labeled_news(tmp_path / "data")
+    identity = old.base_identity()
+    teacher = load_old_expert(identity["name"], identity, str(old.get("alpha").path), "cpu")
+    lm = ExpertkitLM.from_library(old.root, "alpha")
+    task, examples = validation_choices("news", lm.tokenizer, lm.max_length, root)
+    assert task == "agnews" and len(examples) == 5
+    assert [e.gold for e in examples] == [0, 1, 2, 3, 0]
+    scores = [choice_log_probs(teacher, e, "cpu") for e in examples]
+    assert any(len(choice) > 1 for e in examples for choice in e.choices)  # "Sci/Tech": the cached path too
+    for example, score in zip(examples, scores):
+        expected = [lm._loglikelihood_tokens([(None, list(example.context), list(c))], disable_tqdm=True)[0][0]
+                    for c in example.choices]
+        assert score.tolist() == pytest.approx(expected, abs=1e-4)
+    (row,) = evaluate_on_tasks({"alpha": (lm.composition, "")}, lm.tokenizer, lm.max_length,
+                               resolve(["agnews"], root, split="valid"), per_example=True)
+    assert row["correct"] == [int(int(s.argmax()) == e.gold) for s, e in zip(scores, examples)]
+    (measured,) = evaluate_on_tasks({"alpha": (lm.composition, "")}, lm.tokenizer, lm.max_length,
+                                    resolve(["agnews"], root, split="test"), per_example=True)
+    assert len(measured["correct"]) == 3  # the report's flips: the test rows, which the term never reads
+    unsplit = _labeled_news(tmp_path / "unsplit", with_split=False)
+    assert validation_choices("news", lm.tokenizer, lm.max_length, unsplit) == ("agnews", [])
+
+
+def test_the_answer_term_is_kl_on_the_questions_the_old_expert_got_right(ported_setup, tmp_path):
+    from expertkit.porting.compatible_loss import load_old_expert
+    from expertkit.porting.task_term import ChoiceDistillation, ChoiceExample, choice_log_probs
+
+    _, old, _ = ported_setup
+    identity = old.base_identity()
+    teacher = load_old_expert(identity["name"], identity, str(old.get("alpha").path), "cpu")
+    student = load_old_expert(identity["name"], identity, str(old.get("alpha").path), "cpu")
+    questions = [ChoiceExample((5, 17, 42, 9), ((33,), (61, 7), (12,)), gold) for gold in range(3)]
+    questions += [ChoiceExample((8, 21, 30), ((44, 45, 46), (50,)), gold) for gold in range(2)]
+    same = ChoiceDistillation(teacher, questions, "cpu", per_step=2, seed=0)
+    right = [q for q in questions if int(choice_log_probs(teacher, q, "cpu").argmax()) == q.gold]
+    assert [q for q, _ in same.kept] == right and len(right) == 2  # one right answer per context
+    assert float(same(student, "cpu")) == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    student.requires_grad_(True)
+    moved = ChoiceDistillation(teacher, questions, "cpu", per_step=2, seed=0)
+    term = moved(student, "cpu")
+    (q0, old0), (q1, old1) = [moved.kept[i] for i in moved.order]
+    with torch.no_grad():
+        expected = sum(float((old.exp() * (old - choice_log_probs(student, q, "cpu").log_softmax(-1))).sum())
+                       for q, old in ((q0, old0), (q1, old1))) / 2
+    assert float(term) > 0 and float(term) == pytest.approx(expected, rel=1e-4)
+    term.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert ChoiceDistillation(teacher, [q for q in questions if q not in right], "cpu", 2, 0)(student, "cpu") is None
+
+
+@pytest.mark.parametrize("flag, answers", [([], True), (["--tokens-only"], False)])
+def test_cli_compatible_keeps_answers_unless_told_tokens_only(flag, answers, tmp_path, monkeypatch, capsys):
+    import expertkit.workflow
+
+    seen = []
+    monkeypatch.setattr(expertkit.workflow, "run_port", lambda source, to, out, options, *rest: seen.append(options))
+    code, _, err = run_cli(monkeypatch, capsys, "port", str(tmp_path / "p.yaml"), "--to", "b", "--out",
+                           str(tmp_path / "o"), "--refresh", "4", "--compatible", *flag)
+    assert code == 0, err
+    assert seen[0].compatible and seen[0].compatible_task is answers

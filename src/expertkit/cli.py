@@ -398,6 +398,9 @@ def port(source: Path = typer.Argument(..., help="the project YAML whose library
                                              "base, with replay (0: training-free port only)"),
          compatible: bool = typer.Option(False, help="with --refresh: also match the old expert where it was "
                                                      "right (MUSCLE), to cut negative flips"),
+         answers: bool = typer.Option(True, "--answers/--tokens-only", help="with --compatible: also keep the old "
+                                      "expert's right answers on the validation questions of the domain's labeled "
+                                      "task, or match its next-token guesses only"),
          retrained: Optional[Path] = typer.Option(None, help="a library of the same experts trained from scratch "
                                                              "on the new base, compared against in the report"),
          task_examples: Optional[int] = typer.Option(None, min=0, help="examples of each domain's labeled task "
@@ -410,7 +413,7 @@ def port(source: Path = typer.Argument(..., help="the project YAML whose library
     from expertkit.config import port_options
     from expertkit.workflow import run_port
 
-    options = port_options(refresh=refresh, compatible=compatible,
+    options = port_options(refresh=refresh, compatible=compatible, compatible_task=answers,
                            **({"task_examples": task_examples} if task_examples is not None else {}))
     run_port(source, to, out, options, retrained, tasks_data, device)
     console.print(f"new library: {out}")

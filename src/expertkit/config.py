@@ -318,9 +318,12 @@ class PortOptions(Strict):
                                                "base, with replay (0: training-free port only)")
     compatible: bool = Field(False, description="refresh with a KL term towards the old expert on the tokens it "
                                                 "predicted right (MUSCLE), to cut negative flips")
-    compatible_weight: float = Field(3.0, gt=0, description="weight of that KL term beside the LM loss (micro "
+    compatible_weight: float = Field(3.0, gt=0, description="weight of its KL terms beside the LM loss (micro "
                                      "benchmark, 60-step refresh: 1 / 3 / 10 cut token-level negative flips by "
                                      "17 / 24 / 24%)")
+    compatible_task: bool = Field(True, description="with --compatible: also keep the old expert's right answers "
+                                  "on the validation questions of the domain's labeled task (the report counts "
+                                  "flips on its test questions)")
     task_examples: int = Field(200, ge=0, description="examples of each domain's labeled task for the flip "
                                                       "rates (0: no task evaluation)")
     carry_recovery: float = Field(0.9, gt=0, le=1, description="verdict: an expert is carried over (or "

@@ -3,17 +3,23 @@
 A plain refresh fits the new base to the domain text and, on the way, changes answers the old expert
 got right: negative flips, which users see as regressions. MUSCLE's remedy is to also match the old
 model where it was right. On text, "right" is a token the old expert predicted (its argmax is the
-target); there the loss adds KL(old expert || new expert), elsewhere it is the plain LM loss.
+target); there the loss adds KL(old expert || new expert), elsewhere it is the plain LM loss. Where the
+domain has a labeled task, the same weight also keeps the old expert's right answers on its validation
+questions (porting.task_term).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from expertkit.data import Blocks
+from expertkit.porting.task_term import ChoiceDistillation, ChoiceExample
+
+CHOICES_PER_STEP = 2  # labeled questions the answer term reads a step: about one LM batch's compute
 
 
 @dataclass(frozen=True)
@@ -23,15 +29,25 @@ class CompatibleLoss:
     old_base: str  # path of the library's base
     old_identity: dict  # checked when it is loaded
     old_adapter: str  # the old expert's adapter dir
-    weight: float  # of the KL term beside the LM loss
+    weight: float  # of each KL term beside the LM loss
+    task: str | None = None  # the labeled task whose validation questions `choices` holds
+    choices: tuple[ChoiceExample, ...] = ()
+    seed: int = 0
 
     def describe(self) -> dict:
-        return {"kind": "compatible (MUSCLE)", "old_base": self.old_identity, "old_adapter": self.old_adapter,
-                "weight": self.weight}
+        out = {"kind": "compatible (MUSCLE)", "old_base": self.old_identity, "old_adapter": self.old_adapter,
+               "weight": self.weight}
+        if self.choices:
+            digest = hashlib.sha256(repr(self.choices).encode()).hexdigest()[:16]
+            out["answers"] = {"task": self.task, "questions": len(self.choices), "sha256": digest,
+                              "per_step": CHOICES_PER_STEP}
+        return out
 
     def build(self, device):
-        return CompatibleObjective(load_old_expert(self.old_base, self.old_identity, self.old_adapter, device),
-                                   self.weight)
+        teacher = load_old_expert(self.old_base, self.old_identity, self.old_adapter, device)
+        answers = (ChoiceDistillation(teacher, list(self.choices), device, CHOICES_PER_STEP, self.seed)
+                   if self.choices else None)
+        return CompatibleObjective(teacher, self.weight, answers)
 
 
 def load_old_expert(base_path: str, identity: dict, adapter_dir: str, device):
@@ -47,11 +63,13 @@ def load_old_expert(base_path: str, identity: dict, adapter_dir: str, device):
 
 
 class CompatibleObjective:
-    """loss = LM loss + weight * mean KL(old || new) over the tokens the old expert predicted right."""
+    """loss = LM loss + weight * mean KL(old || new) over the tokens the old expert predicted right
+    (+ weight * the answer term, with `answers`)."""
 
-    def __init__(self, teacher, weight: float):
+    def __init__(self, teacher, weight: float, answers: ChoiceDistillation | None = None):
         self.teacher = teacher
         self.weight = weight
+        self.answers = answers
 
     def __call__(self, model, batch: Blocks, device) -> torch.Tensor:
         ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
@@ -61,8 +79,9 @@ class CompatibleObjective:
         with torch.no_grad():
             old = self.teacher(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         right = (old.argmax(-1) == targets) & (targets != -100)
-        if not right.any():
-            return lm
-        kl = F.kl_div(F.log_softmax(logits[right], -1), F.log_softmax(old[right], -1), log_target=True,
-                      reduction="batchmean")
-        return lm + self.weight * kl
+        loss = lm
+        if right.any():
+            loss = loss + self.weight * F.kl_div(F.log_softmax(logits[right], -1), F.log_softmax(old[right], -1),
+                                                 log_target=True, reduction="batchmean")
+        kept = self.answers(model, device) if self.answers is not None else None
+        return loss if kept is None else loss + self.weight * kept

@@ -5,7 +5,7 @@
    the new base, with its provenance. Mixtures (specs naming experts) are carried the same way.
 3. `--refresh STEPS`: each ported expert trains on for STEPS steps on the new base, from its ported
    weights, with replay, on the batches after those it was trained on; `--compatible` adds the MUSCLE term
-   (porting.compatible_loss).
+   (porting.compatible_loss), on tokens and, where the domain has a labeled task, on its validation answers.
 4. What depends on the base is re-made, not copied: merges from the new experts with their recipes,
    routers retrained and re-calibrated on the new base (their features and abstain threshold are the base's).
 5. The port report (porting.report), when the project YAML gives the data to measure on.
@@ -26,6 +26,7 @@ from expertkit.library import Entry, Kind, Library
 from expertkit.porting.checks import check_new_base
 from expertkit.porting.compatible_loss import CompatibleLoss
 from expertkit.porting.report import Measurer, expert_summary, write
+from expertkit.porting.task_term import validation_choices
 from expertkit.progress import console
 
 TRAINING_FREE = "training-free (PortLLM): the expert's ΔW unchanged on the new base"
@@ -54,7 +55,8 @@ def port_library(old_library: Library, new_base: Base, out: Path, options: PortO
     if retrained is not None:
         retrained.check_base(new_base.identity(), what=f"--retrained library {retrained.root}")
     library = Library(out)  # nothing on disk until create_or_check below
-    refresh = _refresh_jobs(experts, cfg, new_base, options, old_spec, library) if options.refresh else []
+    refresh = (_refresh_jobs(experts, cfg, new_base, options, old_spec, library, tasks_data) if options.refresh
+               else [])
     measurer = (Measurer(cfg, {n: e.domain for n, e in experts.items()}, options.task_examples, tasks_data,
                          memo=measured if measured is not None else {})
                 if cfg is not None else None)
@@ -108,7 +110,7 @@ def _describe_refresh(options: PortOptions) -> str:
 
 
 def _refresh_jobs(experts: dict[str, Entry], cfg: ProjectConfig, new_base: Base, options: PortOptions,
-                  old_spec: BaseSpec, library: Library) -> list[tuple]:
+                  old_spec: BaseSpec, library: Library, tasks_data: Path | None) -> list[tuple]:
     """(name, training job, replay blocks) per expert, the data read now: bad data fails before anything is written."""
     from expertkit.train import expert_job
 
@@ -124,8 +126,7 @@ def _refresh_jobs(experts: dict[str, Entry], cfg: ProjectConfig, new_base: Base,
             raise ExpertkitError(f"expert '{name}' was trained through a proxy on {recipe.proxy_for}; --refresh does "
                                  "not carry that training to a new base yet: port it without --refresh, or retrain it")
         job = expert_job(cfg.domain(entry.domain), new_base.tokenizer, recipe, library)
-        loss = (CompatibleLoss(old_spec.path, old_spec.identity, str(entry.path), options.compatible_weight)
-                if options.compatible else None)
+        loss = _compatible_loss(entry, new_base, options, old_spec, tasks_data, recipe.seed)
         general = None
         if recipe.replay > 0:
             if cfg.general is None:
@@ -138,6 +139,23 @@ def _refresh_jobs(experts: dict[str, Entry], cfg: ProjectConfig, new_base: Base,
         jobs.append((name, dataclasses.replace(job, start_from=str(entry.path), loss=loss,
                                                first_batch=batches_read(entry)), general))
     return jobs
+
+
+def _compatible_loss(entry: Entry, new_base: Base, options: PortOptions, old_spec: BaseSpec,
+                     tasks_data: Path | None, seed: int) -> CompatibleLoss | None:
+    """The MUSCLE loss of a --compatible refresh (None for a plain one), with the validation questions of the
+    expert's domain task when it has one and options.compatible_task is on."""
+    if not options.compatible:
+        return None
+    task, choices = None, []
+    if options.compatible_task:
+        context = getattr(new_base.model.config, "max_position_embeddings", None) or 2048
+        task, choices = validation_choices(entry.domain, new_base.tokenizer, context, tasks_data)
+        if task is None or not choices:
+            console.print(f"compatible refresh of '{entry.name}': no labeled validation questions for its domain "
+                          f"'{entry.domain}' (tokens only)", highlight=False)
+    return CompatibleLoss(old_spec.path, old_spec.identity, str(entry.path), options.compatible_weight, task,
+                          tuple(choices), seed)
 
 
 def batches_read(entry: Entry) -> int:

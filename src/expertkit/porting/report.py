@@ -3,8 +3,9 @@
 Per expert: perplexity on its own domain's test split of the new base, the ported expert (its old ΔW on
 the new base), the refreshed one and, when given, one retrained from scratch; on the domain's labeled
 task, accuracy and the flips against the old expert (negative: it was right, the new one is wrong;
-positive: the reverse), as fractions of the task's examples; and the same flips token by token on the test
-text (the old expert's top-1 guess right, the new one's wrong), which every domain has.
+positive: the reverse), as fractions of the task's test examples (a compatible refresh trains on its
+validation ones); and the same flips token by token on the test text (the old expert's top-1 guess right,
+the new one's wrong), which every domain has.
 
 Recovery is the share of the reference gain kept: (new base ppl - ppl) / (new base ppl - reference ppl),
 the reference being the retrained expert when there is one, else the old expert's gain over the old base
@@ -23,6 +24,7 @@ from expertkit.base import IDENTITY_KEYS, Base, BaseSpec, perplexity
 from expertkit.config import PortOptions, ProjectConfig
 from expertkit.fsutil import atomic_write_text, sha256_of
 from expertkit.library import ADAPTER_WEIGHTS, BASE, Library
+from expertkit.porting.task_term import MEASURE_SPLIT
 from expertkit.progress import console
 
 REPORT = "port_report"  # port_report.json / .md in the new library's folder
@@ -56,13 +58,13 @@ class Measurer:
 
     def __post_init__(self):
         """Resolve and check the task files now, before the port writes or trains anything."""
-        from expertkit.tasks.local import default_data_root, resolve
+        from expertkit.tasks.local import default_data_root, domain_tasks, resolve
 
         self.records = {name: ExpertRecord(domain) for name, domain in self.experts.items()}
         self._blocks = None
         tasks = domain_tasks(set(self.experts.values())) if self.task_examples else {}
         root = self.tasks_data or default_data_root()
-        self._tasks = {domain: (task, resolve([task], root)) for domain, task in tasks.items()}
+        self._tasks = {domain: (task, resolve([task], root, split=MEASURE_SPLIT)) for domain, task in tasks.items()}
 
     def measure(self, spec: BaseSpec, library: Library, stage: str, base_stage: str | None = None) -> None:
         """Record `stage` (each expert of `library` on a fresh copy of the base `spec` names) and, with
@@ -131,14 +133,6 @@ def text_scores(composition, blocks, batch_size: int) -> tuple[float, list[bool]
         targets = part.labels[:, 1:].to(logits.device)
         correct += (logits[:, :-1].argmax(-1) == targets)[targets != -100].tolist()
     return perplexity(total / max(count, 1)), correct
-
-
-def domain_tasks(domains: set[str]) -> dict[str, str]:
-    """domain -> the shipped labeled task that measures it (medical: pubmedqa, news: agnews)."""
-    from expertkit.tasks.local import GENERAL, local_tasks, task_kind
-
-    return {task_kind(config): name for name, config in local_tasks().items()
-            if task_kind(config) != GENERAL and task_kind(config) in domains}
 
 
 def flips(old: list[int], new: list[int]) -> tuple[float, float]:

@@ -7,6 +7,7 @@ sees it, so a broken file is one clear error rather than a traceback from inside
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -20,6 +21,7 @@ from expertkit.errors import ExpertkitError
 CONFIGS = Path(__file__).parent / "configs"
 SUFFIX = "_local"  # lm-eval names of the shipped tasks: arc_easy_local ...
 GENERAL = "general"
+SPLIT_FIELD = "split"  # a labeled domain file's rows name the corpus split of their text: valid or test
 FIELD = re.compile(r"{{\s*(\w+)\s*}}")
 
 
@@ -42,6 +44,12 @@ def task_kinds() -> dict[str, str]:
     return {name: task_kind(config) for name, config in local_tasks().items()}
 
 
+def domain_tasks(domains: set[str]) -> dict[str, str]:
+    """domain -> the shipped labeled task that measures it (medical: pubmedqa, news: agnews)."""
+    return {task_kind(config): name for name, config in local_tasks().items()
+            if task_kind(config) != GENERAL and task_kind(config) in domains}
+
+
 def default_data_root() -> Path | None:
     """$EXPERTKIT_SHARED, else the `shared` folder beside this checkout, when there is one."""
     if os.environ.get("EXPERTKIT_SHARED"):
@@ -56,9 +64,10 @@ def data_file(config: dict, root: Path) -> Path:
     return root / "tasks" / name if kind == GENERAL else root / "corpora" / kind / name
 
 
-def resolve(names: list[str], root: Path | None) -> list[str | dict]:
+def resolve(names: list[str], root: Path | None, split: str | None = None) -> list[str | dict]:
     """Task names -> lm-eval task specs: shipped ones (and the groups general, domain, all) as configs over
-    the checked local files; any other name is passed to lm-eval as it is (its data must be reachable)."""
+    the checked local files; any other name is passed to lm-eval as it is (its data must be reachable).
+    `split`: a shipped file whose rows name their split keeps only that split's rows (see rows_of_split)."""
     shipped = local_tasks()
     groups = {"general": [n for n, c in shipped.items() if task_kind(c) == GENERAL],
               "domain": [n for n, c in shipped.items() if task_kind(c) != GENERAL], "all": list(shipped)}
@@ -75,8 +84,19 @@ def resolve(names: list[str], root: Path | None) -> list[str | dict]:
         path = data_file(config, root)
         check_task_file(path, config)
         config["dataset_kwargs"]["data_files"]["test"] = str(path)
+        if split is not None:
+            config["process_docs"] = functools.partial(rows_of_split, split=split)
         specs.append(config)
     return specs
+
+
+def rows_of_split(docs, split: str):
+    """The rows of `docs` (a datasets.Dataset) whose SPLIT_FIELD is `split`: a labeled file that spans the
+    valid and test text keeps one part for what is tuned on it and the other for measuring. A file without
+    that field is all one split: every row."""
+    if SPLIT_FIELD not in docs.column_names:
+        return docs
+    return docs.filter(lambda row: row[SPLIT_FIELD] == split)
 
 
 def check_task_file(path: Path, config: dict) -> None:
