@@ -425,3 +425,49 @@ def test_cli_compatible_keeps_answers_unless_told_tokens_only(flag, answers, tmp
                            str(tmp_path / "o"), "--refresh", "4", "--compatible", *flag)
     assert code == 0, err
     assert seen[0].compatible and seen[0].compatible_task is answers
+
+
+def test_a_resumed_compatible_refresh_reads_the_questions_it_would_have(micro_base_dir, tmp_path):
+    """The answer term's place in its question order is checkpointed: killed after a checkpoint and resumed, the
+    refresh ends with the very weights of an uninterrupted one (without it, the resumed run reads other ones)."""
+    from peft import get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from expertkit.config import TrainConfig
+    from expertkit.data import Blocks, TrainingStream
+    from expertkit.porting.compatible_loss import CompatibleObjective
+    from expertkit.porting.task_term import ChoiceDistillation, ChoiceExample
+    from expertkit.train import _run_steps, lora_config
+
+    recipe = TrainConfig(steps=4, checkpoint_every=2, warmup_steps=0, batch_size=2, learning_rate=5e-2, dropout=0.0)
+    torch.manual_seed(0)
+    ids = torch.randint(5, 300, (8, 12))
+    stream = TrainingStream([(Blocks(ids, ids.clone(), torch.ones_like(ids)), 1.0)], 2, seed=0)
+    teacher = AutoModelForCausalLM.from_pretrained(micro_base_dir)
+    questions = [ChoiceExample(tuple(torch.randint(5, 300, (6,)).tolist()), ((33,), (61, 7)), gold)
+                 for _ in range(6) for gold in range(2)]
+
+    def train(folder, stop_after=None):
+        torch.manual_seed(0)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(micro_base_dir), lora_config(recipe))
+        objective = CompatibleObjective(teacher, 3.0, ChoiceDistillation(teacher, questions, "cpu", 1, seed=0))
+        done = []
+
+        def advance(n=None, info=None):
+            if info is not None:
+                done.append(info)
+                if stop_after is not None and len(done) > stop_after:
+                    raise KeyboardInterrupt  # killed after step 3, its checkpoint at step 2
+
+        _run_steps(model, stream, recipe, "alpha", folder, "hash", "cpu", advance, objective, objective)
+        model.save_pretrained(folder / "final")
+        return load_file(str(folder / "final" / "adapter_model.safetensors")), objective.answers.position
+
+    whole, read = train(tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "resumed", stop_after=2)
+    resumed, read_resumed = train(tmp_path / "resumed")
+    assert read_resumed == read == 4
+    for key in whole:
+        torch.testing.assert_close(resumed[key], whole[key])

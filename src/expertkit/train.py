@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
@@ -78,7 +78,8 @@ def _latest_checkpoint(folder: Path, expected_hash: str) -> Path | None:
     return best
 
 
-def _save_checkpoint(folder: Path, step: int, peft_model, optimizer, scheduler, rhash: str) -> None:
+def _save_checkpoint(folder: Path, step: int, peft_model, optimizer, scheduler, rhash: str,
+                     loss_state: dict | None = None) -> None:
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
@@ -87,14 +88,15 @@ def _save_checkpoint(folder: Path, step: int, peft_model, optimizer, scheduler, 
         weights = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
         save_file(weights, str(tmp / ADAPTER_STATE))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": torch.get_rng_state(), "step": step}, tmp / TRAINER_STATE)
+                    "rng": torch.get_rng_state(), "step": step, "loss": loss_state or {}}, tmp / TRAINER_STATE)
         (tmp / "meta.json").write_text(json.dumps({"recipe_hash": rhash, "step": step}))
     for old in folder.glob("step-*"):
         if old.name != f"step-{step:08d}":
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(ckpt: Path, peft_model, optimizer, scheduler) -> int:
+def _load_checkpoint(ckpt: Path, peft_model, optimizer, scheduler) -> tuple[int, dict]:
+    """Restore the adapter, optimizer, schedule and RNG; (the step reached, the loss's own state)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -103,7 +105,7 @@ def _load_checkpoint(ckpt: Path, peft_model, optimizer, scheduler) -> int:
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
-    return int(state["step"])
+    return int(state["step"]), state.get("loss", {})
 
 
 # ---------------------------------------------------------------- training
@@ -125,15 +127,19 @@ def mean_loss(model, blocks: Blocks, device, batch_size: int) -> float:
 
 
 def _run_steps(peft_model, stream: TrainingStream, recipe: TrainConfig, name: str, ckpt_dir: Path, rhash: str,
-               device, advance, loss_fn: Callable = language_model_loss) -> tuple[list[float], int]:
-    """The training loop from the last checkpoint (if any) to recipe.steps; this run's losses and first step."""
+               device, advance, loss_fn: Callable = language_model_loss,
+               stateful_loss: StatefulLoss | None = None) -> tuple[list[float], int]:
+    """The training loop from the last checkpoint (if any) to recipe.steps; this run's losses and first step.
+    `stateful_loss` (the loss `loss_fn` wraps, when it keeps state) is checkpointed and restored with the rest."""
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(params, recipe.learning_rate, recipe.weight_decay, recipe.schedule,
                                           recipe.warmup_steps, recipe.steps)
     start = 0
     ckpt = _latest_checkpoint(ckpt_dir, rhash)
     if ckpt is not None:
-        start = _load_checkpoint(ckpt, peft_model, optimizer, scheduler)
+        start, loss_state = _load_checkpoint(ckpt, peft_model, optimizer, scheduler)
+        if stateful_loss is not None:
+            stateful_loss.load_state_dict(loss_state)
         console.print(f"[yellow]resuming expert '{name}' from step {start}[/yellow]")
     losses = []
     advance(start)
@@ -143,7 +149,8 @@ def _run_steps(peft_model, stream: TrainingStream, recipe: TrainConfig, name: st
         advance(info=f"loss {losses[-1]:.3f}")
         done = step + 1
         if done % recipe.checkpoint_every == 0 and done < recipe.steps:
-            _save_checkpoint(ckpt_dir, done, peft_model, optimizer, scheduler, rhash)
+            _save_checkpoint(ckpt_dir, done, peft_model, optimizer, scheduler, rhash,
+                             stateful_loss.state_dict() if stateful_loss is not None else None)
     return losses, start
 
 
@@ -154,7 +161,19 @@ class LossSpec(Protocol):
         """What the loss is, for the manifest and the checkpoint hash."""
 
     def build(self, device) -> Callable:
-        """The loss function `(model, batch, device) -> tensor`."""
+        """The loss function `(model, batch, device) -> tensor`; one that keeps state across steps is a
+        StatefulLoss, so a resumed run continues it where the checkpoint left it."""
+
+
+@runtime_checkable
+class StatefulLoss(Protocol):
+    """A loss with state across steps (which labeled questions it reads next): saved in every checkpoint."""
+
+    def state_dict(self) -> dict:
+        ...
+
+    def load_state_dict(self, state: dict) -> None:
+        ...
 
 
 @dataclass(frozen=True)
@@ -215,11 +234,11 @@ def train_expert_job(job: ExpertJob, state: TrainState, advance) -> dict:
         scale_update(peft_model, 1 / recipe.strength)  # it was saved at this strength: train its full update on
     else:
         peft_model = get_peft_model(base.model, lora_config(recipe))
-    loss_fn = replay_loss(recipe.replay_loss, job.loss.build(base.device) if job.loss is not None
-                          else language_model_loss)
+    domain_loss = job.loss.build(base.device) if job.loss is not None else language_model_loss
+    loss_fn = replay_loss(recipe.replay_loss, domain_loss)
     try:
         losses, start = _run_steps(peft_model, stream, recipe, domain.name, ckpt_dir, rhash, base.device, advance,
-                                   loss_fn)
+                                   loss_fn, domain_loss if isinstance(domain_loss, StatefulLoss) else None)
         metrics = {"train_loss_last": losses[-1] if losses else None}
         scale_update(peft_model, recipe.strength)
         if job.valid is not None:

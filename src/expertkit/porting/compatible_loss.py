@@ -85,3 +85,11 @@ class CompatibleObjective:
                                                  log_target=True, reduction="batchmean")
         kept = self.answers(model, device) if self.answers is not None else None
         return loss if kept is None else loss + self.weight * kept
+
+    def state_dict(self) -> dict:
+        """Which validation question the answer term reads next (train.StatefulLoss): checkpointed."""
+        return {"answers_read": self.answers.position} if self.answers is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.answers is not None:
+            self.answers.position = int(state.get("answers_read", 0))
