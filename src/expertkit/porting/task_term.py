@@ -33,8 +33,9 @@ class ChoiceExample:
 
 
 def validation_choices(domain: str, tokenizer, max_length: int, tasks_data: Path | None) -> tuple[str | None, list]:
-    """(task, its validation examples) of the shipped labeled task that measures `domain`; (None, []) when the
-    domain has none, or no data folder holds it, or its file does not split its rows into valid and test."""
+    """(task, its validation examples) of the shipped labeled task that measures `domain`: (None, []) when the
+    domain has none or no data folder is found; (task, []) when its file does not split its rows into valid and
+    test."""
     from expertkit.tasks.local import default_data_root, domain_tasks, resolve
 
     task = domain_tasks({domain}).get(domain)
