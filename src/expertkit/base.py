@@ -37,6 +37,11 @@ class Base:
     _identity: dict | None = None
 
     @property
+    def context_length(self) -> int | None:
+        """The longest sequence the model takes, as its config says (None when it does not say)."""
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    @property
     def has_adapters(self) -> bool:
         """Whether LoRA layers are attached to the model (runtime.ExpertPool attaches a library's adapters)."""
         return any("lora_" in name for name, _ in self.model.named_parameters())

@@ -149,8 +149,8 @@ def _compatible_loss(entry: Entry, new_base: Base, options: PortOptions, old_spe
         return None
     task, choices = None, []
     if options.compatible_task:
-        context = getattr(new_base.model.config, "max_position_embeddings", None) or 2048
-        task, choices = validation_choices(entry.domain, new_base.tokenizer, context, tasks_data)
+        task, choices = validation_choices(entry.domain, new_base.tokenizer, new_base.context_length or 2048,
+                                           tasks_data)
         if task is None or not choices:
             console.print(f"compatible refresh of '{entry.name}': no labeled validation questions for its domain "
                           f"'{entry.domain}' (tokens only)", highlight=False)

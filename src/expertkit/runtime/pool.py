@@ -217,7 +217,7 @@ class ExpertPool:
 
     @property
     def context_length(self) -> int | None:
-        return getattr(self.base.model.config, "max_position_embeddings", None)
+        return self.base.context_length
 
     @property
     def tokenizer(self):
